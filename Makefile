@@ -1,0 +1,31 @@
+# The two commands of the README. Both create .venv on first use (idempotent: the stamp file
+# is rebuilt only when pyproject.toml changes).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test test-fast test-slow bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fxqat demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m slow tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" -x tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/step_time.py
+	$(BIN)/python benchmarks/hybrid_cost.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
