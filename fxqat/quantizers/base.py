@@ -1,0 +1,202 @@
+"""The base class every fxqat quantizer derives from.
+
+A :class:`Quantizer` is a ``torch.ao.quantization.FakeQuantizeBase``, so torch.ao's helpers
+(``disable_fake_quant``, ``enable_fake_quant``, ``enable_observer``...) act on it. Subclasses implement three
+methods:
+
+* ``_init_from(x)``: data-dependent initialisation from the first tensor seen (runs once, under ``no_grad``);
+* ``quantize(x)``: the training-time fake-quantization (differentiable);
+* ``affine_qparams()``: ``(scale, zero_point, qmin, qmax)`` of the eval-mode affine equivalent, for export
+  (raise :class:`NotAffineError` when there is none).
+
+Initialisation state lives in the ``initialized`` buffer, so it is saved in the ``state_dict`` and a resumed model
+does not re-initialise. Python-side mirrors of the two flags keep ``forward`` free of tensor reads (and so of graph
+breaks under ``torch.compile``).
+
+Example:
+    >>> import torch
+    >>> from fxqat.quantizers import make_quantizer
+    >>> from fxqat.config import QuantSpec
+    >>> q = make_quantizer(QuantSpec(bits=2, kind="weight"))
+    >>> y = q(torch.randn(64))
+    >>> len(torch.unique(y)) <= 4
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch.ao.quantization import FakeQuantizeBase
+
+from fxqat.config import QuantSpec
+
+__all__ = ["Quantizer", "NotAffineError", "int_range", "channel_view", "reduce_except"]
+
+
+class NotAffineError(NotImplementedError):
+    """Raised by ``affine_qparams`` when a quantizer's eval-mode function is not an affine-uniform grid."""
+
+
+def int_range(bits: int, signed: bool) -> Tuple[int, int]:
+    """Integer limits (qmin, qmax) of a ``bits``-bit grid.
+
+    Example:
+        >>> int_range(4, True), int_range(4, False)
+        ((-8, 7), (0, 15))
+    """
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+class Quantizer(FakeQuantizeBase):
+    """Base of all fxqat fake-quantizers.
+
+    Args:
+        spec: the :class:`~fxqat.config.QuantSpec` (bits, kind, signedness, granularity, options).
+        **kwargs: accepted and ignored, so torch.ao's ``with_args`` constructors can pass their own keys.
+
+    Attributes:
+        bits, kind, per_channel, ch_axis: copied from ``spec``.
+        method: the registered name of the subclass.
+    """
+
+    method: str = "base"
+    #: options this method understands (name -> default); unknown option names are rejected.
+    default_options: Dict[str, Any] = {}
+
+    def __init__(self, spec: QuantSpec, **kwargs: Any) -> None:
+        super().__init__()
+        unknown = set(spec.options_dict()) - set(self.default_options)
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__}: unknown option(s) {sorted(unknown)}; "
+                f"known options are {sorted(self.default_options)}."
+            )
+        self.spec = spec
+        self.bits = spec.bits
+        self.kind = spec.kind
+        self.per_channel = spec.per_channel
+        self.ch_axis = spec.ch_axis
+        self.opts: Dict[str, Any] = {**self.default_options, **spec.options_dict()}
+        # -1 = decide from data on the first batch, 0 = unsigned, 1 = signed
+        self.register_buffer("signed_flag", torch.tensor([-1 if spec.signed is None else int(spec.signed)]))
+        self.register_buffer("initialized", torch.tensor([0], dtype=torch.uint8))
+        self._fq_on = True
+        self._init_done = False
+        self.dtype = torch.qint8 if spec.signed is not False else torch.quint8  # torch.ao inspects these
+        self.qscheme = torch.per_channel_symmetric if spec.per_channel else torch.per_tensor_affine
+
+    # ----------------------------------------------------------------------------------------- flags and state
+    @property
+    def signed(self) -> bool:
+        """Whether the grid is signed (after initialisation; ``True`` before it when unknown)."""
+        return int(self.signed_flag[0]) != 0
+
+    @property
+    def qrange(self) -> Tuple[int, int]:
+        """Integer (qmin, qmax) of the grid."""
+        return int_range(self.bits, self.signed)
+
+    @property
+    def quant_min(self) -> int:
+        return self.qrange[0]
+
+    @property
+    def quant_max(self) -> int:
+        return self.qrange[1]
+
+    def enable_fake_quant(self, enabled: bool = True) -> None:  # type: ignore[override]
+        super().enable_fake_quant(enabled)
+        self._fq_on = bool(enabled)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._fq_on = bool(self.fake_quant_enabled[0])
+        self._init_done = bool(self.initialized[0])
+        self.dtype = torch.qint8 if self.signed else torch.quint8
+
+    @property
+    def is_initialized(self) -> bool:
+        return self._init_done
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """Initialise parameters from ``x`` (called automatically on the first forward)."""
+        if int(self.signed_flag[0]) < 0:
+            self.signed_flag.fill_(int(bool((x.detach() < 0).any())))
+            self.dtype = torch.qint8 if self.signed else torch.quint8
+        self._init_from(x.detach())
+        self.initialized.fill_(1)
+        self._init_done = True
+
+    def reset(self) -> None:
+        """Forget the initialisation: the next forward initialises again from data."""
+        self.initialized.fill_(0)
+        self._init_done = False
+
+    # ----------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fq_on:
+            return x
+        if not self._init_done:
+            self.initialize(x)
+        return self.quantize(x)
+
+    # ----------------------------------------------------------------------------------------- to implement
+    def _init_from(self, x: torch.Tensor) -> None:
+        """Set parameters from the first tensor (default: nothing to do)."""
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def affine_qparams(self) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
+        """``(scale, zero_point, qmin, qmax)`` such that eval-mode output equals
+        ``(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``."""
+        raise NotAffineError(
+            f"{type(self).__name__} (method {self.method!r}) has no affine-uniform eval-mode equivalent."
+        )
+
+    def calculate_qparams(self, **kwargs: Any):
+        """torch.ao API: the (scale, zero_point) of :meth:`affine_qparams`."""
+        scale, zp, _, _ = self.affine_qparams()
+        return scale, zp
+
+    def integer_repr(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer code of each element after quantization (used by transition-rate tracking)."""
+        scale, zp, qmin, qmax = self.affine_qparams()
+        shape = [1] * x.dim()
+        if scale.numel() > 1:
+            shape[self.ch_axis] = -1
+        return torch.clamp(torch.round(x / scale.view(shape)) + zp.view(shape), qmin, qmax)
+
+    def extra_repr(self) -> str:
+        sign = {-1: "auto", 0: "unsigned", 1: "signed"}[int(self.signed_flag[0])]
+        gran = f"per_channel(axis={self.ch_axis})" if self.per_channel else "per_tensor"
+        return f"method={self.method}, kind={self.kind}, bits={self.bits}, {sign}, {gran}"
+
+    @classmethod
+    def from_spec(cls, spec: QuantSpec) -> "Quantizer":
+        return cls(spec)
+
+
+def channel_view(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """Reshape a per-channel vector ``t`` so it broadcasts against ``x`` along ``axis``."""
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return t.view(shape)
+
+
+def reduce_except(x: torch.Tensor, axis: Optional[int], fn: str = "mean") -> torch.Tensor:
+    """Reduce |x| (``fn`` = mean/max/std) over every axis but ``axis`` (None: over all, returning shape [1])."""
+    if axis is None:
+        v = getattr(x, fn)() if fn != "absmean" else x.abs().mean()
+        return v.reshape(1)
+    moved = x.transpose(0, axis).reshape(x.shape[axis], -1)
+    if fn == "absmean":
+        return moved.abs().mean(dim=1)
+    if fn == "absmax":
+        return moved.abs().amax(dim=1)
+    return getattr(moved, fn)(dim=1)
