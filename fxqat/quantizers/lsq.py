@@ -4,9 +4,11 @@ Forward ``v̂ = s · ⌊clip(v / s, Q_N, Q_P)⌉``; backward STE to ``v`` inside
 ``(⌊v/s⌉ − v/s)`` inside, ``Q_N`` / ``Q_P`` at the clipped ends, times the gradient scale ``g = 1/√(N·Q_P)``.
 Initialisation ``s = 2·mean|v| / √Q_P`` on the first tensor seen.
 
-Two implementations with the same maths: ``impl="fused"`` calls torch's
-``_fake_quantize_learnable_per_{tensor,channel}_affine`` kernels (fastest in eager mode), ``impl="ste"`` writes the
-function with plain tensor ops (what ``torch.compile`` fuses best).
+Two implementations. ``impl="ste"`` (default) writes the paper's function with plain tensor ops; it is exact and is
+what ``torch.compile`` fuses best. ``impl="fused"`` calls torch's ``_fake_quantize_learnable_per_{tensor,channel}_affine``
+kernels: same forward, but their backward decides "inside the range" on the *rounded* value, so an element with
+``v/s`` in ``(Q_P, Q_P + ½)`` (or ``(Q_N − ½, Q_N)``) gets the STE gradient and a step-size gradient of
+``⌊v/s⌉ − v/s`` instead of 0 and ``Q_P``. It is faster in eager mode; choose it knowingly.
 
 Example:
     >>> import torch
@@ -50,11 +52,12 @@ class LSQQuantizer(Quantizer):
     """LSQ fake-quantizer, per-tensor or per-channel.
 
     Options:
-        impl: ``"fused"`` (torch kernel, default) or ``"ste"`` (plain ops; pick this under ``torch.compile``).
+        impl: ``"ste"`` (plain ops, the paper's gradient; default) or ``"fused"`` (torch's kernel, faster eager,
+            half-step difference at the clipping edges; see the module docstring).
         grad_scale: multiply the step-size gradient by ``1/√(N·Q_P)`` (the paper's setting, default True).
     """
 
-    default_options = {"impl": "fused", "grad_scale": True}
+    default_options = {"impl": "ste", "grad_scale": True}
 
     def __init__(self, spec, **kwargs) -> None:
         super().__init__(spec, **kwargs)
