@@ -1,1 +1,26 @@
-"""fxqat."""
+"""fxqat: quantization-aware training for any PyTorch model, as a torch.fx graph pass.
+
+Example:
+    >>> import torch, torch.nn as nn, fxqat
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    >>> qm = fxqat.prepare_qat(model, (torch.randn(2, 3, 8, 8),), fxqat.QATConfig(w_bits=4, a_bits=4))
+    >>> qm(torch.randn(2, 3, 8, 8)).shape
+    torch.Size([2, 10])
+"""
+
+import logging as _logging
+
+from fxqat.api import calibrate, convert, prepare_qat, quantizers, set_quantization, trainable_parameters
+from fxqat.config import HybridConfig, Override, QATConfig, QuantSpec
+from fxqat.quantizers import NotAffineError, Quantizer, available_methods
+from fxqat.trace import TraceFailure, trace
+
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "prepare_qat", "convert", "quantizers", "set_quantization", "calibrate", "trainable_parameters",
+    "QATConfig", "HybridConfig", "QuantSpec", "Override", "Quantizer", "NotAffineError", "available_methods",
+    "trace", "TraceFailure",
+]

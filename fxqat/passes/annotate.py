@@ -1,0 +1,221 @@
+"""annotate: decide, per node, which tensors get which quantizer.
+
+A *quantized layer* is one of
+
+* ``"module"``: a ``call_module`` of ``nn.Conv{1,2,3}d``, ``nn.ConvTranspose{1,2,3}d`` or ``nn.Linear`` (or a subclass
+  that keeps the base ``forward``) with zero padding mode; ``insert_quant`` rewrites it to its functional form with
+  a quantized weight;
+* ``"functional"``: a ``call_function`` of ``F.linear`` / ``F.conv*`` / ``F.conv_transpose*`` (e.g. inside attention
+  code, or a conv subclass with its own ``forward`` that was traced through, like weight standardisation: the
+  weight quantizer then sees the weight the layer really uses);
+* ``"opaque"``: a leaf ``call_module`` whose descendants hold conv/linear weights (``nn.MultiheadAttention``, modules
+  the tracer could not enter): those weights are quantized by substitution, the module's own code still runs.
+
+The weights of each layer and the activation it reads (its first argument) get :class:`~fxqat.config.QuantSpec`s.
+First/last policy: the first and last quantized layer in topological order use ``config.first_last`` bits (or stay
+FP when it is None). Overrides match the layer's owning module name. The signedness of an activation comes from
+its producer: outputs of ReLU-like functions (through pooling, reshapes and dropout) are unsigned, others are
+decided from the first batch (``config.act_signed="auto"``).
+
+Results: ``node.meta["fxqat.qspec"]`` holds a :class:`LayerQuant`.
+
+Example:
+    >>> import torch.nn as nn
+    >>> from fxqat.config import QATConfig
+    >>> from fxqat.trace import trace
+    >>> gm = annotate(trace(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2), nn.Linear(2, 2))),
+    ...               QATConfig(w_bits=3, first_last=None))
+    >>> [(n.target, n.meta["fxqat.qspec"].weights[0][1].bits) for n in gm.graph.nodes if "fxqat.qspec" in n.meta]
+    [('2', 3)]
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from fxqat.config import Override, QATConfig, QuantSpec
+
+__all__ = ["LayerQuant", "annotate", "annotated_layers", "layer_style", "QMETA", "WEIGHT_FUNCTIONS"]
+
+QMETA = "fxqat.qspec"
+
+_CONV_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+_BASE_FORWARDS = {c.forward for c in _CONV_LINEAR}
+#: functional layers and the position of their weight argument
+WEIGHT_FUNCTIONS = {
+    F.linear: 1, F.conv1d: 1, F.conv2d: 1, F.conv3d: 1,
+    F.conv_transpose1d: 1, F.conv_transpose2d: 1, F.conv_transpose3d: 1,
+}
+_UNSIGNED_FUNCS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.softmax, torch.softmax, F.hardsigmoid}
+_UNSIGNED_METHODS = {"relu", "relu_", "sigmoid", "softmax"}
+_UNSIGNED_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid)
+_PASS_FUNCS = {torch.flatten, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool2d, F.adaptive_avg_pool2d,
+               F.adaptive_max_pool2d, F.dropout, torch.cat, operator.getitem, torch.mean}
+_PASS_METHODS = {"view", "reshape", "flatten", "mean", "permute", "transpose", "contiguous", "squeeze", "unsqueeze"}
+_PASS_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d, nn.Flatten,
+                 nn.Dropout, nn.Identity)
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """The quantization decision for one layer node.
+
+    Attributes:
+        style: ``"module"``, ``"functional"`` or ``"opaque"`` (see the module docstring).
+        owner: qualified name of the module the layer belongs to (used for names, overrides, first/last).
+        weights: ``(where, spec)`` pairs; ``where`` is the weight's argument position (functional), ``"weight"``
+            (module) or a parameter path inside the opaque module.
+        act: the spec of the layer's input activation, or None to leave it in FP.
+    """
+
+    style: str
+    owner: str
+    weights: Tuple[Tuple[Union[int, str], QuantSpec], ...]
+    act: Optional[QuantSpec]
+
+
+def layer_style(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
+    """The quantized-layer style of ``node``, or None when it is not a quantizable layer."""
+    if node.op == "call_function" and _weight_positions(gm, node):
+        return "functional"
+    if node.op != "call_module":
+        return None
+    mod = gm.get_submodule(node.target)
+    if isinstance(mod, _CONV_LINEAR) and type(mod).forward in _BASE_FORWARDS:
+        plain_call = len(node.args) == 1 and not node.kwargs
+        if getattr(mod, "padding_mode", "zeros") == "zeros" and plain_call:
+            return "module"
+    if _opaque_weights(mod):
+        return "opaque"
+    return None
+
+
+def _weight_positions(gm: fx.GraphModule, node: fx.Node) -> List[int]:
+    """Argument positions of a call_function that carry a layer weight.
+
+    Known functional layers name their weight position; any other function (e.g. torchvision's ``fx.wrap``-ed
+    ``shifted_window_attention``) counts when an argument is the ``weight`` of a conv/linear module.
+    """
+    if node.target in WEIGHT_FUNCTIONS:
+        return [WEIGHT_FUNCTIONS[node.target]]
+    found = []
+    for i, a in enumerate(node.args):
+        if isinstance(a, fx.Node) and a.op == "get_attr" and str(a.target).endswith(".weight"):
+            owner = gm.get_submodule(str(a.target).rpartition(".")[0])
+            if isinstance(owner, _CONV_LINEAR):
+                found.append(i)
+    return found
+
+
+def _opaque_weights(mod: nn.Module) -> List[str]:
+    """Parameter paths of the conv/linear-like weights held by a leaf module."""
+    found = []
+    for name, sub in mod.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(sub, _CONV_LINEAR) and isinstance(getattr(sub, "weight", None), nn.Parameter):
+            found.append(prefix + "weight")
+        elif isinstance(sub, nn.MultiheadAttention):
+            for p in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                if isinstance(getattr(sub, p, None), nn.Parameter):
+                    found.append(prefix + p)
+    return found
+
+
+def _owner(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    pos = _weight_positions(gm, node)
+    w = node.args[pos[0]] if pos and len(node.args) > pos[0] else node.kwargs.get("weight")
+    if isinstance(w, fx.Node) and w.op == "get_attr":
+        return str(w.target).rpartition(".")[0]
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack), "") if stack else ""
+
+
+def _producer_unsigned(gm: fx.GraphModule, node: fx.Node, depth: int = 0) -> Optional[bool]:
+    """True when ``node`` is known non-negative (ReLU-like, possibly through shape/pool ops); None when unknown."""
+    if depth > 16 or not isinstance(node, fx.Node):
+        return None
+    inputs = [a for a in node.all_input_nodes]
+    if node.op == "call_function":
+        if node.target in _UNSIGNED_FUNCS:
+            return True
+        if node.target in _PASS_FUNCS and inputs:
+            res = [_producer_unsigned(gm, a, depth + 1) for a in inputs if a.op != "get_attr"]
+            return True if res and all(r is True for r in res) else None
+    elif node.op == "call_method":
+        if node.target in _UNSIGNED_METHODS:
+            return True
+        if node.target in _PASS_METHODS and inputs:
+            return _producer_unsigned(gm, inputs[0], depth + 1)
+    elif node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, _UNSIGNED_MODULES):
+            return True
+        if isinstance(mod, _PASS_MODULES) and inputs:
+            return _producer_unsigned(gm, inputs[0], depth + 1)
+    return None
+
+
+def _is_float_tensor(node: fx.Node) -> bool:
+    meta = node.meta.get("tensor_meta")
+    if meta is None:
+        return True  # no shape information: assume a float tensor
+    return hasattr(meta, "dtype") and meta.dtype.is_floating_point
+
+
+def annotate(gm: fx.GraphModule, config: QATConfig) -> fx.GraphModule:
+    """Write ``node.meta["fxqat.qspec"]`` on every layer to quantize (in place; returns ``gm``)."""
+    layers = [n for n in gm.graph.nodes if layer_style(gm, n) is not None]
+    first_last = {layers[0], layers[-1]} if layers else set()
+    for node in layers:
+        style = layer_style(gm, node)
+        owner = _owner(gm, node)
+        mod = gm.get_submodule(owner) if owner and style != "functional" else None
+        ov: Optional[Override] = config.override_for(owner, mod)
+        if ov is not None and ov.skip:
+            continue
+        w_bits = ov.w_bits if ov and ov.w_bits else None
+        a_bits = ov.a_bits if ov and ov.a_bits else None
+        if node in first_last and not (ov and (ov.w_bits or ov.a_bits)):
+            if config.first_last is None:
+                continue
+            w_bits = a_bits = config.first_last
+        method = ov.method if ov else None
+        if style == "functional":
+            where: List[Union[int, str]] = list(_weight_positions(gm, node))
+        elif style == "module":
+            where = ["weight"]
+        else:
+            where = list(_opaque_weights(gm.get_submodule(node.target)))
+        wspec = config.spec_for("weight", bits=w_bits, method=method)
+        if isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) or node.target in (
+            F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+        ):
+            wspec = QuantSpec(**{**wspec.__dict__, "ch_axis": 1})  # ConvTranspose weights are (in, out/groups, ...)
+        weights = tuple((w, wspec) for w in where)
+        act = None
+        x = node.args[0] if node.args else None
+        if isinstance(x, fx.Node) and _is_float_tensor(x):
+            if ov is not None and ov.act_signed is not None:
+                signed: Optional[bool] = ov.act_signed
+            elif config.act_signed != "auto":
+                signed = bool(config.act_signed)
+            else:
+                signed = False if _producer_unsigned(gm, x) else None
+            act = config.spec_for("act", bits=a_bits, method=method, signed=signed)
+        node.meta[QMETA] = LayerQuant(style=style, owner=owner, weights=weights, act=act)
+    return gm
+
+
+def annotated_layers(gm: fx.GraphModule) -> Dict[fx.Node, LayerQuant]:
+    """Every annotated node and its decision, in graph order."""
+    return {n: n.meta[QMETA] for n in gm.graph.nodes if QMETA in n.meta}
