@@ -1,0 +1,91 @@
+"""Small helpers shared by the quantizer zoo (QIL, LSQ+, PACT, DoReFa, EWGS, DSQ, noise tempering).
+
+Per-channel parameters get their shape from the first tensor seen, so a fresh quantizer holds shape-[1]
+placeholders; :class:`StateShapeMixin` resizes them when a ``state_dict`` with other shapes is loaded.
+
+Example:
+    >>> import torch
+    >>> act_clip_std(torch.ones(4, 4))  # zero spread: falls back to max|x|
+    tensor([1.])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+__all__ = ["StateShapeMixin", "set_tensor", "numel_per_scale", "act_clip_std", "axis_of", "check_choice", "reduce"]
+
+
+def reduce(x: torch.Tensor, axis: Optional[int], fn: str) -> torch.Tensor:
+    """Reduce ``x`` with ``fn`` (mean, std, min, max, absmean, absmax) over all axes but ``axis``.
+
+    Returns shape ``[1]`` when ``axis`` is None, else ``[x.shape[axis]]``.
+    """
+    flat = x.reshape(1, -1) if axis is None else x.transpose(0, axis).reshape(x.shape[axis], -1)
+    if fn.startswith("abs"):
+        flat, fn = flat.abs(), fn[3:]
+    if fn == "min":
+        return flat.amin(dim=1)
+    if fn == "max":
+        return flat.amax(dim=1)
+    if fn == "std":
+        return flat.std(dim=1) if flat.shape[1] > 1 else torch.zeros_like(flat[:, 0])
+    return flat.mean(dim=1)
+
+
+class StateShapeMixin:
+    """Resize parameters and buffers to the shapes found in a loaded ``state_dict`` (per-channel quantizers)."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
+        for store in (self._parameters, self._buffers):
+            for name, t in list(store.items()):
+                key = prefix + name
+                if t is None or key not in state_dict or state_dict[key].shape == t.shape:
+                    continue
+                new = torch.empty(state_dict[key].shape, dtype=t.dtype, device=t.device)
+                store[name] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+@torch.no_grad()
+def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Write ``value`` into the parameter or buffer ``name`` of ``module``, replacing it when the shape changes."""
+    cur = getattr(module, name)
+    value = value.detach().to(device=cur.device, dtype=cur.dtype)
+    if cur.shape == value.shape:
+        cur.copy_(value)
+    elif isinstance(cur, nn.Parameter):
+        setattr(module, name, nn.Parameter(value.clone(), requires_grad=cur.requires_grad))
+    else:
+        module._buffers[name] = value.clone()
+
+
+def axis_of(q) -> Optional[int]:
+    """The reduction axis of a quantizer: its channel axis when per-channel, else None (whole tensor)."""
+    return q.ch_axis if q.per_channel else None
+
+
+def numel_per_scale(q, x: torch.Tensor) -> int:
+    """N of the LSQ gradient scale 1/√(N·Q_P): weights per scale, or features of one sample for activations."""
+    n = x.numel() if q.kind == "weight" or x.dim() <= 1 else x[0].numel()
+    if q.per_channel:
+        n = n // x.shape[q.ch_axis]
+    return max(int(n), 1)
+
+
+def act_clip_std(x: torch.Tensor, axis: Optional[int] = None) -> torch.Tensor:
+    """Upper clip ``3·std(x)/√(1 − 2/π)`` (EWGS / LBT activation init), falling back to max|x| when std is 0."""
+    std = reduce(x.float(), axis, "std")
+    u = 3.0 * std / math.sqrt(1.0 - 2.0 / math.pi)
+    mx = reduce(x.float(), axis, "absmax")
+    return torch.where(u > 0, u, mx).clamp(min=1e-8)
+
+
+def check_choice(owner: str, name: str, value, choices) -> None:
+    """Raise a ValueError naming the option and the allowed values."""
+    if value not in choices:
+        raise ValueError(f"{owner}: option {name}={value!r} is not valid; use one of {list(choices)}.")

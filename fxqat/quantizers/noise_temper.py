@@ -1,0 +1,137 @@
+"""Noise tempering: error-aware quantization through exponentially decaying noise (Wang et al., arXiv 2212.05603).
+
+The abstract is all that was recovered (methods.md §5), so the equations are fxqat's reconstruction **[R]**::
+
+    Q(x)  = s·⌊clip(x/s, Q_N, Q_P)⌉                          base quantizer: LSQ step size s (LSQ init and grad scale)
+    ρ(t)  = exp(−t/τ)                                          t = training forwards so far (buffer ``step``)
+    ỹ     = x + ρ(t)·e + (1 − ρ(t))·(Q(x) − x)                training forward
+          = Q(x) + ρ(t)·(x + e − Q(x))                         (the form computed: exactly Q(x) once ρ = 0)
+    ∂L/∂x := κ·∂L/∂ỹ                                           κ learnable (init 1.0)
+
+``e`` is noise at the bin size: ``"uniform"`` ``U(−s/2, s/2)``, or ``"resampled"`` rounding errors
+``s·(⌊z⌉ − z)`` of the same tensor (``z = clip(x/s)``) in a random permutation. ``ρ`` is set to 0 once it drops
+below ``rho_floor``, so training ends on exact hard quantization. In evaluation the output is ``Q(x)``.
+
+Gradients [R]: ``x`` gets ``κ·g``; ``κ`` gets ``Σ g·x`` (the forward is written ``κ·x − sg(κ·x) + sg(ỹ)``, so its
+value does not depend on κ) times the LSQ gradient scale ``1/√(N·Q_P)``; ``s`` gets ``(1 − ρ)·∂Q/∂s`` (LSQ's
+step-size gradient) ``+ ρ·∂e/∂s`` (``e/s`` for both noise types), also grad-scaled.
+
+Options: ``noise`` (``"uniform"``), ``tau`` (2000 steps), ``schedule`` (``"step"``: ``t`` advances on every
+training forward; ``"manual"``: call :meth:`NoiseTemperQuantizer.advance`, e.g. once per epoch), ``kappa_init``
+(1.0), ``learn_kappa`` (True), ``rho_floor`` (1e-4), ``grad_scale`` (True).
+
+Example:
+    >>> import torch
+    >>> from fxqat.config import QuantSpec
+    >>> q = NoiseTemperQuantizer(QuantSpec(bits=4, method="noise_temper", kind="weight"))
+    >>> w = torch.randn(64)
+    >>> y0 = q(w)                           # step 0: ρ = 1, pure noise x + e
+    >>> bool(((y0 - w).abs() <= q.scale / 2 + 1e-6).all()), int(q.step)
+    (True, 1)
+    >>> _ = q.eval()
+    >>> len(torch.unique(q(w))) <= 16
+    True
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fxqat.quantizers._zoo_utils import StateShapeMixin, axis_of, check_choice, numel_per_scale, reduce, set_tensor
+from fxqat.quantizers.base import Quantizer, channel_view
+from fxqat.quantizers.lsq import round_ste, scale_grad
+from fxqat.quantizers.registry import register
+
+__all__ = ["NoiseTemperQuantizer"]
+
+_EPS = 1e-8
+
+
+@register("noise_temper")
+class NoiseTemperQuantizer(StateShapeMixin, Quantizer):
+    """Noise-tempering fake-quantizer on an LSQ grid (per-tensor or per-channel step size)."""
+
+    default_options = {
+        "noise": "uniform",
+        "tau": 2000.0,
+        "schedule": "step",
+        "kappa_init": 1.0,
+        "learn_kappa": True,
+        "rho_floor": 1e-4,
+        "grad_scale": True,
+    }
+
+    def __init__(self, spec, **kwargs) -> None:
+        super().__init__(spec, **kwargs)
+        name = type(self).__name__
+        check_choice(name, "noise", self.opts["noise"], ("uniform", "resampled"))
+        check_choice(name, "schedule", self.opts["schedule"], ("step", "manual"))
+        if not float(self.opts["tau"]) > 0:
+            raise ValueError(f"{name}: tau={self.opts['tau']!r}; use a positive number of steps (e.g. 2000).")
+        self.scale = nn.Parameter(torch.ones(1))
+        kappa = torch.full((1,), float(self.opts["kappa_init"]))
+        if self.opts["learn_kappa"]:
+            self.kappa = nn.Parameter(kappa)
+        else:
+            self.register_buffer("kappa", kappa)
+        self.register_buffer("step", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("grad_factor", torch.ones(1))
+
+    @torch.no_grad()
+    def _init_from(self, x: torch.Tensor) -> None:
+        qmax = max(self.qrange[1], 1)
+        s = 2 * reduce(x.float(), axis_of(self), "absmean") / math.sqrt(qmax)
+        set_tensor(self, "scale", s.clamp(min=_EPS))
+        g = 1.0 / math.sqrt(numel_per_scale(self, x) * qmax) if self.opts["grad_scale"] else 1.0
+        self.grad_factor.fill_(g)
+
+    def rho(self) -> float:
+        """ρ(t) = exp(−t/τ), or 0 below ``rho_floor``."""
+        r = math.exp(-float(self.step) / float(self.opts["tau"]))
+        return 0.0 if r < float(self.opts["rho_floor"]) else r
+
+    @torch.no_grad()
+    def advance(self, n: int = 1) -> None:
+        """Advance the tempering clock by ``n`` (automatic per training forward with ``schedule="step"``)."""
+        self.step += int(n)
+
+    def _noise(self, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Noise ``e`` with a gradient ``e/s`` to the step size."""
+        if self.opts["noise"] == "uniform":
+            u = torch.rand_like(x) - 0.5
+        else:
+            err = (torch.round(z) - z).detach().reshape(-1)
+            u = err[torch.randperm(err.numel(), device=err.device)].reshape(x.shape)
+        return s * u
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        qmin, qmax = self.qrange
+        g = float(self.grad_factor)
+        s = scale_grad(self.scale, g).abs().clamp(min=_EPS)
+        if self.per_channel:
+            s = channel_view(s, x, self.ch_axis)
+        xd = x.detach()
+        z = torch.clamp(xd / s, qmin, qmax)
+        q = round_ste(z) * s  # LSQ value and step-size gradient; no gradient to x (it comes through κ below)
+        rho = self.rho() if self.training else 0.0
+        y = q if rho == 0.0 else q + rho * (xd + self._noise(xd, s, z) - q)
+        if self.training and self.opts["schedule"] == "step":
+            self.advance(1)
+        kx = scale_grad(self.kappa, g) * x
+        return kx - kx.detach() + y
+
+    @torch.no_grad()
+    def grid(self) -> torch.Tensor:
+        """Eval-mode output levels: shape ``[L]`` per-tensor or ``[C, L]`` per-channel."""
+        qmin, qmax = self.qrange
+        s = self.scale.detach().abs().clamp(min=_EPS).reshape(-1, 1)
+        g = torch.arange(qmin, qmax + 1, dtype=s.dtype) * s
+        return g[0] if g.shape[0] == 1 else g
+
+    def affine_qparams(self):
+        qmin, qmax = self.qrange
+        s = self.scale.detach().abs().clamp(min=_EPS)
+        return s, torch.zeros(s.shape, dtype=torch.int32), qmin, qmax

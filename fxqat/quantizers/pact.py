@@ -1,0 +1,122 @@
+"""PACT: Parameterized Clipping Activation (Choi et al., arXiv 1805.06085, 2018; methods.md §6).
+
+Activations, with a learnable clip ``α`` and ``n = 2^k − 1``::
+
+    y   = clip(x, 0, α)
+    y_q = ⌊y·n/α⌉ · α/n
+    ∂y_q/∂x = 1 for 0 ≤ x < α, else 0          (STE through ⌊·⌉)
+    ∂y_q/∂α = 1 for x ≥ α, else 0              (the paper's gradient: α is not differentiated through the step)
+
+An L2 penalty ``λ_α·α²`` keeps α small: :meth:`PACTQuantizer.regularization` returns it (option ``alpha_l2``,
+default 0 = off); add it to the loss. Weights are DoReFa-style (``fxqat.quantizers.dorefa``), with the same
+``out_scale`` option.
+
+fxqat's reconstruction [R]:
+
+* ``init``: ``"std"`` (default) ``α = min(3·std(x)/√(1 − 2/π), max|x|)`` on the first batch; ``"max"``:
+  ``α = max|x|``; ``"const"``: ``α = alpha_init`` (10.0, the paper's value [M]).
+* Signed activations use ``clip(x, −α, α)`` on a symmetric grid of ``m = 2^{k−1} − 1`` steps a side;
+  then ``∂y_q/∂α = −1`` for ``x ≤ −α``.
+* α enters as ``|α|`` so a step past zero cannot flip the clip.
+
+Example:
+    >>> import torch
+    >>> from fxqat.config import QuantSpec
+    >>> opts = {"init": "const", "alpha_init": 3.0}
+    >>> q = PACTQuantizer(QuantSpec(bits=2, method="pact", kind="act", signed=False, options=opts))
+    >>> q(torch.tensor([-1.0, 0.4, 1.6, 2.9, 7.0]))
+    tensor([0., 0., 2., 3., 3.], grad_fn=<AddBackward0>)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fxqat.quantizers._zoo_utils import StateShapeMixin, act_clip_std, check_choice, reduce
+from fxqat.quantizers.base import NotAffineError, Quantizer
+from fxqat.quantizers.dorefa import DoReFaWeightMixin
+from fxqat.quantizers.registry import register
+
+__all__ = ["PACTQuantizer", "pact_clip"]
+
+_EPS = 1e-8
+
+
+def pact_clip(x: torch.Tensor, alpha: torch.Tensor, signed: bool = False) -> torch.Tensor:
+    """``clip(x, 0, α)`` (or ``clip(x, −α, α)``) with ∂/∂α = 1 above α (−1 below −α) and ∂/∂x = 1 inside."""
+    lo = -alpha if signed else torch.zeros_like(alpha)
+    y = torch.where(x >= alpha, alpha, x)
+    return torch.where(x <= lo, lo, y) if signed else torch.where(x < 0, torch.zeros_like(x), y)
+
+
+@register("pact")
+class PACTQuantizer(DoReFaWeightMixin, StateShapeMixin, Quantizer):
+    """PACT fake-quantizer: learnable activation clip α; DoReFa-style weights.
+
+    Options:
+        init: ``"std"`` (default), ``"max"`` or ``"const"`` [R].
+        alpha_init: α for ``init="const"`` (10.0).
+        alpha_l2: λ_α of :meth:`regularization` (0.0 = off).
+        out_scale: weights only, as in DoReFa: ``"fixed"`` (default), ``"learnable"`` or ``"none"`` [R].
+    """
+
+    default_options = {"init": "std", "alpha_init": 10.0, "alpha_l2": 0.0, "out_scale": "fixed"}
+
+    def __init__(self, spec, **kwargs) -> None:
+        super().__init__(spec, **kwargs)
+        check_choice(type(self).__name__, "init", self.opts["init"], ("std", "max", "const"))
+        self._setup_weight_scale()
+        if self.kind == "act":
+            self.alpha = nn.Parameter(torch.full((1,), float(self.opts["alpha_init"])))
+
+    @torch.no_grad()
+    def _init_from(self, x: torch.Tensor) -> None:
+        if self.kind == "weight":
+            self._init_weight_scale(x)
+            return
+        if self.signed and self.bits < 2:
+            raise ValueError("PACTQuantizer: signed activations need bits >= 2 (symmetric grid with zero).")
+        mx = reduce(x.float(), None, "absmax").clamp(min=_EPS)
+        if self.opts["init"] == "max":
+            self.alpha.copy_(mx)
+        elif self.opts["init"] == "std":
+            self.alpha.copy_(torch.minimum(act_clip_std(x), mx))
+
+    @property
+    def _levels(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "weight":
+            return self._quantize_weight(x)
+        a = self.alpha.abs().clamp(min=_EPS)
+        y = pact_clip(x, a, self.signed)
+        n = self._levels
+        step = (a / n).detach()
+        return torch.round(y.detach() / step) * step + (y - y.detach())  # value on the grid, gradient of y
+
+    def regularization(self) -> torch.Tensor:
+        """``alpha_l2 · Σ α²`` (a zero tensor for weight quantizers or when ``alpha_l2 == 0``)."""
+        if self.kind == "weight" or not self.opts["alpha_l2"]:
+            return torch.zeros((), device=self.out_scale.device)
+        return float(self.opts["alpha_l2"]) * self.alpha.pow(2).sum()
+
+    @torch.no_grad()
+    def grid(self) -> torch.Tensor:
+        """Eval-mode output levels: shape ``[L]`` (or ``[C, L]`` for per-channel weights)."""
+        if self.kind == "weight":
+            return self._weight_grid()
+        n = self._levels
+        step = self.alpha.abs().clamp(min=_EPS) / n
+        return torch.arange(-n if self.signed else 0, n + 1, dtype=step.dtype) * step
+
+    def affine_qparams(self):
+        if self.kind == "weight":
+            raise NotAffineError(
+                "PACTQuantizer: weights are DoReFa tanh-normalised, which is not affine in w; "
+                "use QATConfig(w_method='lsq', a_method='pact') to export integer weights."
+            )
+        n = self._levels
+        scale = (self.alpha.abs().clamp(min=_EPS) / n).detach()
+        return scale, torch.zeros(1, dtype=torch.int32), (-n if self.signed else 0), n
