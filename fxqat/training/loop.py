@@ -1,0 +1,395 @@
+"""The training loop: FP pre-training (cached), QAT (plain, distillation, hybrid outputs), evaluation.
+
+One :func:`fit` serves every case. The loss depends on what the model returns:
+
+* a ``fxqat.HybridOutput`` (train mode of a block-replacement model): ``fxqat.hybrid_loss(out, y)``;
+* a tensor with a ``teacher``: ``CE + kd_weight * KD(out, teacher(x))`` where
+  ``KD(a, f) = T^2 KL(softmax(f/T) || softmax(a/T))`` (the same term as the hybrid loss, methods.md §1);
+* a tensor: cross-entropy.
+
+With an ``out_dir`` the loop writes, from rank 0 only and always through a temporary file + rename:
+``checkpoint.pt`` (model, optimizer, scheduler, RNG states, position, history) at every epoch end and at the last
+step, ``metrics.json`` (``status`` "running" until the run is complete, one record per epoch, the loss of every
+step) and ``curves.png``. ``resume=True`` continues from ``checkpoint.pt``: the data order and augmentation are
+functions of (seed, epoch, batch), so the next loss is the one an uninterrupted run would have seen.
+
+Under ``torchrun`` (see :mod:`fxqat.training.distributed`) the model is wrapped in DDP and each process reads its
+shard of every epoch; evaluation runs on rank 0.
+
+Example:
+    >>> import torch
+    >>> from fxqat import data
+    >>> from fxqat.models import get_model
+    >>> tr, te = data.digits(train=True), data.digits(train=False)
+    >>> m = get_model("mlp", in_shape=(1, 8, 8))
+    >>> h = fit(m, data.BatchLoader(tr, 64), TrainConfig(epochs=2, lr=0.05, progress=False),
+    ...         test_loader=data.BatchLoader(te, 256, train=False))
+    >>> h["final"]["test_top1"] > 50
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxqat.training import distributed as ddp
+from fxqat.training.checkpoint import (
+    CheckpointError, atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state, to_json,
+)
+
+__all__ = [
+    "TrainConfig", "fit", "train_fp", "train_qat", "evaluate", "kd_loss", "compute_loss", "param_groups", "calibrate",
+    "fp_cache_dir",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of one run (every field is a CLI flag of ``fxqat train``).
+
+    Attributes:
+        epochs: passes over the training set (ignored when ``steps`` is given).
+        steps: total optimizer steps (None = ``epochs * len(loader)``).
+        lr: learning rate of the weights; ``quant_lr``: of quantizer parameters (None = ``lr``).
+        optimizer: ``"sgd"`` (momentum, Nesterov) or ``"adam"``.
+        weight_decay: on weights; ``quant_weight_decay`` on quantizer parameters.
+        schedule: ``"cosine"`` (to 0 over the run, after ``warmup_steps`` linear warm-up) or ``"constant"``.
+        kd_weight, temperature: the distillation term used with a ``teacher`` (same meaning as in HybridConfig).
+        grad_clip: max gradient norm (None = no clipping).
+        seed: seeds torch's generator at the start of a fresh run.
+        progress: tqdm bar (None = only when stderr is a TTY).
+        plot: write ``curves.png`` at the end.
+    """
+
+    epochs: int = 1
+    steps: Optional[int] = None
+    lr: float = 0.1
+    quant_lr: Optional[float] = None
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    quant_weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    kd_weight: float = 1.0
+    temperature: float = 1.0
+    grad_clip: Optional[float] = None
+    seed: int = 0
+    progress: Optional[bool] = None
+    plot: bool = True
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"TrainConfig.optimizer={self.optimizer!r}: use 'sgd' or 'adam'.")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"TrainConfig.schedule={self.schedule!r}: use 'cosine' or 'constant'.")
+        if self.steps is not None and self.steps < 1 or self.epochs < 1:
+            raise ValueError("TrainConfig: epochs and steps must be >= 1.")
+
+
+def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``T^2 KL(softmax(f/T) || softmax(a/T))``, batch mean."""
+    t = temperature
+    return F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), reduction="batchmean",
+                    log_target=True) * (t * t)
+
+
+def _hybrid_output_type():
+    import fxqat
+
+    return getattr(fxqat, "HybridOutput", None)
+
+
+def compute_loss(out: Any, y: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None, kd_weight: float = 1.0,
+                 temperature: float = 1.0) -> Tuple[torch.Tensor, Dict[str, float], torch.Tensor]:
+    """``(total loss, logged parts, LP logits)`` for a model output (see the module docstring)."""
+    hybrid_t = _hybrid_output_type()
+    if hybrid_t is not None and isinstance(out, hybrid_t):
+        import fxqat
+
+        total, parts = fxqat.hybrid_loss(out, y)
+        return total, {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in parts.items()}, out.lp
+    ce = F.cross_entropy(out, y)
+    if teacher_logits is None:
+        return ce, {}, out
+    kd = kd_loss(out, teacher_logits, temperature)
+    return ce + kd_weight * kd, {"kd": float(kd.detach())}, out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable) -> float:
+    """Top-1 accuracy (%) of ``model`` in eval mode over ``loader`` (train/eval mode restored afterwards)."""
+    model = ddp.unwrap(model)
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        out = model(x)
+        logits = out.lp if hasattr(out, "lp") else out
+        correct += int((logits.argmax(1) == y).sum())
+        total += int(y.numel())
+    model.train(was_training)
+    return 100.0 * correct / max(total, 1)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, x: torch.Tensor) -> None:
+    """One eval-mode forward so lazily initialised quantizers create their parameters before the optimizer exists
+    (BatchNorm statistics are not touched)."""
+    was = model.training
+    model.eval()
+    model(x)
+    model.train(was)
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig, params: Optional[Iterable] = None) -> List[Dict[str, Any]]:
+    """Two groups: quantizer parameters (``quant_lr``, ``quant_weight_decay``) and all other trainable ones."""
+    from fxqat.quantizers import Quantizer
+
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    params = list(params)
+    if params and isinstance(params[0], dict):  # already param groups
+        return params
+    qids = {id(p) for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters()}
+    weights = [p for p in params if id(p) not in qids]
+    quant = [p for p in params if id(p) in qids]
+    groups = [{"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "weights"}]
+    if quant:
+        groups.append({"params": quant, "lr": cfg.quant_lr if cfg.quant_lr is not None else cfg.lr,
+                       "weight_decay": cfg.quant_weight_decay, "name": "quantizers"})
+    return groups
+
+
+def _optimizer(groups, cfg: TrainConfig, total: int):
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    else:
+        opt = torch.optim.Adam(groups, lr=cfg.lr)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _progress(cfg: TrainConfig, total: int, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+    return tqdm(total=total, initial=initial, desc=desc, disable=not (show and ddp.is_main()), leave=False,
+                dynamic_ncols=True)
+
+
+def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, out_dir=None, resume: bool = False,
+        teacher: Optional[nn.Module] = None, params: Optional[Iterable] = None, desc: str = "train",
+        run_info: Optional[Dict[str, Any]] = None, stop_after: Optional[int] = None,
+        find_unused_parameters: bool = True) -> Dict[str, Any]:
+    """Train ``model`` in place; returns the history (``epochs``, ``steps``, ``final``) also written to metrics.json.
+
+    Args:
+        model: any module; its output may be a tensor or a ``fxqat.HybridOutput``.
+        train_loader: a :class:`fxqat.data.BatchLoader` (or anything with ``set_epoch(epoch, start_batch)``).
+        cfg: optimisation settings.
+        test_loader: evaluated after every epoch and at the end (rank 0).
+        out_dir: where checkpoint.pt, metrics.json and curves.png go (None = nothing written).
+        resume: continue from ``out_dir/checkpoint.pt`` when it exists.
+        teacher: a frozen FP model for CE + KD (ignored when the output is a HybridOutput).
+        params: the parameters to optimise (default: every one with ``requires_grad``).
+        run_info: extra JSON-able facts stored in metrics.json (model, data, bits...).
+        stop_after: stop (checkpoint written, status "interrupted") after this many steps of this call, as if the
+            run had been killed; the schedule still spans the whole run, so ``resume`` continues it exactly.
+        find_unused_parameters: passed to DDP (hybrid models with sampled paths leave some blocks unused).
+
+    Raises:
+        CheckpointError: ``resume`` with a corrupt checkpoint.
+    """
+    per_epoch = len(train_loader)
+    if per_epoch == 0:
+        raise ValueError("fit: the training loader yields no batch (dataset smaller than one batch?).")
+    total = cfg.steps or cfg.epochs * per_epoch
+    out = Path(out_dir) if out_dir is not None else None
+    main = ddp.is_main()
+    opt, sched = _optimizer(param_groups(model, cfg, params), cfg, total)
+    hist: Dict[str, Any] = {"status": "running", "run": run_info or {}, "config": asdict(cfg), "epochs": [],
+                            "steps": []}
+    step, epoch, batch, acc, elapsed = 0, 0, 0, {"loss": 0.0, "correct": 0, "n": 0}, 0.0
+    ckpt_path = out / "checkpoint.pt" if out is not None else None
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path, required=("model", "optimizer", "scheduler", "rng", "pos", "history"))
+        try:
+            ddp.unwrap(model).load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {ckpt_path} does not match this model/optimizer: {e}") from e
+        set_rng_state(ck["rng"])
+        step, epoch, batch, acc, elapsed = (ck["pos"][k] for k in ("step", "epoch", "batch", "acc", "elapsed"))
+        hist = ck["history"]
+        hist["status"] = "running"
+        hist["epochs"] = [e for e in hist["epochs"] if not e.get("partial")]
+        log.info("fxqat: resumed %s at step %d (epoch %d, batch %d)", ckpt_path, step, epoch, batch)
+    elif resume:
+        log.warning("fxqat: --resume given but %s does not exist; starting a fresh run", ckpt_path)
+        torch.manual_seed(cfg.seed)
+    else:
+        torch.manual_seed(cfg.seed)
+    hybrid_t = _hybrid_output_type()
+    net = ddp.wrap_ddp(model, find_unused_parameters=find_unused_parameters)
+    stop_at = min(total, step + stop_after) if stop_after else total
+    if teacher is not None:
+        teacher.eval()
+    model.train()
+    bar = _progress(cfg, total, step, desc)
+    t0 = time.perf_counter()
+
+    def end_epoch(partial: bool) -> None:
+        nonlocal acc
+        rec = {"epoch": epoch, "step": step, "partial": partial, "lr": opt.param_groups[0]["lr"],
+               "train_loss": acc["loss"] / max(acc["n"], 1), "train_top1": 100.0 * acc["correct"] / max(acc["n"], 1),
+               "time_s": elapsed + time.perf_counter() - t0}
+        if test_loader is not None and main:
+            rec["test_top1"] = evaluate(model, test_loader)
+        ddp.barrier()
+        hist["epochs"].append(rec)
+        log.info("fxqat %s: epoch %d step %d loss %.4f train %.2f%% test %s", desc, epoch, step, rec["train_loss"],
+                 rec["train_top1"], f"{rec['test_top1']:.2f}%" if "test_top1" in rec else "-")
+
+    while step < stop_at:
+        train_loader.set_epoch(epoch, batch)
+        for x, y in train_loader:
+            t_logits = None
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = teacher(x)
+            o = net(x)
+            loss, parts, logits = compute_loss(o, y, t_logits, cfg.kd_weight, cfg.temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+            opt.step()
+            sched.step()
+            step, batch = step + 1, batch + 1
+            lv = float(loss.detach())
+            if not math.isfinite(lv):
+                raise FloatingPointError(f"fit({desc}): loss is {lv} at step {step}; lower --lr or check the data.")
+            acc["loss"] += lv * len(y)
+            acc["n"] += len(y)
+            acc["correct"] += int((logits.detach().argmax(1) == y).sum())
+            rec = {"step": step, "loss": lv, **parts}
+            if hybrid_t is not None and isinstance(o, hybrid_t) or teacher is not None:
+                rec["ce"] = float(F.cross_entropy(logits.detach(), y))
+            hist["steps"].append(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{lv:.3f}", epoch=epoch)
+            if step >= stop_at:
+                break
+        finished_epoch = batch >= per_epoch
+        end_epoch(partial=not finished_epoch)
+        if finished_epoch:
+            epoch, batch, acc = epoch + 1, 0, {"loss": 0.0, "correct": 0, "n": 0}
+        if out is not None and main:
+            pos = {"step": step, "epoch": epoch, "batch": batch, "acc": acc,
+                   "elapsed": elapsed + time.perf_counter() - t0}
+            atomic_save({"model": ddp.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "rng": rng_state(), "pos": pos, "history": hist}, ckpt_path)
+            atomic_write_text(to_json(hist), out / "metrics.json")
+    bar.close()
+    if step < total:
+        hist["status"] = "interrupted"
+        if out is not None and main:
+            atomic_write_text(to_json(hist), out / "metrics.json")
+        return hist
+    hist["status"] = "complete"
+    last = hist["epochs"][-1] if hist["epochs"] else {}
+    hist["final"] = {"step": step, "test_top1": last.get("test_top1"), "train_loss": last.get("train_loss"),
+                     "time_s": elapsed + time.perf_counter() - t0}
+    if out is not None and main:
+        if cfg.plot:
+            from fxqat.training.report import plot_run
+
+            plot_run(hist, out / "curves.png", title=desc)
+        atomic_write_text(to_json(hist), out / "metrics.json")
+    return hist
+
+
+def fp_cache_dir() -> Path:
+    """Where :func:`train_fp` keeps its checkpoints: ``<fxqat cache>/ckpt`` (``$FXQAT_CACHE`` or ~/.cache/fxqat)."""
+    from fxqat.data import cache_dir
+
+    return cache_dir() / "ckpt"
+
+
+def train_fp(model: nn.Module, train_loader, cfg: TrainConfig, *, key: Dict[str, Any], test_loader=None,
+             cache: bool = True, desc: str = "fp") -> Tuple[nn.Module, Dict[str, Any]]:
+    """Full-precision training with a cached result: the same ``key`` + ``cfg`` loads instead of training again.
+
+    Args:
+        model: freshly built model (its state is replaced by the cached or trained weights).
+        key: what identifies the run besides ``cfg`` (model and data names, batch size...); part of the file name.
+        cache: read and write ``fp_cache_dir()``; a corrupt cache file is reported and retrained.
+
+    Returns:
+        ``(model, info)`` with info ``{"top1", "path", "cached", "time_s"}``.
+    """
+    import hashlib
+    import json
+
+    ident = {**key, **asdict(cfg)}
+    ident.pop("progress", None), ident.pop("plot", None)
+    digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    name = "-".join(str(key.get(k, "x")) for k in ("model", "data"))
+    path = fp_cache_dir() / f"{name}-e{cfg.epochs}-st{cfg.steps or 0}-s{cfg.seed}-{digest}.pt"
+    if cache and path.exists():
+        try:
+            ck = load_checkpoint(path, required=("model", "top1"))
+            model.load_state_dict(ck["model"])
+            log.info("fxqat: FP checkpoint loaded from cache %s (top-1 %.2f%%)", path, ck["top1"])
+            return model, {"top1": ck["top1"], "path": str(path), "cached": True, "time_s": ck.get("time_s", 0.0)}
+        except (CheckpointError, RuntimeError) as e:
+            log.warning("fxqat: ignoring FP cache %s (%s); training again", path, e)
+    hist = fit(model, train_loader, cfg, test_loader=test_loader, desc=desc)
+    top1 = hist["final"]["test_top1"]
+    if top1 is None and test_loader is not None:
+        top1 = evaluate(model, test_loader)
+    if cache and ddp.is_main():
+        atomic_save({"model": model.state_dict(), "top1": top1, "key": ident, "time_s": hist["final"]["time_s"],
+                     "steps": hist["steps"]}, path)
+    return model, {"top1": top1, "path": str(path), "cached": False, "time_s": hist["final"]["time_s"]}
+
+
+def train_qat(qm: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, out_dir=None,
+              resume: bool = False, teacher: Optional[nn.Module] = None, desc: str = "qat",
+              run_info: Optional[Dict[str, Any]] = None, stop_after: Optional[int] = None) -> Dict[str, Any]:
+    """QAT of a prepared model: calibrate the quantizers on the first training batch, then :func:`fit` over
+    ``fxqat.trainable_parameters(qm)`` (the FP partner of a hybrid model stays frozen).
+
+    Works for plain outputs, ``teacher`` distillation and hybrid outputs alike (see :func:`compute_loss`).
+    """
+    import fxqat
+
+    train_loader.set_epoch(0)
+    x0, _ = next(iter(train_loader))
+    calibrate(qm, x0)
+    get = getattr(fxqat, "trainable_parameters", None)
+    params = list(get(qm)) if get is not None else None
+    return fit(qm, train_loader, cfg, test_loader=test_loader, out_dir=out_dir, resume=resume, teacher=teacher,
+               params=params, desc=desc, run_info=run_info, stop_after=stop_after)
