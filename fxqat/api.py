@@ -120,16 +120,16 @@ def prepare_qat(
     if not isinstance(config, QATConfig):
         raise TypeError(f"config must be a fxqat.QATConfig, got {type(config).__name__}.")
     gm = prepare_fp_graph(model, example_inputs, config, inplace, concrete_args)
-    fp_graph = None
-    if config.hybrid is not None:
-        from fxqat.passes.build_hybrid import mark_cuts
-
-        fp_graph = mark_cuts(gm, config)
     annotate(gm, config)
     n_layers = sum(1 for n in gm.graph.nodes if QMETA in n.meta)
     if n_layers == 0:
         log.warning("fxqat: %s has no conv/linear layer to quantize; the model is returned unchanged.",
                     type(model).__name__)
+    fp_graph = None
+    if config.hybrid is not None:
+        from fxqat.passes.build_hybrid import mark_cuts
+
+        fp_graph = mark_cuts(gm, config)
     insert_quant(gm, config)
     if config.hybrid is not None:
         from fxqat.passes.build_hybrid import build_hybrid

@@ -1,0 +1,222 @@
+"""build_hybrid: one module carrying the LP backbone, the FP partner and the mixed-precision paths (methods.md §1).
+
+With ``QATConfig(hybrid=HybridConfig(...))`` the prepared model is a :class:`HybridGraphModule`. Its graph (what
+``qm.code`` prints, what ``convert`` keeps) is the LP network. In train mode a call returns
+``HybridOutput(lp, paths, fp)``:
+
+* ``lp_prefix`` (default): the LP backbone runs once and returns its cut activations h_1..h_{n-1}; path i is the FP
+  partner's blocks i+1..n applied to h_i. The LP prefix is never recomputed: paths *branch off* the backbone.
+* ``fp_prefix``: the partner runs once (no grad) returning its cut activations f_i; path i is LP blocks i+1..n on f_i.
+* ``single``: path k is the partner with only block k replaced by LP block k (input f_{k-1}, FP blocks after it).
+
+``fp`` is the partner's output (no grad). ``partner="frozen"`` keeps a frozen copy (``requires_grad=False``, always in
+eval mode, under ``fxqat_partner``); ``partner="shared"`` runs the LP latent weights without quantizers (no extra
+weight memory; BatchNorm running statistics are not updated by FP passes). With ``paths=k``, k paths are sampled per
+step from a generator seeded by ``(seed, step)``: identical on every DDP rank and after a resume; unselected paths are
+not executed. In eval mode the call returns the LP output only.
+
+Example:
+    >>> import torch, torch.nn as nn, fxqat
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> qm = fxqat.prepare_qat(net, (torch.randn(2, 4),), fxqat.QATConfig(hybrid=fxqat.HybridConfig()))
+    >>> out = qm(torch.randn(2, 4))
+    >>> len(out.paths), out.lp.shape
+    (2, torch.Size([2, 3]))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxqat.config import HybridConfig, QATConfig
+from fxqat.passes.annotate import QMETA
+from fxqat.passes.extract import OUTPUT, extract, view
+from fxqat.trace import _adopt_hierarchy
+
+__all__ = ["HybridOutput", "HybridGraphModule", "mark_cuts", "build_hybrid", "CUT"]
+
+log = logging.getLogger(__name__)
+CUT = "fxqat.cut"  # node.meta key: index i of the cut that ends block i
+
+
+class HybridOutput(NamedTuple):
+    """Train-mode output of a hybrid model.
+
+    Attributes:
+        lp: the LP backbone's output.
+        paths: one output per executed mixed-precision path.
+        fp: the FP partner's output (no grad).
+        path_ids: which cut (or, in ``single`` mode, which block) each path belongs to.
+        config: the model's HybridConfig (loss weights for :func:`fxqat.hybrid_loss`).
+    """
+
+    lp: Any
+    paths: List[Any]
+    fp: Any
+    path_ids: Sequence[int] = ()
+    config: Optional[HybridConfig] = None
+
+
+def mark_cuts(gm: fx.GraphModule, config: QATConfig) -> fx.Graph:
+    """Partition the annotated FP graph, write ``meta["fxqat.cut"]`` on block exits, return a copy of the FP graph."""
+    from fxqat.graph.blocks import partition
+
+    h = config.hybrid
+    blocks = partition(gm, lambda n: QMETA in n.meta, max_blocks=h.max_blocks, boundaries=h.boundaries)
+    if len(blocks) < 2:
+        raise ValueError(
+            f"block replacement needs at least 2 blocks, but {type(gm).__name__} has {len(blocks)}: its graph has no "
+            "node that every input-to-output path passes through between two quantized layers. Use plain QAT "
+            "(hybrid=None) for this model."
+        )
+    names = {n.name: n for n in gm.graph.nodes}
+    for b in blocks[:-1]:
+        names[b.exit].meta[CUT] = b.index
+    gm.meta["fxqat.blocks"] = blocks
+    return copy.deepcopy(gm.graph)
+
+
+def _cut_names(graph: fx.Graph) -> List[str]:
+    cuts = sorted((n.meta[CUT], n.name) for n in graph.nodes if CUT in n.meta)
+    return [name for _, name in cuts]
+
+
+@contextlib.contextmanager
+def _frozen_bn_stats(modules: Iterator[nn.Module]) -> Iterator[None]:
+    """Keep BatchNorm running statistics unchanged while FP paths run through shared (LP) modules."""
+    saved = []
+    for m in modules:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training:
+            saved.append((m, m.momentum, m.num_batches_tracked.clone()))
+            m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, nbt in saved:
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(nbt)
+
+
+class HybridGraphModule(fx.GraphModule):
+    """The LP GraphModule plus the FP partner and the path sub-graphs (see the module docstring)."""
+
+    def __init__(
+        self, lp: fx.GraphModule, fp_graph: fx.Graph, hybrid: HybridConfig, partner: Optional[nn.Module] = None
+    ) -> None:
+        super().__init__(lp, lp.graph, type(lp).__name__)
+        _adopt_hierarchy(self, lp)
+        self.meta.update(lp.meta)
+        self.fxqat_hybrid = hybrid
+        self._fp_graph = fp_graph
+        if not hasattr(self, "fxqat_step"):
+            self.register_buffer("fxqat_step", torch.zeros((), dtype=torch.long))
+        lp_cuts, fp_cuts = _cut_names(self.graph), _cut_names(fp_graph)
+        assert len(lp_cuts) == len(fp_cuts), (lp_cuts, fp_cuts)
+        self.n_blocks = len(lp_cuts) + 1
+        if hybrid.partner == "frozen":
+            if partner is None:
+                partner = copy.deepcopy(fx.GraphModule(self, fp_graph, "Partner"))
+            for p in partner.parameters():
+                p.requires_grad_(False)
+            self.fxqat_partner = partner.eval()
+            fp_root: nn.Module = partner
+        else:
+            self.fxqat_partner = None
+            fp_root = self
+        self._views: Dict[str, fx.GraphModule] = {}
+        v = self._views
+        v["lp_cuts"] = view(self, extract(self.graph, None, [OUTPUT, *lp_cuts]), "Backbone")
+        v["fp"] = view(fp_root, extract(fp_graph, None, [OUTPUT]), "FP")
+        v["fp_cuts"] = view(fp_root, extract(fp_graph, None, [OUTPUT, *fp_cuts]), "FPCuts")
+        for i, (lc, fc) in enumerate(zip(lp_cuts, fp_cuts)):
+            v[f"fp_suffix{i}"] = view(fp_root, extract(fp_graph, [fc], [OUTPUT]), f"FPSuffix{i}")
+            v[f"lp_suffix{i}"] = view(self, extract(self.graph, [lc], [OUTPUT]), f"LPSuffix{i}")
+        for k in range(self.n_blocks):
+            ins = None if k == 0 else [lp_cuts[k - 1]]
+            outs = [OUTPUT] if k == self.n_blocks - 1 else [lp_cuts[k]]
+            v[f"lp_block{k}"] = view(self, extract(self.graph, ins, outs), f"LPBlock{k}")
+        # views only run in train mode; their own root-level `training` flag is fixed accordingly
+        for name, gmv in v.items():
+            frozen_fp = hybrid.partner == "frozen" and name.startswith("fp")
+            object.__setattr__(gmv, "training", not frozen_fp)
+        if hybrid.path_weights != "uniform" and len(hybrid.path_weights) != self.n_paths:
+            raise ValueError(
+                f"HybridConfig.path_weights has {len(hybrid.path_weights)} entries but this model has "
+                f"{self.n_paths} paths (mode {hybrid.mode!r}); give one weight per path or 'uniform'."
+            )
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "HybridGraphModule":
+        base = fx.GraphModule(self, copy.deepcopy(self.graph), type(self).__name__)
+        _adopt_hierarchy(base, self)
+        base = copy.deepcopy(base, memo)
+        new = HybridGraphModule(base, copy.deepcopy(self._fp_graph), self.fxqat_hybrid, base.fxqat_partner)
+        new.train(self.training)
+        return new
+
+    # ------------------------------------------------------------------------------------------------ paths
+    @property
+    def n_paths(self) -> int:
+        return self.n_blocks if self.fxqat_hybrid.mode == "single" else self.n_blocks - 1
+
+    def select_paths(self, step: int) -> List[int]:
+        """The path ids run at ``step`` (all, or k sampled by a generator seeded with (seed, step))."""
+        k = self.fxqat_hybrid.paths
+        if k == "all" or k >= self.n_paths:
+            return list(range(self.n_paths))
+        g = torch.Generator().manual_seed(self.fxqat_hybrid.seed * 1_000_003 + int(step))
+        return sorted(torch.randperm(self.n_paths, generator=g)[:k].tolist())
+
+    def train(self, mode: bool = True) -> "HybridGraphModule":
+        super().train(mode)
+        if getattr(self, "fxqat_partner", None) is not None:
+            self.fxqat_partner.eval()  # the frozen partner always uses its running statistics
+        return self
+
+    def _fp_context(self):
+        if self.fxqat_hybrid.partner == "shared":
+            return _frozen_bn_stats(self.modules())
+        return contextlib.nullcontext()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.training:
+            return super().__call__(*args, **kwargs)
+        h = self.fxqat_hybrid
+        ids = self.select_paths(int(self.fxqat_step))
+        self.fxqat_step += 1
+        v = self._views
+        paths: List[Any] = []
+        if h.mode == "lp_prefix":
+            lp, *cuts = v["lp_cuts"](*args, **kwargs)
+            with torch.no_grad(), self._fp_context():
+                fp = v["fp"](*args, **kwargs)
+            with self._fp_context():
+                paths = [v[f"fp_suffix{i}"](cuts[i]) for i in ids]
+        else:
+            lp = v["lp_cuts"](*args, **kwargs)[0]
+            with torch.no_grad(), self._fp_context():
+                fp, *fcuts = v["fp_cuts"](*args, **kwargs)
+            if h.mode == "fp_prefix":
+                paths = [v[f"lp_suffix{i}"](fcuts[i]) for i in ids]
+            else:
+                for k in ids:
+                    hk = v[f"lp_block{k}"](*(args if k == 0 else (fcuts[k - 1],)), **(kwargs if k == 0 else {}))
+                    if k < self.n_blocks - 1:
+                        with self._fp_context():
+                            hk = v[f"fp_suffix{k}"](hk)
+                    paths.append(hk)
+        return HybridOutput(lp=lp, paths=paths, fp=fp, path_ids=tuple(ids), config=h)
+
+
+def build_hybrid(gm: fx.GraphModule, fp_graph: fx.Graph, hybrid: HybridConfig) -> HybridGraphModule:
+    """Wrap the quantized ``gm`` (cuts marked by :func:`mark_cuts`) into a :class:`HybridGraphModule`."""
+    hm = HybridGraphModule(gm, fp_graph, hybrid)
+    log.info("fxqat: hybrid graph with %d blocks, %d paths (mode=%s, partner=%s)", hm.n_blocks, hm.n_paths,
+             hybrid.mode, hybrid.partner)
+    return hm
