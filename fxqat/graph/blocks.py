@@ -1,0 +1,402 @@
+"""Block partition of a traced model: the units that block replacement swaps between the LP and FP networks.
+
+A *cut node* lies on every input -> output path of the graph (:mod:`fxqat.graph.dominance`). Cutting at every cut
+node gives the finest partition in which each piece (a *segment*) reads exactly one tensor produced before it: the
+previous cut. :func:`partition` then merges consecutive segments (:mod:`fxqat.graph.merge`) so that each block holds
+at least one quantized layer and, by default, follows the module hierarchy: a ResNet gives stem, one block per residual
+block, head; a MobileNetV2 one block per inverted residual.
+
+Conventions:
+
+* a block holds the path nodes strictly after one cut, up to and including the next cut (its ``exit``); its
+  ``entry`` is the previous block's exit, or the first placeholder for block 0 (with several inputs, every
+  placeholder is read by block 0 only, as no cut can precede a read of an input);
+* the last block's exit is the node feeding ``output``. When the output is a tuple/dict with several producers,
+  there is no single exit tensor: the last block then holds everything after the last cut and its ``exit`` is the
+  name of the fx ``output`` node itself (its "tensor" is the whole output structure);
+* *free* nodes (``get_attr``, constants, factory calls: not reachable from an input) join the block of their first
+  user (block 0 when unused); *dead* nodes (no output depends on them, e.g. ``torch._assert``) join the block of the
+  next path node in graph order (the last block when none follows). Placeholders and ``output`` belong to no block.
+
+Every node it assigns gets ``node.meta["fxqat.block"] = block.index``.
+
+Example:
+    >>> import torch
+    >>> from torch import fx, nn
+    >>> class Res(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+    ...     def forward(self, x):
+    ...         return torch.relu(self.bn(self.conv(x)) + x)
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), Res(), Res(), nn.Flatten(), nn.LazyLinear(2))
+    >>> blocks = partition(fx.symbolic_trace(net))
+    >>> [b.name for b in blocks]
+    ['stem', '2', '3', 'head']
+    >>> blocks[1].entry, blocks[1].exit, blocks[1].modules
+    ('_1', 'relu', ('2.conv', '2.bn'))
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxqat.graph.dominance import cut_nodes
+from fxqat.graph.merge import StackEntry, flat_groups, merge_cheapest, split_at, structural_groups
+from fxqat.graph.nxview import dead_nodes, free_nodes, path_nodes, to_networkx
+
+__all__ = ["Block", "partition", "summary_table", "default_is_quantized", "node_stack", "block_params", "META_KEY"]
+
+log = logging.getLogger(__name__)
+
+META_KEY = "fxqat.block"
+
+_QUANT_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
+_QUANT_FUNCTIONS = frozenset(
+    {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
+)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block of a :func:`partition`.
+
+    Attributes:
+        name: readable, unique name: ``"stem"`` for the first and ``"head"`` for the last block (when there are
+            several); else the modules' common prefix, shortened while no other block calls a module under it
+            (``"layer1.0"``, ``"features.3"``);
+            else the smallest such module holding all its quantized layers; else ``"{prefix}#{index}"`` or
+            ``"block{index}"``.
+        index: position in the partition, from 0.
+        nodes: fx node names in topological (graph) order.
+        entry: the node whose tensor enters the block: the previous block's exit, or the first placeholder.
+        exit: the cut node ending the block (the last block: see the module docstring).
+        modules: qualified names of the submodules called in the block, in call order, without repeats.
+    """
+
+    name: str
+    index: int
+    nodes: Tuple[str, ...]
+    entry: str
+    exit: str
+    modules: Tuple[str, ...]
+
+    def __repr__(self) -> str:
+        mods = _short_list(self.modules)
+        return f"Block({self.index} {self.name!r}: {self.entry} -> {self.exit}, {len(self.nodes)} nodes, [{mods}])"
+
+
+def _short_list(items: Sequence[str], keep: int = 3) -> str:
+    if len(items) <= keep:
+        return ", ".join(items)
+    return f"{items[0]}, ..., {items[-1]} ({len(items)})"
+
+
+def default_is_quantized(node: fx.Node) -> bool:
+    """Default granularity predicate: does ``node`` run a layer that fxqat quantizes?
+
+    True for ``call_module`` of ``Conv*``/``ConvTranspose*``/``Linear`` (subclasses included) or of any module with
+    such a descendant (e.g. a leaf ``nn.MultiheadAttention``), and for ``call_function`` of ``F.linear``,
+    ``F.conv{1,2,3}d`` and ``F.conv_transpose{1,2,3}d``.
+
+    Example:
+        >>> from torch import fx, nn
+        >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+        >>> [default_is_quantized(n) for n in gm.graph.nodes]
+        [False, True, False, False]
+    """
+    if node.op == "call_module":
+        module = node.graph.owning_module.get_submodule(node.target)
+        return any(isinstance(m, _QUANT_MODULES) for m in module.modules())
+    if node.op == "call_function":
+        return node.target in _QUANT_FUNCTIONS
+    return False
+
+
+def _cls_name(cls: object) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else str(cls)
+
+
+def node_stack(node: fx.Node, gm: Optional[fx.GraphModule] = None) -> Tuple[StackEntry, ...]:
+    """The module stack of ``node``, outermost first, from ``node.meta["nn_module_stack"]``.
+
+    Without that metadata, a ``call_module`` node's stack is rebuilt from its qualified target; other nodes then
+    get ``()``.
+
+    Example:
+        >>> from torch import fx, nn
+        >>> gm = fx.symbolic_trace(nn.Sequential(nn.Sequential(nn.ReLU())))
+        >>> [e.path for e in node_stack(list(gm.graph.nodes)[1])]
+        ['0', '0.0']
+    """
+    gm = gm if gm is not None else node.graph.owning_module
+    entries: List[StackEntry] = []
+    for key, value in (node.meta.get("nn_module_stack") or {}).items():
+        path, cls = value if isinstance(value, tuple) and len(value) == 2 else (key, value)
+        entries.append(StackEntry(str(key), str(path), _cls_name(cls)))
+    if node.op == "call_module" and (not entries or entries[-1].path != node.target):
+        parts = str(node.target).split(".")
+        known = {e.path for e in entries}
+        for i in range(1, len(parts) + 1):
+            path = ".".join(parts[:i])
+            if path not in known:
+                entries.append(StackEntry(path, path, _cls_name(type(gm.get_submodule(path)))))
+    return tuple(entries)
+
+
+def block_params(gm: fx.GraphModule, node_names: Iterable[str]) -> int:
+    """Parameter count of a set of nodes: unique parameters of the called submodules and of ``get_attr`` reads.
+
+    This is the cost that ``partition(max_blocks=...)`` minimises when it merges neighbours.
+
+    Example:
+        >>> from torch import fx, nn
+        >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
+        >>> block_params(gm, ["_0", "_1"])
+        9
+    """
+    by_name = {n.name: n for n in gm.graph.nodes}
+    seen: Dict[int, int] = {}
+    for name in node_names:
+        node = by_name[name]
+        for n in [node, *node.all_input_nodes]:
+            if n.op == "call_module":
+                params = list(gm.get_submodule(n.target).parameters())
+            elif n.op == "get_attr":
+                obj = _getattr(gm, str(n.target))
+                params = [obj] if isinstance(obj, nn.Parameter) else []
+            else:
+                params = []
+            seen.update((id(p), p.numel()) for p in params)
+    return sum(seen.values())
+
+
+def _getattr(gm: nn.Module, target: str) -> object:
+    obj: object = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def partition(
+    gm: fx.GraphModule,
+    is_quantized: Optional[Callable[[fx.Node], bool]] = None,
+    max_blocks: Optional[int] = None,
+    boundaries: Sequence[str] = (),
+    *,
+    structural: bool = True,
+) -> List[Block]:
+    """Splits a traced model into blocks with one entry and one exit tensor each (see the module docstring).
+
+    Args:
+        gm: any valid ``GraphModule``; its nodes get ``meta["fxqat.block"]`` (nothing else changes).
+        is_quantized: granularity predicate: consecutive segments are merged until each block holds a node for
+            which it is true. Default :func:`default_is_quantized`.
+        max_blocks: if given, the adjacent pair of blocks with the smallest summed parameter count
+            (:func:`block_params`; ties: the earliest pair) is merged until at most this many remain.
+        boundaries: qualified module names whose call must end a block; the module's last node must be a cut
+            node. They take precedence over the ``is_quantized`` rule.
+        structural: follow the module hierarchy when merging (:func:`fxqat.graph.merge.structural_groups`);
+            ``False`` uses only the ``is_quantized`` rule (:func:`fxqat.graph.merge.flat_groups`).
+
+    Returns:
+        The blocks in order; ``[]`` when the graph computes nothing.
+
+    Raises:
+        ValueError: when the graph has no input, a boundary is not a module of the graph or does not end at a cut
+            (the message lists the valid ones), or ``max_blocks`` is below 1 or below what the boundaries need.
+
+    Example:
+        >>> from torch import fx, nn
+        >>> mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> [b.modules for b in partition(fx.symbolic_trace(mlp), max_blocks=2)]
+        [('0', '1'), ('2', '3', '4')]
+        >>> partition(fx.symbolic_trace(mlp), boundaries=["1"])[0].modules
+        ('0', '1')
+    """
+    pred = is_quantized if is_quantized is not None else default_is_quantized
+    nodes = list(gm.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    if not placeholders:
+        raise ValueError(f"{type(gm).__name__} has no input (placeholder) node: partition needs one to cut paths.")
+    output = next(n for n in nodes if n.op == "output")
+    view = to_networkx(gm.graph)
+    on_path, free, dead = path_nodes(view), free_nodes(view), dead_nodes(view)
+    cuts = set(cut_nodes(view)) - {n.name for n in placeholders} - {output.name}
+    compute = [n for n in nodes if n.op not in ("placeholder", "output")]
+    if not compute:
+        return []
+
+    segs: List[List[fx.Node]] = []
+    seg_exit: List[str] = []
+    current: List[fx.Node] = []
+    for n in compute:
+        if n.name in on_path:
+            current.append(n)
+            if n.name in cuts:
+                segs.append(current)
+                seg_exit.append(n.name)
+                current = []
+    if current or not segs:
+        segs.append(current)
+        seg_exit.append(output.name)
+    log.debug("%d cut nodes, %d segments", len(cuts), len(segs))
+
+    stacks = {n: node_stack(n, gm) for n in compute}
+    qflags = [[bool(pred(n)) for n in seg] for seg in segs]
+    if structural:
+        groups = structural_groups([[stacks[n] for n in seg] for seg in segs], qflags)
+    else:
+        groups = flat_groups([any(flags) for flags in qflags])
+    forced = _boundary_segments(boundaries, compute, on_path, stacks, seg_exit, output.name)
+    groups = split_at(groups, forced)
+    if max_blocks is not None:
+        costs = [block_params(gm, [n.name for s in g for n in segs[s]]) for g in groups]
+        groups = merge_cheapest(groups, costs, max_blocks, forced)
+
+    block_of: Dict[fx.Node, int] = {}
+    for b, group in enumerate(groups):
+        for s in group:
+            block_of.update((n, b) for n in segs[s])
+    last = len(groups) - 1
+    following = last
+    for n in reversed(compute):  # dead nodes: the block of the next path node (the one running at that point)
+        if n in block_of:
+            following = block_of[n]
+        elif n.name in dead:
+            block_of[n] = following
+    for n in reversed(compute):  # free nodes: the block of their first user
+        if n.name in free:
+            users = [last if u.op == "output" else block_of[u] for u in n.users if u in block_of or u.op == "output"]
+            block_of[n] = min(users, default=0)
+
+    blocks = []
+    for b, group in enumerate(groups):
+        members = [n for n in compute if block_of[n] == b]
+        for n in members:
+            n.meta[META_KEY] = b
+        modules = tuple(dict.fromkeys(str(n.target) for n in members if n.op == "call_module"))
+        entry = placeholders[0].name if b == 0 else seg_exit[groups[b - 1][-1]]
+        blocks.append(Block("", b, tuple(n.name for n in members), entry, seg_exit[group[-1]], modules))
+    names = _names(blocks, compute, stacks, block_of, pred)
+    blocks = [Block(name, b.index, b.nodes, b.entry, b.exit, b.modules) for name, b in zip(names, blocks)]
+    log.info("partitioned %s into %d blocks: %s", type(gm).__name__, len(blocks), [b.name for b in blocks])
+    return blocks
+
+
+def _paths_of(n: fx.Node, stacks: Dict[fx.Node, Tuple[StackEntry, ...]]) -> Set[str]:
+    return {e.path for e in stacks[n]}
+
+
+def _boundary_segments(
+    boundaries: Sequence[str],
+    compute: Sequence[fx.Node],
+    on_path: Set[str],
+    stacks: Dict[fx.Node, Tuple[StackEntry, ...]],
+    seg_exit: Sequence[str],
+    output_name: str,
+) -> Set[int]:
+    if isinstance(boundaries, str):
+        boundaries = [boundaries]
+    if not boundaries:
+        return set()
+    last_node: Dict[str, str] = {}
+    for n in compute:
+        if n.name in on_path:
+            for path in _paths_of(n, stacks):
+                last_node[path] = n.name
+    exit_index = {name: s for s, name in enumerate(seg_exit) if name != output_name}
+    valid = sorted((p for p, n in last_node.items() if n in exit_index), key=lambda p: (exit_index[last_node[p]], p))
+    forced = set()
+    for name in boundaries:
+        if name not in last_node:
+            raise ValueError(
+                f"boundary {name!r} is not a module called on the model's data path; "
+                f"use one of these modules that end at a cut node: {valid}"
+            )
+        if last_node[name] not in exit_index:
+            raise ValueError(
+                f"boundary {name!r} does not end at a cut node (its last node {last_node[name]!r} is not on every "
+                f"input -> output path); use one of these modules that end at a cut node: {valid}"
+            )
+        forced.add(exit_index[last_node[name]])
+    return forced
+
+
+def _common_prefix(paths: Sequence[str]) -> str:
+    if not paths:
+        return ""
+    split = [p.split(".") for p in paths]
+    common = os.path.commonprefix(split)
+    return ".".join(common)
+
+
+def _names(
+    blocks: Sequence[Block],
+    compute: Sequence[fx.Node],
+    stacks: Dict[fx.Node, Tuple[StackEntry, ...]],
+    block_of: Dict[fx.Node, int],
+    pred: Callable[[fx.Node], bool],
+) -> List[str]:
+    where: Dict[str, Set[int]] = {}
+    for n in compute:
+        for path in _paths_of(n, stacks):
+            where.setdefault(path, set()).add(block_of[n])
+    names: List[str] = []
+    last = len(blocks) - 1
+    for b in blocks:
+        prefix = _common_prefix(list(b.modules))
+        owned = lambda p: where.get(p) == {b.index}  # noqa: E731
+        quantized = [n for n in compute if block_of[n] == b.index and pred(n)]
+        holders = set.intersection(*[_paths_of(n, stacks) for n in quantized]) if quantized else set()
+        holders = sorted((p for p in holders if owned(p)), key=lambda p: (p.count("."), p))
+        if last > 0 and b.index == 0:
+            name = "stem"
+        elif last > 0 and b.index == last:
+            name = "head"
+        elif prefix and owned(prefix):
+            while "." in prefix and owned(prefix.rsplit(".", 1)[0]):
+                prefix = prefix.rsplit(".", 1)[0]
+            name = prefix
+        elif holders:
+            name = holders[0]
+        elif prefix:
+            name = f"{prefix}#{b.index}"
+        else:
+            name = f"block{b.index}"
+        names.append(name if name not in names else f"{name}#{b.index}")
+    return names
+
+
+def summary_table(blocks: Sequence[Block], gm: Optional[fx.GraphModule] = None) -> str:
+    """A plain-text table of a partition: index, name, entry, exit, #nodes, modules and (given ``gm``) #params.
+
+    Example:
+        >>> from torch import fx, nn
+        >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)))
+        >>> print(summary_table(partition(gm), gm))
+        # | name | entry   | exit | nodes | modules | params
+        0 | stem | input_1 | _1   |     2 | 0, 1    |      6
+        1 | head | _1      | _2   |     1 | 2       |      3
+    """
+    header = ["#", "name", "entry", "exit", "nodes", "modules"] + (["params"] if gm is not None else [])
+    rows = []
+    for b in blocks:
+        row = [str(b.index), b.name, b.entry, b.exit, str(len(b.nodes)), _short_list(b.modules)]
+        if gm is not None:
+            row.append(str(block_params(gm, b.nodes)))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    numeric = {0, 4, 6}
+    lines = []
+    for r in [header, *rows]:
+        cells = [c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        lines.append(" | ".join(cells).rstrip())
+    return "\n".join(lines)
