@@ -10,7 +10,18 @@ Example:
 
 import logging as _logging
 
-from fxqat.api import calibrate, convert, prepare_qat, quantizers, set_quantization, trainable_parameters
+from fxqat.api import (
+    calibrate,
+    convert,
+    find_blocks,
+    prepare_qat,
+    quantizers,
+    set_quantization,
+    trainable_parameters,
+)
+from fxqat.graph.blocks import Block
+from fxqat.passes.build_hybrid import HybridOutput
+from fxqat.training.losses import distillation_loss, hybrid_loss, kd_loss
 from fxqat.config import HybridConfig, Override, QATConfig, QuantSpec
 from fxqat.quantizers import NotAffineError, Quantizer, available_methods
 from fxqat.trace import TraceFailure, trace
@@ -20,7 +31,8 @@ _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 __version__ = "0.1.0"
 
 __all__ = [
-    "prepare_qat", "convert", "quantizers", "set_quantization", "calibrate", "trainable_parameters",
+    "prepare_qat", "convert", "quantizers", "set_quantization", "calibrate", "trainable_parameters", "find_blocks",
+    "Block", "HybridOutput", "hybrid_loss", "distillation_loss", "kd_loss",
     "QATConfig", "HybridConfig", "QuantSpec", "Override", "Quantizer", "NotAffineError", "available_methods",
     "trace", "TraceFailure",
 ]

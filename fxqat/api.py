@@ -31,7 +31,7 @@ from fxqat.trace import trace
 
 __all__ = [
     "prepare_qat", "quantizers", "set_quantization", "calibrate", "convert", "trainable_parameters",
-    "prepare_fp_graph",
+    "prepare_fp_graph", "find_blocks",
 ]
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,33 @@ def prepare_qat(
         gm = build_hybrid(gm, fp_graph, config.hybrid)
     gm.train(model.training)
     return gm
+
+
+def find_blocks(
+    model: nn.Module,
+    example_inputs: Any,
+    config: Optional[QATConfig] = None,
+    concrete_args: Optional[Dict[str, Any]] = None,
+) -> list:
+    """The blocks block replacement would use for ``model`` (a list of :class:`fxqat.graph.Block`).
+
+    Blocks end at residual boundaries (nodes every input-to-output path passes through) and each holds at least one
+    layer that ``config`` quantizes; ``config.hybrid`` (if set) supplies ``max_blocks`` and ``boundaries``.
+
+    Example:
+        >>> import torch, torchvision, fxqat
+        >>> blocks = fxqat.find_blocks(torchvision.models.resnet18(), (torch.randn(1, 3, 64, 64),))
+        >>> [b.name for b in blocks][:3]
+        ['stem', 'layer1.0', 'layer1.1']
+    """
+    from fxqat.config import HybridConfig
+    from fxqat.graph.blocks import partition
+
+    config = config or QATConfig()
+    h = config.hybrid or HybridConfig()
+    gm = prepare_fp_graph(model, example_inputs, config, concrete_args=concrete_args)
+    annotate(gm, config)
+    return partition(gm, lambda n: QMETA in n.meta, max_blocks=h.max_blocks, boundaries=h.boundaries)
 
 
 def quantizers(qm: nn.Module) -> Dict[str, Quantizer]:
