@@ -51,6 +51,22 @@ def int_range(bits: int, signed: bool) -> Tuple[int, int]:
     return 0, 2**bits - 1
 
 
+_FLAG_BUFFERS = {"fake_quant_enabled", "observer_enabled", "signed_flag", "initialized"}
+
+
+def _all_reduce(t: torch.Tensor, op: str) -> None:
+    """In a multi-process run, reduce ``t`` in place across ranks (``"mean"`` or ``"max"``); a no-op otherwise."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    if op == "max":
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    else:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(dist.get_world_size())
+
+
 class Quantizer(FakeQuantizeBase):
     """Base of all fxqat fake-quantizers.
 
@@ -127,8 +143,12 @@ class Quantizer(FakeQuantizeBase):
         """Initialise parameters from ``x`` (called automatically on the first forward)."""
         if int(self.signed_flag[0]) < 0:
             self.signed_flag.fill_(int(bool((x.detach() < 0).any())))
+            _all_reduce(self.signed_flag, "max")  # signed on one rank -> signed everywhere
             self.dtype = torch.qint8 if self.signed else torch.quint8
         self._init_from(x.detach())
+        for t in list(self.parameters()) + [b for n, b in self.named_buffers() if n not in _FLAG_BUFFERS]:
+            if t.is_floating_point():
+                _all_reduce(t.data, "mean")  # DDP: every rank starts from the same (averaged) initialisation
         self.initialized.fill_(1)
         self._init_done = True
 
