@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["StateShapeMixin", "set_tensor", "numel_per_scale", "act_clip_std", "axis_of", "check_choice", "reduce"]
+__all__ = ["grad_scaled", "StateShapeMixin", "set_tensor", "numel_per_scale", "act_clip_std", "axis_of", "check_choice", "reduce"]
 
 
 def reduce(x: torch.Tensor, axis: Optional[int], fn: str) -> torch.Tensor:
@@ -35,6 +35,16 @@ def reduce(x: torch.Tensor, axis: Optional[int], fn: str) -> torch.Tensor:
     if fn == "std":
         return flat.std(dim=1) if flat.shape[1] > 1 else torch.zeros_like(flat[:, 0])
     return flat.mean(dim=1)
+
+
+def grad_scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Forward value exactly ``x``; gradient multiplied by ``factor`` (LSQ's gradient scale).
+
+    ``lsq.scale_grad`` computes ``(x − x·f) + x·f``, which can differ from ``x`` in the last bit; here the value is
+    ``x.detach() + 0`` so grids and ``affine_qparams`` agree bit for bit.
+    """
+    y = x * factor
+    return x.detach() + (y - y.detach())
 
 
 class StateShapeMixin:

@@ -35,9 +35,17 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from fxqat.quantizers._zoo_utils import StateShapeMixin, axis_of, check_choice, numel_per_scale, reduce, set_tensor
+from fxqat.quantizers._zoo_utils import (
+    axis_of,
+    check_choice,
+    grad_scaled,
+    numel_per_scale,
+    reduce,
+    set_tensor,
+    StateShapeMixin,
+)
 from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, int_range
-from fxqat.quantizers.lsq import round_ste, scale_grad
+from fxqat.quantizers.lsq import round_ste
 from fxqat.quantizers.registry import register
 
 __all__ = ["LSQPlusQuantizer", "mse_range_search"]
@@ -143,8 +151,8 @@ class LSQPlusQuantizer(StateShapeMixin, Quantizer):
 
     def _sb(self, x: Optional[torch.Tensor] = None, detach: bool = False):
         g = float(self.grad_factor)
-        s = (self.scale.detach() if detach else scale_grad(self.scale, g)).abs().clamp(min=_EPS)
-        b = self.offset.detach() if detach else scale_grad(self.offset, g)
+        s = (self.scale.detach() if detach else grad_scaled(self.scale, g)).abs().clamp(min=_EPS)
+        b = self.offset.detach() if detach else grad_scaled(self.offset, g)
         if self.opts["offset_on_grid"]:
             b = s * (torch.round(b / s) if detach else round_ste(b / s))
         if x is not None and self.per_channel:

@@ -40,9 +40,17 @@ import math
 import torch
 from torch import nn
 
-from fxqat.quantizers._zoo_utils import StateShapeMixin, axis_of, check_choice, numel_per_scale, reduce, set_tensor
+from fxqat.quantizers._zoo_utils import (
+    axis_of,
+    check_choice,
+    grad_scaled,
+    numel_per_scale,
+    reduce,
+    set_tensor,
+    StateShapeMixin,
+)
 from fxqat.quantizers.base import Quantizer, channel_view
-from fxqat.quantizers.lsq import round_ste, scale_grad
+from fxqat.quantizers.lsq import round_ste
 from fxqat.quantizers.registry import register
 
 __all__ = ["NoiseTemperQuantizer"]
@@ -110,7 +118,7 @@ class NoiseTemperQuantizer(StateShapeMixin, Quantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = self.qrange
         g = float(self.grad_factor)
-        s = scale_grad(self.scale, g).abs().clamp(min=_EPS)
+        s = grad_scaled(self.scale, g).abs().clamp(min=_EPS)
         if self.per_channel:
             s = channel_view(s, x, self.ch_axis)
         xd = x.detach()
@@ -120,7 +128,7 @@ class NoiseTemperQuantizer(StateShapeMixin, Quantizer):
         y = q if rho == 0.0 else q + rho * (xd + self._noise(xd, s, z) - q)
         if self.training and self.opts["schedule"] == "step":
             self.advance(1)
-        kx = scale_grad(self.kappa, g) * x
+        kx = grad_scaled(self.kappa, g) * x
         return kx - kx.detach() + y
 
     @torch.no_grad()
