@@ -184,6 +184,14 @@ class Quantizer(FakeQuantizeBase):
         scale, zp, _, _ = self.affine_qparams()
         return scale, zp
 
+    @torch.no_grad()
+    def grid(self) -> torch.Tensor:
+        """Eval-mode output levels: ``[L]`` per-tensor, ``[C, L]`` per-channel (default: from ``affine_qparams``)."""
+        scale, zp, qmin, qmax = self.affine_qparams()
+        k = torch.arange(qmin, qmax + 1, dtype=scale.dtype, device=scale.device)
+        g = (k[None, :] - zp.reshape(-1, 1).to(scale.dtype)) * scale.reshape(-1, 1)
+        return g[0] if g.shape[0] == 1 else g
+
     def integer_repr(self, x: torch.Tensor) -> torch.Tensor:
         """The integer code of each element after quantization (used by transition-rate tracking)."""
         scale, zp, qmin, qmax = self.affine_qparams()
