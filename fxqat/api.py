@@ -54,16 +54,51 @@ def _describe(inputs: Tuple) -> str:
     return ", ".join(f"Tensor{tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs)
 
 
+class _FailingNode(Exception):
+    def __init__(self, where: str, cause: BaseException) -> None:
+        super().__init__(where)
+        self.where, self.cause = where, cause
+
+
+class _ShapeProp(ShapeProp):
+    """ShapeProp that reports which module or node failed, with the original error."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            return super().run_node(n)
+        except Exception as exc:  # noqa: BLE001
+            cause = exc.__cause__ or exc
+            if n.op == "call_module":
+                where = f"module {n.target!r} ({type(self.module.get_submodule(n.target)).__name__})"
+            else:
+                where = f"node {n.name!r} ({n.op} {getattr(n.target, '__name__', n.target)})"
+            raise _FailingNode(where, cause) from cause
+
+
 def _propagate_shapes(gm: fx.GraphModule, inputs: Tuple, model_name: str) -> None:
     """Run the example inputs through the traced graph once (eval mode, no grad) to record tensor metadata."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = [n for n in phs if not n.args]
+    if not len(required) <= len(inputs) <= len(phs):
+        raise ValueError(
+            f"the example_inputs ({_describe(inputs)}) do not fit {model_name}: its forward takes "
+            f"{len(required)}..{len(phs)} inputs ({', '.join(n.name for n in phs)}), got {len(inputs)}. "
+            "Pass one tensor per forward argument, e.g. (x,)."
+        )
     was_training = gm.training
     gm.eval()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
-    except Exception as exc:  # noqa: BLE001
+            _ShapeProp(gm).propagate(*inputs)
+    except _FailingNode as exc:
         raise ValueError(
-            f"the example_inputs ({_describe(inputs)}) do not fit {model_name}: {exc}\n"
+            f"the example_inputs ({_describe(inputs)}) do not fit {model_name}: {exc.where} failed with "
+            f"{type(exc.cause).__name__}: {exc.cause}\n"
+            "Pass a tuple of tensors shaped like one real batch, e.g. (torch.randn(2, 3, 32, 32),)."
+        ) from exc.cause
+    except Exception as exc:  # noqa: BLE001 - e.g. a wrong number of inputs
+        raise ValueError(
+            f"the example_inputs ({_describe(inputs)}) do not fit {model_name}: {type(exc).__name__}: {exc}\n"
             "Pass a tuple of tensors shaped like one real batch, e.g. (torch.randn(2, 3, 32, 32),)."
         ) from exc
     finally:
