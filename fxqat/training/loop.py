@@ -106,24 +106,42 @@ def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: flo
                     log_target=True) * (t * t)
 
 
-def _hybrid_output_type():
+def _hybrid_api():
+    """``(HybridOutput type, hybrid_loss, distillation_loss)`` of the core, or Nones where they do not exist yet."""
     import fxqat
 
-    return getattr(fxqat, "HybridOutput", None)
+    out_t = getattr(fxqat, "HybridOutput", None)
+    loss, distill = getattr(fxqat, "hybrid_loss", None), None
+    try:
+        from fxqat.passes.build_hybrid import HybridOutput as out_t2
+
+        out_t = out_t or out_t2
+    except ImportError:
+        pass
+    try:
+        from fxqat.training import losses
+
+        loss, distill = loss or losses.hybrid_loss, losses.distillation_loss
+    except ImportError:
+        pass
+    return out_t, loss, distill
 
 
 def compute_loss(out: Any, y: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None, kd_weight: float = 1.0,
                  temperature: float = 1.0) -> Tuple[torch.Tensor, Dict[str, float], torch.Tensor]:
     """``(total loss, logged parts, LP logits)`` for a model output (see the module docstring)."""
-    hybrid_t = _hybrid_output_type()
+    hybrid_t, hybrid_loss, distill = _hybrid_api()
     if hybrid_t is not None and isinstance(out, hybrid_t):
-        import fxqat
-
-        total, parts = fxqat.hybrid_loss(out, y)
+        total, parts = hybrid_loss(out, y)
         return total, {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in parts.items()}, out.lp
-    ce = F.cross_entropy(out, y)
     if teacher_logits is None:
-        return ce, {}, out
+        return F.cross_entropy(out, y), {}, out
+    if distill is not None:  # the core's backbone term, so the KD arm matches the hybrid loss exactly
+        from fxqat.config import HybridConfig
+
+        total, parts = distill(out, teacher_logits, y, HybridConfig(kd_weight=kd_weight, temperature=temperature))
+        return total, {k: float(v) for k, v in parts.items()}, out
+    ce = F.cross_entropy(out, y)
     kd = kd_loss(out, teacher_logits, temperature)
     return ce + kd_weight * kd, {"kd": float(kd.detach())}, out
 
@@ -251,7 +269,7 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
         torch.manual_seed(cfg.seed)
     else:
         torch.manual_seed(cfg.seed)
-    hybrid_t = _hybrid_output_type()
+    hybrid_t = _hybrid_api()[0]
     net = ddp.wrap_ddp(model, find_unused_parameters=find_unused_parameters)
     stop_at = min(total, step + stop_after) if stop_after else total
     if teacher is not None:
