@@ -1,0 +1,230 @@
+"""Block partitions of known architectures: counts, names, entries/exits and where the cuts fall.
+
+Models are traced with ``torch.fx.symbolic_trace`` (torchvision models with ``weights=None``); only the vision
+transformer is not run (its partition needs tracing only).
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import fx, nn
+
+from fxqat.graph import (
+    META_KEY,
+    block_params,
+    node_stack,
+    partition,
+    plot_partition,
+    prefix_module,
+    suffix_module,
+    summary_table,
+)
+
+
+class _ShortcutA(nn.Module):
+    """Option-A shortcut of the CIFAR ResNets: subsample and zero-pad the channels."""
+
+    def __init__(self, pad: int):
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, option: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Sequential()
+        if stride != 1 or cin != cout:
+            if option == "A":
+                self.shortcut = _ShortcutA((cout - cin) // 2)
+            else:
+                self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class _ResNet20(nn.Module):
+    """CIFAR ResNet-20: 3 stages x 3 BasicBlocks (16, 32, 64 channels)."""
+
+    def __init__(self, option: str = "A", num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        stages, cin = [], 16
+        for cout, stride in [(16, 1), (32, 2), (64, 2)]:
+            blocks = []
+            for i in range(3):
+                blocks.append(_BasicBlock(cin, cout, stride if i == 0 else 1, option))
+                cin = cout
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.linear = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.avg_pool2d(out, out.size()[3])
+        return self.linear(out.view(out.size(0), -1))
+
+
+def _block_of_module(gm: fx.GraphModule, path: str):
+    return {n.meta[META_KEY] for n in gm.graph.nodes if any(e.path == path for e in node_stack(n, gm))}
+
+
+@pytest.mark.parametrize("option", ["A", "B"])
+def test_cifar_resnet20_gives_stem_nine_residual_blocks_and_head(option):
+    torch.manual_seed(0)
+    model = _ResNet20(option).eval()
+    gm = fx.symbolic_trace(model)
+    blocks = partition(gm)
+    expected = ["stem"] + [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(3)] + ["head"]
+    assert [b.name for b in blocks] == expected
+    assert blocks[0].modules == ("conv1", "bn1") and blocks[0].entry == "x"
+    assert blocks[-1].modules == ("linear",) and blocks[-1].exit == "linear"
+    for k, b in enumerate(blocks[1:-1], start=1):
+        assert b.exit == blocks[k + 1].entry
+        exit_node = next(n for n in gm.graph.nodes if n.name == b.exit)  # the post-add ReLU
+        assert exit_node.target is F.relu and exit_node.args[0].target is operator.add
+        assert _block_of_module(gm, b.name) == {k}
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        y = gm(x)
+        for i in range(len(blocks)):
+            assert torch.equal(suffix_module(gm, blocks, i)(prefix_module(gm, blocks, i)(x)), y)
+
+
+def test_torchvision_resnet18_gives_eight_basic_blocks_between_stem_and_head():
+    gm = fx.symbolic_trace(torchvision.models.resnet18(weights=None))
+    blocks = partition(gm)
+    assert [b.name for b in blocks] == ["stem"] + [f"layer{s}.{i}" for s in (1, 2, 3, 4) for i in (0, 1)] + ["head"]
+    assert blocks[0].modules == ("conv1", "bn1", "relu", "maxpool")
+    assert (blocks[0].entry, blocks[0].exit) == ("x", "maxpool")
+    assert blocks[-1].modules == ("avgpool", "fc") and blocks[-1].exit == "fc"
+    assert blocks[3].modules[-2:] == ("layer2.0.downsample.0", "layer2.0.downsample.1")
+    assert [b.exit for b in blocks[1:-1]] == [f"layer{s}_{i}_relu_1" for s in (1, 2, 3, 4) for i in (0, 1)]
+    assert sum(block_params(gm, b.nodes) for b in blocks) == sum(p.numel() for p in gm.parameters())
+
+
+def test_resnet18_max_blocks_and_boundaries():
+    gm = fx.symbolic_trace(torchvision.models.resnet18(weights=None))
+    merged = partition(gm, max_blocks=4)
+    assert len(merged) == 4
+    assert merged[0].entry == "x" and merged[-1].exit == "fc"
+    # cheapest pairs merge first: the small early blocks go together, layer4.1 (4.7M) and the head stay apart
+    assert merged[0].modules[0] == "conv1" and "layer4.1.conv1" in merged[-2].modules + merged[-1].modules
+    kept = partition(gm, max_blocks=3, boundaries=["layer2", "layer3.0"])
+    assert {"layer2_1_relu_1", "layer3_0_relu_1"} <= {b.exit for b in kept}
+    with pytest.raises(ValueError, match=r"'layer1\.0\.conv1' does not end at a cut node.*'layer1\.0'"):
+        partition(gm, boundaries=["layer1.0.conv1"])
+    with pytest.raises(ValueError, match="smaller than the 4 blocks"):
+        partition(gm, max_blocks=2, boundaries=["layer1", "layer2", "layer3"])
+
+
+def test_vit_b_16_cuts_at_every_residual_add():
+    gm = fx.symbolic_trace(torchvision.models.vit_b_16(weights=None, image_size=32))
+    blocks = partition(gm)
+    assert len(blocks) == 1 + 2 * 12 + 1
+    assert blocks[0].name == "stem" and blocks[-1].name == "head"
+    assert blocks[0].modules == ("conv_proj", "encoder.dropout")
+    assert blocks[-1].modules == ("encoder.ln", "heads.head")
+    residual_adds = [
+        n.name
+        for n in gm.graph.nodes
+        if n.target is operator.add and any(e.path.startswith("encoder.layers.encoder_layer_") for e in node_stack(n))
+    ]
+    assert len(residual_adds) == 24
+    assert [b.exit for b in blocks[1:-1]] == residual_adds
+    for layer in range(12):
+        prefix = f"encoder.layers.encoder_layer_{layer}"
+        assert blocks[1 + 2 * layer].name == f"{prefix}.self_attention"
+        assert blocks[2 + 2 * layer].name == f"{prefix}.mlp"
+        assert f"{prefix}.self_attention" in blocks[1 + 2 * layer].modules
+
+
+def test_densenet121_cuts_only_between_dense_blocks():
+    gm = fx.symbolic_trace(torchvision.models.densenet121(weights=None))
+    blocks = partition(gm)
+    names = ["stem"]
+    for k in (1, 2, 3):
+        names += [f"features.denseblock{k}", f"features.transition{k}"]
+    names += ["features.denseblock4", "head"]
+    assert [b.name for b in blocks] == names
+    for k, layers in zip((1, 2, 3, 4), (6, 12, 24, 16)):
+        dense = f"features.denseblock{k}"
+        assert len(_block_of_module(gm, dense)) == 1
+        index = names.index(dense)
+        assert sum(1 for m in blocks[index].modules if m.endswith(".conv2")) == layers
+        exit_node = next(n for n in gm.graph.nodes if n.name == blocks[index].exit)
+        assert exit_node.target is torch.cat
+    assert blocks[-1].modules == ("features.norm5", "classifier")
+
+
+def test_mobilenet_v2_cuts_between_inverted_residuals_with_or_without_skip():
+    model = torchvision.models.mobilenet_v2(weights=None)
+    gm = fx.symbolic_trace(model)
+    blocks = partition(gm)
+    assert [b.name for b in blocks] == ["stem"] + [f"features.{i}" for i in range(1, 19)] + ["head"]
+    with_skip = {i for i in range(1, 18) if model.features[i].use_res_connect}
+    assert with_skip == {3, 5, 6, 8, 9, 10, 12, 13, 15, 16}
+    for i in range(1, 18):
+        b = blocks[i]
+        exit_node = next(n for n in gm.graph.nodes if n.name == b.exit)
+        assert (exit_node.target is operator.add) == (i in with_skip), b
+        n_convs = 2 if i == 1 else 3
+        assert sum(isinstance(gm.get_submodule(m), nn.Conv2d) for m in b.modules) == n_convs
+    assert blocks[-1].modules == ("classifier.0", "classifier.1")
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.a, self.b = nn.Linear(4, 2), nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.full((4,), 2.0))
+
+    def forward(self, x):
+        h = torch.relu(self.body(x)) * self.scale  # get_attr: a free node
+        h.size()  # dead code
+        return {"a": self.a(h), "b": self.b(h)}
+
+
+def test_multi_output_last_block_ends_at_the_output_node_and_free_nodes_join_their_user():
+    gm = fx.symbolic_trace(_TwoHeads())
+    blocks = partition(gm)
+    assert [(b.name, b.entry, b.exit) for b in blocks] == [("stem", "x", "mul"), ("head", "mul", "output")]
+    assert blocks[0].nodes == ("body", "relu", "scale", "mul")  # graph order: the get_attr comes after relu
+    assert blocks[1].nodes == ("size", "a", "b")  # dead code joins the block running at that point
+    assert blocks[1].modules == ("a", "b")
+    x = torch.randn(3, 4)
+    full, out = gm(x), suffix_module(gm, blocks, 0)(prefix_module(gm, blocks, 0)(x))
+    assert out.keys() == full.keys() and all(torch.equal(out[k], full[k]) for k in full)
+    whole = prefix_module(gm, blocks, 1)(x)
+    assert all(torch.equal(whole[k], full[k]) for k in full)
+    assert suffix_module(gm, blocks, 1)(full) is full
+
+
+def test_summary_table_and_plot(tmp_path):
+    gm = fx.symbolic_trace(torchvision.models.resnet18(weights=None))
+    blocks = partition(gm)
+    lines = summary_table(blocks, gm).splitlines()
+    assert len(lines) == 1 + len(blocks)
+    assert lines[0].split("|")[1].strip() == "name" and lines[-1].split("|")[-1].strip() == "513000"
+    path = plot_partition(gm, blocks, tmp_path / "resnet18.png")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(path) > 10_000
