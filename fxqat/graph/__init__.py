@@ -8,7 +8,8 @@ Example:
     [('stem', '_1'), ('head', '_2')]
 """
 
-from fxqat.graph.blocks import META_KEY, Block, block_params, default_is_quantized, node_stack, partition, summary_table
+from fxqat.graph.blocks import META_KEY, Block, partition, summary_table
+from fxqat.graph.modinfo import block_params, default_is_quantized, node_stack
 from fxqat.graph.dominance import cut_nodes, immediate_dominators, sink_dominators, source_postdominators
 from fxqat.graph.nxview import SINK, SOURCE, dead_nodes, free_nodes, path_nodes, to_networkx
 from fxqat.graph.plot import plot_partition

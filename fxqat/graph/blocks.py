@@ -42,27 +42,20 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch.fx as fx
-import torch.nn as nn
-import torch.nn.functional as F
 
 from fxqat.graph.dominance import cut_nodes
 from fxqat.graph.merge import StackEntry, flat_groups, merge_cheapest, split_at, structural_groups
+from fxqat.graph.modinfo import block_params, default_is_quantized, node_stack
 from fxqat.graph.nxview import dead_nodes, free_nodes, path_nodes, to_networkx
 
-__all__ = ["Block", "partition", "summary_table", "default_is_quantized", "node_stack", "block_params", "META_KEY"]
+__all__ = ["Block", "partition", "summary_table", "META_KEY"]
 
 log = logging.getLogger(__name__)
 
 META_KEY = "fxqat.block"
-
-_QUANT_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
-_QUANT_FUNCTIONS = frozenset(
-    {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
-)
-
 
 @dataclass(frozen=True)
 class Block:
@@ -97,92 +90,6 @@ def _short_list(items: Sequence[str], keep: int = 3) -> str:
     if len(items) <= keep:
         return ", ".join(items)
     return f"{items[0]}, ..., {items[-1]} ({len(items)})"
-
-
-def default_is_quantized(node: fx.Node) -> bool:
-    """Default granularity predicate: does ``node`` run a layer that fxqat quantizes?
-
-    True for ``call_module`` of ``Conv*``/``ConvTranspose*``/``Linear`` (subclasses included) or of any module with
-    such a descendant (e.g. a leaf ``nn.MultiheadAttention``), and for ``call_function`` of ``F.linear``,
-    ``F.conv{1,2,3}d`` and ``F.conv_transpose{1,2,3}d``.
-
-    Example:
-        >>> from torch import fx, nn
-        >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
-        >>> [default_is_quantized(n) for n in gm.graph.nodes]
-        [False, True, False, False]
-    """
-    if node.op == "call_module":
-        module = node.graph.owning_module.get_submodule(node.target)
-        return any(isinstance(m, _QUANT_MODULES) for m in module.modules())
-    if node.op == "call_function":
-        return node.target in _QUANT_FUNCTIONS
-    return False
-
-
-def _cls_name(cls: object) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else str(cls)
-
-
-def node_stack(node: fx.Node, gm: Optional[fx.GraphModule] = None) -> Tuple[StackEntry, ...]:
-    """The module stack of ``node``, outermost first, from ``node.meta["nn_module_stack"]``.
-
-    Without that metadata, a ``call_module`` node's stack is rebuilt from its qualified target; other nodes then
-    get ``()``.
-
-    Example:
-        >>> from torch import fx, nn
-        >>> gm = fx.symbolic_trace(nn.Sequential(nn.Sequential(nn.ReLU())))
-        >>> [e.path for e in node_stack(list(gm.graph.nodes)[1])]
-        ['0', '0.0']
-    """
-    gm = gm if gm is not None else node.graph.owning_module
-    entries: List[StackEntry] = []
-    for key, value in (node.meta.get("nn_module_stack") or {}).items():
-        path, cls = value if isinstance(value, tuple) and len(value) == 2 else (key, value)
-        entries.append(StackEntry(str(key), str(path), _cls_name(cls)))
-    if node.op == "call_module" and (not entries or entries[-1].path != node.target):
-        parts = str(node.target).split(".")
-        known = {e.path for e in entries}
-        for i in range(1, len(parts) + 1):
-            path = ".".join(parts[:i])
-            if path not in known:
-                entries.append(StackEntry(path, path, _cls_name(type(gm.get_submodule(path)))))
-    return tuple(entries)
-
-
-def block_params(gm: fx.GraphModule, node_names: Iterable[str]) -> int:
-    """Parameter count of a set of nodes: unique parameters of the called submodules and of ``get_attr`` reads.
-
-    This is the cost that ``partition(max_blocks=...)`` minimises when it merges neighbours.
-
-    Example:
-        >>> from torch import fx, nn
-        >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
-        >>> block_params(gm, ["_0", "_1"])
-        9
-    """
-    by_name = {n.name: n for n in gm.graph.nodes}
-    seen: Dict[int, int] = {}
-    for name in node_names:
-        node = by_name[name]
-        for n in [node, *node.all_input_nodes]:
-            if n.op == "call_module":
-                params = list(gm.get_submodule(n.target).parameters())
-            elif n.op == "get_attr":
-                obj = _getattr(gm, str(n.target))
-                params = [obj] if isinstance(obj, nn.Parameter) else []
-            else:
-                params = []
-            seen.update((id(p), p.numel()) for p in params)
-    return sum(seen.values())
-
-
-def _getattr(gm: nn.Module, target: str) -> object:
-    obj: object = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
 
 
 def partition(

@@ -6,6 +6,7 @@ transformer is not run (its partition needs tracing only).
 
 from __future__ import annotations
 
+import doctest
 import operator
 import os
 
@@ -15,6 +16,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import fx, nn
 
+import fxqat.graph
+from fxqat.graph import blocks as blocks_mod
+from fxqat.graph import dominance, merge, modinfo, nxview, plot, split
 from fxqat.graph import (
     META_KEY,
     block_params,
@@ -228,3 +232,10 @@ def test_summary_table_and_plot(tmp_path):
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(path) > 10_000
+
+
+@pytest.mark.parametrize("module", [fxqat.graph, nxview, dominance, merge, modinfo, blocks_mod, split, plot],
+                         ids=lambda m: m.__name__)
+def test_docstring_examples_run(module):
+    failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert tried > 0 and failures == 0
