@@ -20,6 +20,15 @@ Conventions:
 
 Every node it assigns gets ``node.meta["fxqat.block"] = block.index``.
 
+Limitations (the analysis follows data edges only):
+
+* a tensor read late keeps every path from it open, so no cut can fall in between, even when only its shape is
+  read: ``n = x.size(0)`` on the input, used by a ``reshape(n, -1)`` in the head, leaves just two blocks. Read the
+  shape of the tensor at hand instead (``y.reshape(y.size(0), -1)``, ``torch.flatten(y, 1)``);
+* an in-place method whose result is discarded (``x.add_(y)`` followed by uses of ``x``) is dead to the analysis, and
+  so may be a cut moved across it; trace functional code (``x = x + y``) or let ``normalize`` rewrite it;
+* with several producers of the output (tuple/dict outputs from separate heads), the last block holds all heads.
+
 Example:
     >>> import torch
     >>> from torch import fx, nn
@@ -57,15 +66,16 @@ log = logging.getLogger(__name__)
 
 META_KEY = "fxqat.block"
 
+
 @dataclass(frozen=True)
 class Block:
     """One block of a :func:`partition`.
 
     Attributes:
         name: readable, unique name: ``"stem"`` for the first and ``"head"`` for the last block (when there are
-            several); else the modules' common prefix, shortened while no other block calls a module under it
-            (``"layer1.0"``, ``"features.3"``);
-            else the smallest such module holding all its quantized layers; else ``"{prefix}#{index}"`` or
+            several); else the common prefix of its modules, shortened while no other block calls a module under
+            it (``"layer1.0"``, ``"features.3"``); else the outermost module holding all its quantized layers and
+            called in no other block (``"encoder.layers.encoder_layer_0.mlp"``); else ``"{prefix}#{index}"`` or
             ``"block{index}"``.
         index: position in the partition, from 0.
         nodes: fx node names in topological (graph) order.
