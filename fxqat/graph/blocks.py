@@ -25,8 +25,8 @@ Limitations (the analysis follows data edges only):
 * a tensor read late keeps every path from it open, so no cut can fall in between, even when only its shape is
   read: ``n = x.size(0)`` on the input, used by a ``reshape(n, -1)`` in the head, leaves just two blocks. Read the
   shape of the tensor at hand instead (``y.reshape(y.size(0), -1)``, ``torch.flatten(y, 1)``);
-* an in-place method whose result is discarded (``x.add_(y)`` followed by uses of ``x``) is dead to the analysis, and
-  so may be a cut moved across it; trace functional code (``x = x + y``) or let ``normalize`` rewrite it;
+* an in-place method whose result is discarded (``x.add_(y)`` followed by uses of ``x``) is dead to the analysis, so
+  a cut may separate the mutation from the reads it affects; trace functional code (``x = x + y``) instead;
 * with several producers of the output (tuple/dict outputs from separate heads), the last block holds all heads.
 
 Example:

@@ -110,6 +110,7 @@ def plot_partition(
                             ha="right", va="center", fontsize=7, color=cmap(b.index % 20), fontweight="bold")
         xs = [x for x, _ in pos.values()] or [0.0]
         ax.set_xlim(min(xs) - 1.5, max(xs) + 1.5)
+        ax.set_ylim(-rows, 1.0)
         ax.set_title(f"{type(gm).__name__}: {len(blocks)} blocks, {view.number_of_nodes()} nodes")
         ax.axis("off")
         fig.tight_layout()

@@ -228,10 +228,11 @@ def test_summary_table_and_plot(tmp_path):
     lines = summary_table(blocks, gm).splitlines()
     assert len(lines) == 1 + len(blocks)
     assert lines[0].split("|")[1].strip() == "name" and lines[-1].split("|")[-1].strip() == "513000"
-    path = plot_partition(gm, blocks, tmp_path / "resnet18.png")
-    with open(path, "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert os.path.getsize(path) > 10_000
+    for name, model in [("resnet18", gm), ("densenet121", fx.symbolic_trace(torchvision.models.densenet121(weights=None)))]:
+        path = plot_partition(model, partition(model), tmp_path / f"{name}.png")  # densenet121: 433 nodes
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert os.path.getsize(path) > 10_000
 
 
 @pytest.mark.parametrize("module", [fxqat.graph, nxview, dominance, merge, modinfo, blocks_mod, split, plot],
