@@ -82,6 +82,8 @@ class Quantizer(FakeQuantizeBase):
     method: str = "base"
     #: options this method understands (name -> default); unknown option names are rejected.
     default_options: Dict[str, Any] = {}
+    #: torch.ao reads this on observers and fake-quantizers: fxqat quantizers are static (never dynamic).
+    is_dynamic: bool = False
 
     def __init__(self, spec: QuantSpec, **kwargs: Any) -> None:
         super().__init__()
@@ -123,6 +125,12 @@ class Quantizer(FakeQuantizeBase):
     @property
     def quant_max(self) -> int:
         return self.qrange[1]
+
+    @property
+    def activation_post_process(self) -> "Quantizer":
+        """torch.ao's backend checks read ``quant_min``/``quant_max`` from a fake-quantizer's observer, found here;
+        an fxqat quantizer is its own observer."""
+        return self
 
     def enable_fake_quant(self, enabled: bool = True) -> None:  # type: ignore[override]
         super().enable_fake_quant(enabled)
