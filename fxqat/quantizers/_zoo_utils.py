@@ -17,7 +17,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["grad_scaled", "StateShapeMixin", "set_tensor", "numel_per_scale", "act_clip_std", "axis_of", "check_choice", "reduce"]
+__all__ = [
+    "grad_scaled", "StateShapeMixin", "set_tensor", "numel_per_scale", "act_clip_std", "axis_of", "check_choice",
+    "reduce",
+]
 
 
 def reduce(x: torch.Tensor, axis: Optional[int], fn: str) -> torch.Tensor:

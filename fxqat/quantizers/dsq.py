@@ -142,7 +142,7 @@ class DSQQuantizer(StateShapeMixin, Quantizer):
 
     def affine_qparams(self):
         if self.training and self.opts["train_forward"] == "soft":
-            raise NotAffineError("DSQQuantizer: in soft (training) mode the forward is tanh-shaped; call .eval() first.")
+            raise NotAffineError("DSQQuantizer: in soft (training) mode the forward is tanh-shaped; call .eval().")
         n = 2**self.bits - 1
         lo = self.lower.detach()
         scale = (torch.maximum(self.upper.detach(), lo + _EPS) - lo) / n

@@ -50,7 +50,7 @@ _EPS = 1e-8
 
 
 class _EWGSDiscretizer(torch.autograd.Function):
-    """Round to ``levels`` steps in [0, 1]; backward scales each element's gradient by ``1 + δ·sign(g)·(x_n − x_q)``.
+    """Round to ``n`` steps in [0, 1]; backward scales each element's gradient by ``1 + δ·sign(g)·(x_n − x_q)``.
 
     The backward is written with differentiable ops (no ``once_differentiable``), so a Hessian through it works.
     """
@@ -185,6 +185,10 @@ class EWGSQuantizer(StateShapeMixin, Quantizer):
         return scale, torch.round(z).to(torch.int32), 0, n
 
 
+def _rademacher(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    return torch.randint(0, 2, x.shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
+
+
 def _split_batch(batch):
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
@@ -223,7 +227,9 @@ def refresh_ewgs_delta(
     """
     qs = [m for m in model.modules() if isinstance(m, EWGSQuantizer)]
     if not qs:
-        raise ValueError("refresh_ewgs_delta: the model holds no EWGSQuantizer; build it with QATConfig(method='ewgs').")
+        raise ValueError(
+            "refresh_ewgs_delta: the model holds no EWGSQuantizer; build it with QATConfig(method='ewgs')."
+        )
     sums = [0.0] * len(qs)
     n_batches = 0
     try:
@@ -240,7 +246,7 @@ def refresh_ewgs_delta(
             gs = [torch.zeros_like(x) if g is None else g for x, g in zip(xs, gs)]
             traces = [0.0] * len(xs)
             for _ in range(n_hutchinson):
-                vs = [torch.randint(0, 2, x.shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1 for x in xs]
+                vs = [_rademacher(x, generator) for x in xs]
                 hv = torch.autograd.grad(gs, xs, grad_outputs=vs, retain_graph=True, allow_unused=True)
                 for j, (h, v) in enumerate(zip(hv, vs)):
                     if h is not None:

@@ -2,7 +2,7 @@
 
 The abstract is all that was recovered (methods.md §5), so the equations are fxqat's reconstruction **[R]**::
 
-    Q(x)  = s·⌊clip(x/s, Q_N, Q_P)⌉                          base quantizer: LSQ step size s (LSQ init and grad scale)
+    Q(x)  = s·⌊clip(x/s, Q_N, Q_P)⌉                          LSQ base: step size s, LSQ init and grad scale
     ρ(t)  = exp(−t/τ)                                          t = training forwards so far (buffer ``step``)
     ỹ     = x + ρ(t)·e + (1 − ρ(t))·(Q(x) − x)                training forward
           = Q(x) + ρ(t)·(x + e − Q(x))                         (the form computed: exactly Q(x) once ρ = 0)
@@ -12,9 +12,9 @@ The abstract is all that was recovered (methods.md §5), so the equations are fx
 ``s·(⌊z⌉ − z)`` of the same tensor (``z = clip(x/s)``) in a random permutation. ``ρ`` is set to 0 once it drops
 below ``rho_floor``, so training ends on exact hard quantization. In evaluation the output is ``Q(x)``.
 
-Gradients [R]: ``x`` gets ``κ·g``; ``κ`` gets ``Σ g·x`` (the forward is written ``κ·x − sg(κ·x) + sg(ỹ)``, so its
-value does not depend on κ) times the LSQ gradient scale ``1/√(N·Q_P)``; ``s`` gets ``(1 − ρ)·∂Q/∂s`` (LSQ's
-step-size gradient) ``+ ρ·∂e/∂s`` (``e/s`` for both noise types), also grad-scaled.
+Gradients [R]: ``x`` gets ``κ·g``; ``κ`` gets ``Σ g·x`` (the forward is written ``κ·x − sg(κ·x) + sg(ỹ)``,
+so its value does not depend on κ) times the LSQ gradient scale ``1/√(N·Q_P)``; ``s`` gets
+``(1 − ρ)·∂Q/∂s`` (LSQ's step-size gradient) ``+ ρ·e/s`` (both noise types), also grad-scaled.
 
 Options: ``noise`` (``"uniform"``), ``tau`` (2000 steps), ``schedule`` (``"step"``: ``t`` advances on every
 training forward; ``"manual"``: call :meth:`NoiseTemperQuantizer.advance`, e.g. once per epoch), ``kappa_init``

@@ -44,7 +44,7 @@ _EPS = 1e-8
 
 
 def pact_clip(x: torch.Tensor, alpha: torch.Tensor, signed: bool = False) -> torch.Tensor:
-    """``clip(x, 0, α)`` (or ``clip(x, −α, α)``) with ∂/∂α = 1 above α (−1 below −α) and ∂/∂x = 1 inside."""
+    """``clip(x, 0, α)`` or ``clip(x, −α, α)``: ∂/∂α = 1 above α (−1 below −α), ∂/∂x = 1 inside."""
     lo = -alpha if signed else torch.zeros_like(alpha)
     y = torch.where(x >= alpha, alpha, x)
     return torch.where(x <= lo, lo, y) if signed else torch.where(x < 0, torch.zeros_like(x), y)

@@ -6,7 +6,7 @@ Jung et al., CVPR 2019 (arXiv 1808.05779); methods.md §2. The quantizer is a *t
     t(w) = 0                               |w| < c − d      (pruning region)
            1                               |w| > c + d      (clipping region)
            (α|w| + β)^γ, α = 0.5/d, β = 0.5 − 0.5·c/d       otherwise
-    weights:      ŵ = sign(w)·t(w),   w̄ = ⌊ŵ·(2^{b−1} − 1)⌉ / (2^{b−1} − 1)       (symmetric, with zero)
+    weights:      ŵ = sign(w)·t(w),   w̄ = ⌊ŵ·(2^{b−1} − 1)⌉ / (2^{b−1} − 1)     (symmetric, with zero)
     activations:  x̂ = t(x) with γ = 1, x̄ = ⌊x̂·(2^b − 1)⌉ / (2^b − 1)              (unsigned)
 
 Backward: STE through ⌊·⌉ only; ``w``, ``c``, ``d`` and ``γ`` get the analytic derivatives of the transformer
