@@ -9,7 +9,7 @@ Example:
 """
 
 from fxqat.graph.blocks import META_KEY, Block, partition, summary_table
-from fxqat.graph.modinfo import block_params, default_is_quantized, node_stack
+from fxqat.graph.modinfo import block_params, default_is_quantized, module_class, node_stack
 from fxqat.graph.dominance import cut_nodes, immediate_dominators, sink_dominators, source_postdominators
 from fxqat.graph.nxview import SINK, SOURCE, dead_nodes, free_nodes, path_nodes, to_networkx
 from fxqat.graph.plot import plot_partition
@@ -22,6 +22,7 @@ __all__ = [
     "default_is_quantized",
     "block_params",
     "node_stack",
+    "module_class",
     "META_KEY",
     "prefix_module",
     "suffix_module",

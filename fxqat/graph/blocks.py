@@ -27,7 +27,10 @@ Limitations (the analysis follows data edges only):
   shape of the tensor at hand instead (``y.reshape(y.size(0), -1)``, ``torch.flatten(y, 1)``);
 * an in-place method whose result is discarded (``x.add_(y)`` followed by uses of ``x``) is dead to the analysis, so
   a cut may separate the mutation from the reads it affects; trace functional code (``x = x + y``) instead;
-* with several producers of the output (tuple/dict outputs from separate heads), the last block holds all heads.
+* with several producers of the output (tuple/dict outputs from separate heads), the last block holds all heads;
+* the structural grouping reads ``node.meta["nn_module_stack"]`` (recorded by ``torch.fx`` tracers); without it,
+  classes are guessed from the module structure and a block that is the only one of its kind and has no skip
+  (MobileNetV2's ``features.1``) may be split in two.
 
 Example:
     >>> import torch

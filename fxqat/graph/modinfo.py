@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch.fx as fx
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from fxqat.graph.merge import StackEntry
 
-__all__ = ["default_is_quantized", "node_stack", "block_params"]
+__all__ = ["default_is_quantized", "node_stack", "module_class", "block_params"]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ def node_stack(node: fx.Node, gm: Optional[fx.GraphModule] = None) -> Tuple[Stac
     """The module stack of ``node``, outermost first, from ``node.meta["nn_module_stack"]``.
 
     Without that metadata, a ``call_module`` node's stack is rebuilt from its qualified target; other nodes then
-    get ``()``.
+    get ``()``. The containers of a traced ``GraphModule`` are then plain ``nn.Module`` objects, so their class is
+    approximated by their structure (the names and classes of their leaf submodules, see :func:`module_class`).
 
     Example:
         >>> from torch import fx, nn
@@ -76,8 +78,32 @@ def node_stack(node: fx.Node, gm: Optional[fx.GraphModule] = None) -> Tuple[Stac
         for i in range(1, len(parts) + 1):
             path = ".".join(parts[:i])
             if path not in known:
-                entries.append(StackEntry(path, path, _cls_name(type(gm.get_submodule(path)))))
+                entries.append(StackEntry(path, path, module_class(gm.get_submodule(path))))
     return tuple(entries)
+
+
+_STRUCTURE: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def module_class(module: nn.Module) -> str:
+    """``"package.Class"`` of ``module``; for a plain ``nn.Module`` container (what ``GraphModule`` builds for the
+    intermediate levels of a qualified target), a description of its structure instead, so that two copies of the
+    same block compare equal.
+
+    Example:
+        >>> from torch import nn
+        >>> module_class(nn.ReLU())
+        'torch.nn.modules.activation.ReLU'
+        >>> box = nn.Module(); box.conv = nn.Conv2d(1, 1, 1)
+        >>> module_class(box)
+        'structure(conv:Conv2d)'
+    """
+    if type(module) is not nn.Module:
+        return _cls_name(type(module))
+    if module not in _STRUCTURE:
+        leaves = [f"{name}:{type(m).__name__}" for name, m in module.named_modules() if name and not list(m.children())]
+        _STRUCTURE[module] = f"structure({','.join(leaves)})"
+    return _STRUCTURE[module]
 
 
 def block_params(gm: fx.GraphModule, node_names: Iterable[str]) -> int:

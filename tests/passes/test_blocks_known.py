@@ -240,3 +240,34 @@ def test_summary_table_and_plot(tmp_path):
 def test_docstring_examples_run(module):
     failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert tried > 0 and failures == 0
+
+
+def test_without_module_stack_metadata_the_targets_give_the_same_blocks():
+    gm = fx.symbolic_trace(torchvision.models.resnet18(weights=None))
+    expected = [(b.name, b.exit, b.modules) for b in partition(gm)]
+    for n in gm.graph.nodes:
+        n.meta.pop("nn_module_stack", None)
+    assert [(b.name, b.exit, b.modules) for b in partition(gm)] == expected
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.conv2, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.Linear(4, 2)
+
+    def forward(self, x, bias):
+        h = torch.relu(self.conv(x) + bias)
+        h = torch.relu(self.conv2(h))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_two_inputs_are_read_by_the_first_block_and_the_prefix_keeps_the_signature():
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(_TwoInputs())
+    blocks = partition(gm)
+    assert [(b.name, b.entry, b.exit) for b in blocks] == [("stem", "x", "relu"), ("conv2", "relu", "mean"),
+                                                           ("head", "mean", "fc")]
+    x, bias = torch.randn(2, 3, 4, 4), torch.randn(1, 4, 1, 1)
+    prefix = prefix_module(gm, blocks, 0)
+    assert [n.name for n in prefix.graph.nodes if n.op == "placeholder"] == ["x", "bias"]
+    assert torch.equal(suffix_module(gm, blocks, 0)(prefix(x, bias)), gm(x, bias))
