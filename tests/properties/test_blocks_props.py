@@ -210,3 +210,26 @@ def test_cut_nodes_match_brute_force_on_random_dags(g):
     assert set(cuts) == _brute_force_cuts(g)
     order = {n: i for i, n in enumerate(nx.topological_sort(g))}
     assert cuts == sorted(cuts, key=order.__getitem__)
+
+
+@given(data=st.data())
+def test_generated_models_satisfy_the_documented_invariants(data):
+    state = torch.random.get_rng_state()
+    model, x = data.draw(any_model_st(), label="model")
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left alone
+    assert not model.training and x.shape[0] == 2
+    gm = fx.symbolic_trace(model)
+    ops = [n.op for n in gm.graph.nodes]
+    assert ops.count("placeholder") == 1 and "get_attr" not in ops
+    y = model(x)
+    assert y.ndim == 2 and y.shape[0] == 2 and 1 <= y.shape[1] <= 4 and torch.isfinite(y).all()
+    assert torch.equal(gm(x), y) and torch.equal(model(x), y)
+    assert any(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            assert m.in_channels <= 8 and m.out_channels <= 8
+        if isinstance(m, torch.nn.Linear):
+            assert m.in_features <= 8 and m.out_features <= 8
+    assert x.ndim == 2 or x.shape[-1] <= 8
+    view = to_networkx(gm)
+    assert not (set(view.nodes) - nx.ancestors(view, SINK) - {SINK})  # no dead code
