@@ -141,7 +141,7 @@ class DoReFaQuantizer(DoReFaWeightMixin, StateShapeMixin, Quantizer):
         if self.kind == "weight":
             return self._weight_grid()
         n = self._act_levels
-        k = torch.arange(-n if self.signed else 0, n + 1, dtype=self.act_range.dtype)
+        k = torch.arange(-n if self.signed else 0, n + 1, dtype=self.act_range.dtype, device=self.act_range.device)
         return k / n * self.act_range
 
     def affine_qparams(self):
@@ -152,4 +152,4 @@ class DoReFaQuantizer(DoReFaWeightMixin, StateShapeMixin, Quantizer):
             )
         n = self._act_levels
         scale = (self.act_range / n).detach()
-        return scale, torch.zeros(1, dtype=torch.int32), (-n if self.signed else 0), n
+        return scale, torch.zeros(1, dtype=torch.int32, device=scale.device), (-n if self.signed else 0), n

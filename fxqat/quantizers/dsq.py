@@ -137,7 +137,7 @@ class DSQQuantizer(StateShapeMixin, Quantizer):
         n = 2**self.bits - 1
         lo = self.lower.reshape(-1, 1)
         up = torch.maximum(self.upper.reshape(-1, 1), lo + _EPS)
-        g = lo + (up - lo) / n * torch.arange(0, n + 1, dtype=lo.dtype)
+        g = lo + (up - lo) / n * torch.arange(0, n + 1, dtype=lo.dtype, device=lo.device)
         return g[0] if g.shape[0] == 1 else g
 
     def affine_qparams(self):

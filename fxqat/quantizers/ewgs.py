@@ -155,7 +155,7 @@ class EWGSQuantizer(StateShapeMixin, Quantizer):
     def grid(self) -> torch.Tensor:
         """Eval-mode output levels: shape ``[L]`` per-tensor or ``[C, L]`` per-channel."""
         n = self.levels - 1
-        u = (torch.arange(0, n + 1, dtype=self.lower.dtype) / n)[None, :]
+        u = (torch.arange(0, n + 1, dtype=self.lower.dtype, device=self.lower.device) / n)[None, :]
         if self.kind == "weight":
             g = (2 * u - 1) * self.out_scale.reshape(-1, 1)
         elif self.opts["act_output"] == "unit":

@@ -136,10 +136,10 @@ class NoiseTemperQuantizer(StateShapeMixin, Quantizer):
         """Eval-mode output levels: shape ``[L]`` per-tensor or ``[C, L]`` per-channel."""
         qmin, qmax = self.qrange
         s = self.scale.detach().abs().clamp(min=_EPS).reshape(-1, 1)
-        g = torch.arange(qmin, qmax + 1, dtype=s.dtype) * s
+        g = torch.arange(qmin, qmax + 1, dtype=s.dtype, device=s.device) * s
         return g[0] if g.shape[0] == 1 else g
 
     def affine_qparams(self):
         qmin, qmax = self.qrange
         s = self.scale.detach().abs().clamp(min=_EPS)
-        return s, torch.zeros(s.shape, dtype=torch.int32), qmin, qmax
+        return s, torch.zeros(s.shape, dtype=torch.int32, device=s.device), qmin, qmax

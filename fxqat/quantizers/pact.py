@@ -109,7 +109,7 @@ class PACTQuantizer(DoReFaWeightMixin, StateShapeMixin, Quantizer):
             return self._weight_grid()
         n = self._levels
         step = self.alpha.abs().clamp(min=_EPS) / n
-        return torch.arange(-n if self.signed else 0, n + 1, dtype=step.dtype) * step
+        return torch.arange(-n if self.signed else 0, n + 1, dtype=step.dtype, device=step.device) * step
 
     def affine_qparams(self):
         if self.kind == "weight":
@@ -119,4 +119,4 @@ class PACTQuantizer(DoReFaWeightMixin, StateShapeMixin, Quantizer):
             )
         n = self._levels
         scale = (self.alpha.abs().clamp(min=_EPS) / n).detach()
-        return scale, torch.zeros(1, dtype=torch.int32), (-n if self.signed else 0), n
+        return scale, torch.zeros(1, dtype=torch.int32, device=scale.device), (-n if self.signed else 0), n
