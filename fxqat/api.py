@@ -75,6 +75,24 @@ class _ShapeProp(ShapeProp):
             raise _FailingNode(where, cause) from cause
 
 
+def _fake_propagate(gm: fx.GraphModule, inputs: Tuple) -> bool:
+    """Shape propagation on fake tensors (no arithmetic: a ViT-B/16 at 224 px takes ~0.3 s instead of seconds).
+
+    Returns False when some node cannot run on fake tensors (e.g. data-dependent code in a leaf module); the caller
+    then propagates real tensors, which also produces the error message for inputs that really do not fit.
+    """
+    try:
+        from torch._subclasses import FakeTensorMode
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
+        ShapeProp(gm, fake_mode=mode).propagate(*fake)
+        return True
+    except Exception:  # noqa: BLE001
+        log.debug("fake-tensor shape propagation failed; using real tensors", exc_info=True)
+        return False
+
+
 def _propagate_shapes(gm: fx.GraphModule, inputs: Tuple, model_name: str) -> None:
     """Run the example inputs through the traced graph once (eval mode, no grad) to record tensor metadata."""
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -89,7 +107,8 @@ def _propagate_shapes(gm: fx.GraphModule, inputs: Tuple, model_name: str) -> Non
     gm.eval()
     try:
         with torch.no_grad():
-            _ShapeProp(gm).propagate(*inputs)
+            if not _fake_propagate(gm, inputs):
+                _ShapeProp(gm).propagate(*inputs)
     except _FailingNode as exc:
         raise ValueError(
             f"the example_inputs ({_describe(inputs)}) do not fit {model_name}: {exc.where} failed with "

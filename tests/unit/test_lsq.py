@@ -107,3 +107,22 @@ def test_torch_ao_helpers_toggle_fake_quant():
     assert torch.equal(q(x), x)
     q.apply(enable_fake_quant)
     assert not torch.equal(q(x), x)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_function_impl_equals_plain_ops_impl(per_channel):
+    torch.manual_seed(3)
+    w = torch.randn(8, 4, 3, 3) * 2
+    up = torch.randn_like(w)
+    res = {}
+    for impl in ("function", "ste"):
+        q = _lsq(bits=3, per_channel=per_channel, impl=impl)
+        x = w.clone().requires_grad_()
+        y = q(x)
+        y.backward(up)
+        res[impl] = (y.detach(), x.grad, q.scale.grad)
+    assert torch.equal(res["function"][0], res["ste"][0])  # identical forward
+    c = (w / q.scale.detach().abs().reshape(-1, 1, 1, 1) if per_channel else w / q.scale.detach().abs())
+    inside = (c >= -4) & (c <= 3)
+    assert torch.equal(res["function"][1], up * inside)  # exact STE mask
+    assert torch.allclose(res["function"][2], res["ste"][2], rtol=1e-5, atol=1e-6)  # summation order differs

@@ -1,0 +1,137 @@
+"""Training-step time of QAT variants relative to the FP step, measured in one run (issue #2).
+
+Variants (each a full SGD step: forward, loss, backward, optimizer step):
+
+* ``fp``: the float model;
+* ``fxqat_lsq``: fxqat LSQ W4A4 (default ``impl="ste"``, eager);
+* ``fxqat_lsq_fused``: fxqat LSQ W4A4 with torch's fused learnable fake-quant kernels (eager);
+* ``torch_ao``: torch.ao ``prepare_qat_fx`` with its default QAT qconfig (8-bit, observers + fake-quant);
+* ``fp_compiled`` / ``fxqat_lsq_compiled``: the same under ``torch.compile`` (``--no-compile`` skips them);
+* ``brevitas``: ``brevitas.graph.quantize`` when Brevitas is installed (skipped otherwise).
+
+Run: ``python benchmarks/step_time.py [--quick] [--no-compile]``; writes ``benchmarks/results/step_time.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import fxqat  # noqa: E402
+from _common import machine, time_steps, write_results  # noqa: E402
+from fxqat.models import get_model  # noqa: E402
+
+log = logging.getLogger("step_time")
+
+
+def _step_fn(model, x, y, compiled=False):
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    fwd = torch.compile(model) if compiled else model
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = fwd(x)
+        F.cross_entropy(out, y).backward()
+        opt.step()
+
+    return step
+
+
+def _torch_ao(model, x):
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return prepare_qat_fx(copy.deepcopy(model).train(), get_default_qat_qconfig_mapping("x86"), (x,))
+
+
+def _brevitas(model, x):
+    try:
+        from brevitas.graph.quantize import quantize
+    except Exception:  # noqa: BLE001 - not installed or incompatible
+        return None
+    try:
+        return quantize(copy.deepcopy(model).eval()).train()
+    except Exception as exc:  # noqa: BLE001
+        log.warning("brevitas.graph.quantize failed: %s", exc)
+        return None
+
+
+def bench_model(name, model, x, y, compile_=True, rounds=10):
+    cfg = fxqat.QATConfig(w_bits=4, a_bits=4)
+    cfg_fused = cfg.with_(w_options={"impl": "fused"}, a_options={"impl": "fused"})
+    variants = {"fp": model}
+    variants["fxqat_lsq"] = fxqat.prepare_qat(model, (x,), cfg)
+    variants["fxqat_lsq_fused"] = fxqat.prepare_qat(model, (x,), cfg_fused)
+    variants["torch_ao"] = _torch_ao(model, x)
+    brev = _brevitas(model, x)
+    if brev is not None:
+        variants["brevitas"] = brev
+    steps = {k: _step_fn(copy.deepcopy(m) if k == "fp" else m, x, y) for k, m in variants.items()}
+    if compile_:
+        steps["fp_compiled"] = _step_fn(copy.deepcopy(model), x, y, compiled=True)
+        cq = fxqat.prepare_qat(model, (x,), cfg)
+        steps["fxqat_lsq_compiled"] = _step_fn(cq, x, y, compiled=True)
+    t = time_steps(steps, warmup=3, rounds=rounds)
+    res = {k: {"seconds": v} for k, v in t.items()}
+    for k, v in res.items():
+        base = t["fp_compiled"] if k.endswith("compiled") else t["fp"]
+        v["ratio_to_fp"] = v["seconds"] / base
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small batches and few rounds (smoke run)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    ap.add_argument("--rounds", type=int, default=10)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.manual_seed(0)
+    b20, b18, hw18 = (16, 4, 64) if args.quick else (128, 32, 112)
+    rounds = 3 if args.quick else args.rounds
+    cases = {
+        "resnet20_b%d_32px" % b20: (get_model("resnet20", 10), torch.randn(b20, 3, 32, 32), torch.randint(0, 10, (b20,))),
+        "resnet18_b%d_%dpx" % (b18, hw18): (torchvision.models.resnet18(num_classes=10),
+                                           torch.randn(b18, 3, hw18, hw18), torch.randint(0, 10, (b18,))),
+    }
+    results = {}
+    for name, (model, x, y) in cases.items():
+        log.info("timing %s ...", name)
+        results[name] = bench_model(name, model, x, y, compile_=not args.no_compile, rounds=rounds)
+    prep = {}
+    for name, kw, hw in (("resnet50", {}, 224), ("vit_b_16", {}, 224)):
+        m = getattr(torchvision.models, name)(**kw)
+        x = torch.randn(1, 3, hw, hw)
+        t0 = time.perf_counter()
+        fxqat.prepare_qat(m, (x,))
+        prep[name] = time.perf_counter() - t0
+    payload = {"machine": machine(), "step_time": results, "prepare_qat_seconds": prep,
+               "note": "median of interleaved rounds; ratios are QAT step / FP step of the same run "
+                       "(compiled variants relative to the compiled FP step)"}
+    lines = ["# Training-step time: QAT / FP (CPU)", "", f"Machine: {payload['machine']['cpu']}, "
+             f"{payload['machine']['cores']} cores, torch {payload['machine']['torch']}.", "",
+             "| model | variant | s/step | ratio to FP |", "|---|---|---|---|"]
+    for name, res in results.items():
+        for k, v in res.items():
+            lines.append(f"| {name} | {k} | {v['seconds']:.3f} | {v['ratio_to_fp']:.2f}x |")
+    lines += ["", "| model | prepare_qat wall time (s) |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in prep.items()]
+    md = "\n".join(lines) + "\n"
+    write_results("step_time" + ("_quick" if args.quick else ""), payload, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
