@@ -1,5 +1,6 @@
 """Every zoo method inside ``fxqat.prepare_qat`` on torchvision's ResNet-18: forward, backward, finite gradients,
-quantizers of the right method, and the same under block replacement (``HybridConfig``)."""
+quantizers of the right method, ``convert`` bit-identical to eval mode, and the same under block replacement
+(``HybridConfig``)."""
 
 import pytest
 import torch
@@ -37,10 +38,12 @@ def test_method_in_prepare_qat_resnet18(method):
     missing = _check_grads(qm)
     assert missing == [], f"parameters without a gradient: {missing[:5]}"
     assert all(q.is_initialized for q in qs.values() if q.kind != "grad")
+    lp = fxqat.convert(qm)
     qm.eval()
     with torch.no_grad():
-        ye = qm(x)
+        ye, yl = qm(x), lp(x)
     assert ye.shape == (1, 10) and bool(torch.isfinite(ye).all())
+    assert torch.equal(yl, ye)  # pre-quantized weights in the converted model: bit-identical eval output
 
 
 @pytest.mark.parametrize("method", METHODS)
