@@ -24,8 +24,9 @@ times per step (hybrid ``fp_prefix``/``single`` modes).
 Initialisation (option ``init``, on the first backward): ``"ema_search"`` (code): from γ = ``gamma0`` step γ down by
 ``init_step`` while an EMA (momentum ``init_momentum``, started at 0) of R stays ≤ the target, then one step back up
 **[P] code; the exact stopping rule and the lack of an iteration cap are [R]**. ``"quantile"`` **[R]**: γ set so that R
-equals the target on the first G. ``"none"``: start at ``gamma0``. The first backward is quantized with ``gamma0``
-(the code's order) and does no regular update. ``mode="minmax"`` keeps γ = 1 (the min-max baseline);
+equals the target on the first G. ``"none"``: start at ``gamma0`` and update from the first backward on. With
+``"ema_search"``/``"quantile"`` the first backward is quantized with ``gamma0`` (the code's order) and does no regular
+update. ``mode="minmax"`` keeps γ = 1 (the min-max baseline);
 ``mode="fixed"`` keeps γ = ``gamma0`` (the paper's fixed-γ baselines). R is measured in every mode.
 
 Options (defaults): ``mode`` ("adaptive"), ``alpha`` (1e-3), ``eps`` (1e-3), ``gamma0`` (1.0), ``gamma_min``
@@ -225,7 +226,8 @@ class GradQuantizer(Quantizer):
             return gq
         if not self._init_done:
             self._initialise_gamma(g)
-            return gq
+            if self.opts["init"] != "none":
+                return gq
         nonzero = (gmax > 0).to(self.gamma.dtype)
         if self.opts["update"] == "backward":
             self._apply_update(r, nonzero)
