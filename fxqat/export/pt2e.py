@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from unittest import mock
 from typing import Any, Dict, Tuple
 
 import torch
@@ -123,9 +124,13 @@ def _marker(gm: fx.GraphModule, node: fx.Node, point: QuantPoint) -> fx.Node:
 
 def _add_bn_barriers(gm: fx.GraphModule) -> None:
     """fxqat quantizes a layer's own weight, with BatchNorm applied after it in float; ``prepare_pt2e`` would fold
-    BN into the conv/linear weight. A marker ``qpoint(y, -1)`` after each quantized layer keeps them apart."""
+    BN into the conv/linear weight. A marker ``qpoint(y, -1)`` after each layer whose weight is quantized keeps them
+    apart."""
+    def is_marker(n) -> bool:
+        return isinstance(n, fx.Node) and n.op == "call_function" and n.target == torch.ops.fxqat.qpoint.default
+
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.meta.get("fxqat.module") and node.target is not torch.ops.fxqat.qpoint.default:
+        if node.op == "call_function" and not is_marker(node) and len(node.args) > 1 and is_marker(node.args[1]):
             with gm.graph.inserting_after(node):
                 barrier = gm.graph.call_function(torch.ops.fxqat.qpoint.default, (node, -1))
             node.replace_all_uses_with(barrier, delete_user_cb=lambda u: u is not barrier)
@@ -143,12 +148,30 @@ def _strip_markers(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def to_pt2e(qm: fx.GraphModule, example_inputs: Any) -> fx.GraphModule:
+def _convert_without_qat_bn_fold(prepared: fx.GraphModule, convert_pt2e) -> fx.GraphModule:
+    """``convert_pt2e`` without its ``_fold_conv_bn_qat`` step when the model has BatchNorm.
+
+    That step only rewrites the conv-BN patterns that ``prepare_qat_pt2e`` creates (none here: fxqat models go
+    through ``prepare_pt2e``, with BN kept apart), but it traces ~100 pattern graphs with ``torch.export``, about
+    40 s on two CPU cores. Skipping it leaves the result unchanged; if torchao renames the function, the full
+    ``convert_pt2e`` runs.
+    """
+    import torchao.quantization.pt2e.quantize_pt2e as qp
+
+    if not hasattr(qp, "_fold_conv_bn_qat"):  # pragma: no cover - other torchao versions
+        return convert_pt2e(prepared)
+    with mock.patch.object(qp, "_fold_conv_bn_qat", lambda m: m):
+        return convert_pt2e(prepared)
+
+
+def to_pt2e(qm: fx.GraphModule, example_inputs: Any, dynamic_batch: bool = True) -> fx.GraphModule:
     """The torchao PT2E q/dq model (``convert_pt2e`` output) carrying ``qm``'s learned scales and zero points.
 
     Every activation quantizer becomes ``quantize_per_tensor -> dequantize`` (``quantized_decomposed`` ops, clipped
     to the real bit-width's range); every quantized weight an integer constant followed by ``dequantize`` (per
-    channel where fxqat used per-channel scales). The result is callable like ``qm`` in eval mode.
+    channel where fxqat used per-channel scales). The result is callable like ``qm`` in eval mode; with
+    ``dynamic_batch`` (default) dimension 0 of every tensor input is exported as dynamic (``Dim.AUTO``: it stays
+    static only where the model itself fixes it).
 
     Raises:
         ExportError: naming the module/quantizer that cannot be represented.
@@ -161,10 +184,13 @@ def to_pt2e(qm: fx.GraphModule, example_inputs: Any) -> fx.GraphModule:
     by_index = {p.index: p for p in points.values()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
-        exported = torch.export.export(fp, inputs, strict=False).module()
+        dyn = None
+        if dynamic_batch:
+            dyn = tuple({0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() else None for t in inputs)
+        exported = torch.export.export(fp, inputs, dynamic_shapes=dyn, strict=False).module()
         prepared = prepare_pt2e(exported, pt2e_quantizer(by_index))
         prepared(*inputs)  # fixed parameters: one pass only exercises the observers
-        converted = convert_pt2e(prepared)
+        converted = _convert_without_qat_bn_fold(prepared, convert_pt2e)
     _strip_markers(converted)
     for p in converted.parameters():
         p.requires_grad_(False)

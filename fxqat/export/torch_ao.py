@@ -191,6 +191,24 @@ def _act_point(gm: fx.GraphModule, node: fx.Node, point: QuantPoint) -> fx.Node:
     return gm.graph.call_module(name, (node.args[0],))
 
 
+def _is_module_call(node: fx.Node, mod: nn.Module, layer: str) -> bool:
+    """Whether ``node`` (``F.conv*``/``F.linear``) computes exactly ``mod(node.args[0])``."""
+    args, w = node.args, node.args[1]
+    if node.kwargs or str(w.target) != f"{layer}.weight":
+        return False
+    b = args[2] if len(args) > 2 else None
+    if mod.bias is None:
+        if b is not None:
+            return False
+    elif not (isinstance(b, fx.Node) and b.op == "get_attr" and str(b.target) == f"{layer}.bias"):
+        return False
+    if isinstance(mod, nn.Linear):
+        return len(args) <= 3
+    if mod.padding_mode != "zeros":
+        return False
+    return tuple(args[3:]) == (mod.stride, mod.padding, mod.dilation, mod.groups)
+
+
 def _to_module_form(gm: fx.GraphModule, points: Dict[str, QuantPoint]) -> Dict[str, QuantPoint]:
     """Turn fxqat's ``F.conv2d(x, w, b, ...)`` layers back into ``self.conv(x)``; return layer name -> weight point."""
     by_source = {p.source: p for p in points.values() if p.kind == "weight"}
@@ -203,7 +221,7 @@ def _to_module_form(gm: fx.GraphModule, points: Dict[str, QuantPoint]) -> Dict[s
             layer = node.meta.get("fxqat.module")
             cls = _LAYER_FNS.get(node.target)
             mod = gm.get_submodule(layer) if layer else None
-            if cls is None or type(mod) is not cls or str(w.target) != f"{layer}.weight":
+            if cls is None or type(mod) is not cls or not _is_module_call(node, mod, layer):
                 raise ExportError(
                     f"to_torch_ao: layer {layer or node.name!r} ({getattr(node.target, '__name__', node.target)}) "
                     "is not a plain nn.Conv1d/2d/3d or nn.Linear module call, which torch.ao's FX flow needs to "
