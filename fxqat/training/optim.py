@@ -92,7 +92,6 @@ class _Layer:
     name: str
     quantizer: Quantizer
     param: nn.Parameter
-    group: Dict[str, Any]
     bits: int
     r0: float
     u: float
@@ -167,14 +166,25 @@ class TransitionRateScheduler:
             group = {k: v for k, v in old.items() if k != "params"}
             group.update(params=[p], fxqat_talr=name)
             self.optimizer.add_param_group(group)
-            group = self.optimizer.param_groups[-1]
             u = float(group["lr"] if u0 is None else u0)
             r0 = self.lam * math.sqrt(q.bits)
-            self.layers.append(_Layer(name, q, p, group, q.bits, r0, u, float(u if eta is None else eta),
+            self.layers.append(_Layer(name, q, p, q.bits, r0, u, float(u if eta is None else eta),
                                       r0 if k0 == "target" else float(k0)))
         if not self.layers:
             log.warning("TransitionRateScheduler: %s has no weight quantizer; it behaves as the plain optimizer.",
                         type(self.qm).__name__)
+
+    def _groups(self) -> List[Dict[str, Any]]:
+        """The TALR parameter group of each layer (looked up every step: ``optimizer.load_state_dict`` replaces the
+        group dicts)."""
+        by_name = {g["fxqat_talr"]: g for g in self.optimizer.param_groups if "fxqat_talr" in g}
+        try:
+            return [by_name[l.name] for l in self.layers]
+        except KeyError as e:
+            raise RuntimeError(
+                f"TransitionRateScheduler: the optimizer lost the parameter group of {e.args[0]!r}; load optimizer "
+                "state dicts saved after wrapping (the scheduler restructures the groups)."
+            ) from None
 
     def _freeze(self) -> None:
         if not self.freeze_weight_scales:
@@ -213,14 +223,15 @@ class TransitionRateScheduler:
         """One wrapped optimizer step with lr = U per quantized layer, then the TR measurement and TALR update."""
         self._freeze()
         before = [transition_codes(l.quantizer, l.param) for l in self.layers]
-        saved = [l.group["lr"] for l in self.layers]
-        for l in self.layers:
-            l.group["lr"] = l.u
+        groups = self._groups()
+        saved = [g["lr"] for g in groups]
+        for l, g in zip(self.layers, groups):
+            g["lr"] = l.u
         try:
             loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         finally:
-            for l, lr in zip(self.layers, saved):
-                l.group["lr"] = lr
+            for g, lr in zip(groups, saved):
+                g["lr"] = lr
         m, t = self.momentum, self.step_count
         for l, old in zip(self.layers, before):
             new = transition_codes(l.quantizer, l.param)
