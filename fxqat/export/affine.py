@@ -15,8 +15,8 @@ range ``[qmin, qmax]`` is kept in :class:`AffineParams` so each path can clip to
 Example:
     >>> import torch, torch.nn as nn, fxqat
     >>> from fxqat.export.affine import quant_points
-    >>> qm = fxqat.prepare_qat(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), (torch.randn(8, 4),),
-    ...                        fxqat.QATConfig(w_bits=4, a_bits=4, first_last=None))
+    >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> qm = fxqat.prepare_qat(net, (torch.randn(8, 4),), fxqat.QATConfig(w_bits=4, a_bits=4, first_last=None))
     >>> _ = qm(torch.randn(8, 4))
     >>> [(p.kind, p.layer, p.params.qmin, p.params.qmax) for p in quant_points(qm).values()]
     [('act', '2', 0, 15), ('weight', '2', -8, 7)]
@@ -158,7 +158,10 @@ def _affine(name: str, q: Quantizer, layer: str) -> AffineParams:
     try:
         scale, zp, qmin, qmax = ev.affine_qparams()
     except NotAffineError as exc:
-        raise ExportError(f"{where} has no integer (affine-uniform) eval-mode equivalent: {exc}") from exc
+        from_grid = _grid_affine(ev) if q.kind == "weight" else None
+        if from_grid is None:
+            raise ExportError(f"{where} has no integer (affine-uniform) eval-mode equivalent: {exc}") from exc
+        scale, zp, qmin, qmax = from_grid
     scale = scale.detach().float().reshape(-1).clone()
     zp = zp.detach().round().to(torch.int32).reshape(-1).clone()
     if scale.numel() > 1 and zp.numel() == 1:
@@ -168,6 +171,33 @@ def _affine(name: str, q: Quantizer, layer: str) -> AffineParams:
     qmin, qmax, zp, signed = _carrier(int(qmin), int(qmax), zp, where)
     axis = q.ch_axis if scale.numel() > 1 else None
     return AffineParams(scale.cpu(), zp.cpu(), qmin, qmax, axis, signed)
+
+
+@torch.no_grad()
+def _grid_affine(q: Quantizer) -> Optional[Tuple[torch.Tensor, torch.Tensor, int, int]]:
+    """Affine parameters of a weight quantizer's eval-mode *output grid*, when that grid is uniform with a level at
+    zero (``None`` otherwise).
+
+    Weights are constants: export stores ``q(w)`` (computed by fxqat), so only the levels must be an integer grid,
+    not the map from ``w`` to them. This covers e.g. QIL weights with γ ≠ 1 or a pruning band (levels
+    ``k·o/n``), but not DoReFa/EWGS/DSQ weights (``2^b`` levels symmetric about 0, no zero level).
+    """
+    try:
+        g = q.grid().detach().double()
+    except Exception:  # noqa: BLE001 - no grid, no fallback
+        return None
+    g = g.reshape(-1, g.shape[-1])
+    if g.shape[1] < 2:
+        return None
+    d = g[:, 1:] - g[:, :-1]
+    step = d.mean(dim=1)
+    if not bool(torch.all(step > 0)) or not torch.allclose(d, step[:, None].expand_as(d), rtol=1e-4, atol=0):
+        return None
+    z = -g[:, 0] / step
+    if not torch.allclose(z, z.round(), atol=1e-3, rtol=0) or not bool(torch.all(z.round() == z.round()[0])):
+        return None
+    zc, levels = int(z[0].round()), g.shape[1]
+    return step.float(), torch.zeros(step.shape, dtype=torch.int32), -zc, levels - 1 - zc
 
 
 def _check_supported(gm: fx.GraphModule) -> None:

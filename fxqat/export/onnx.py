@@ -16,7 +16,7 @@ the carrier gives exactly the codes of the narrow grid. The ``Clip`` sits in fro
 Example:
     >>> import os, tempfile, torch, torch.nn as nn, fxqat
     >>> from fxqat.export import to_onnx
-    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> x = torch.randn(16, 4)
     >>> qm = fxqat.prepare_qat(net, (x,), fxqat.QATConfig(w_bits=4, a_bits=4)); _ = qm(x); qm = qm.eval()
     >>> path = to_onnx(qm, (x,), os.path.join(tempfile.mkdtemp(), "m.onnx"))

@@ -48,7 +48,9 @@ def _run(path: str, qm, example, x, tmp_path):
         with torch.no_grad():
             return to_pt2e(qm, example)(x)
     file = to_onnx(qm, example, tmp_path / "model.onnx")
-    sess = ort.InferenceSession(file, providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1  # deterministic float sums
+    sess = ort.InferenceSession(file, opts, providers=["CPUExecutionProvider"])
     return torch.from_numpy(sess.run(None, {"input_0": x.numpy()})[0])
 
 
@@ -241,12 +243,35 @@ def test_non_affine_quantizer_fails_naming_quantizer_and_reason():
     with pytest.raises(ExportError, match=r"quantizer 'fxqat_quant.w_3' \(DoReFaQuantizer.*layer '3'.*tanh"):
         to_torch_ao(qm, (x,))
     qm = fxqat.prepare_qat(_cnn(), (x[:4],), fxqat.QATConfig(w_bits=4, a_bits=4, method="qil", first_last=None))
-    qm.train()(x)  # initialised at c = d (affine) ...
-    gammas = [q for q in fxqat.quantizers(qm).values() if q.kind == "weight"]
+    qm.train()(x)
+    act = next(q for q in fxqat.quantizers(qm).values() if q.kind == "act")
     with torch.no_grad():
-        gammas[0].gamma.fill_(1.5)  # ... but a learned γ ≠ 1 bends the grid
-    with pytest.raises(ExportError, match=r"QILQuantizer.*γ=\[1.5\]"):
+        act.c.mul_(1.2)  # a pruning band (c > d) shifts the activation grid off the integers
+    with pytest.raises(ExportError, match=r"QILQuantizer, 4-bit act.*c = d"):
         quant_points(qm)
+
+
+def test_qil_weights_with_gamma_export_their_output_grid(tmp_path):
+    """Weights are constants: QIL's non-linear transformer (γ ≠ 1) still lands on the uniform grid k·o/n."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    qm = fxqat.prepare_qat(_cnn(), (x[:4],), fxqat.QATConfig(w_bits=4, a_bits=4, method="qil", first_last=None))
+    qm.train()(x)
+    w = [q for q in fxqat.quantizers(qm).values() if q.kind == "weight"]
+    with torch.no_grad():
+        w[0].gamma.fill_(1.5)
+        w[1].c.mul_(1.3)
+    with pytest.raises(Exception, match=r"γ=\[1.5\]"):
+        w[0].affine_qparams()
+    qm.eval()
+    assert w[0].weight_target == "3.weight"
+    p = next(pt.params for pt in quant_points(qm).values() if pt.source == "3.weight")
+    assert (p.qmin, p.qmax) == (-7, 7) and bool((p.zero_point == 0).all())
+    with torch.no_grad():
+        ref = qm(x)
+    for path in PATHS:
+        out = _run(path, qm, (x[:4],), x, tmp_path)
+        assert (out - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item()), path
 
 
 def test_qil_and_dsq_export_their_eval_mode_equivalent(tmp_path):
@@ -354,3 +379,13 @@ def test_resnet20_cifar10_parity(cifar, bits, tmp_path):
               f"logits within 1e-4: {exact:.4f}")
         assert math.isfinite(diff) and diff <= step, (path, diff, step)
         assert agree >= 0.99, (path, agree)
+
+
+@pytest.mark.parametrize("module", ["fxqat.export", "fxqat.export.affine", "fxqat.export.torch_ao",
+                                    "fxqat.export.pt2e", "fxqat.export.onnx"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    failures, tried = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert tried > 0 and failures == 0
