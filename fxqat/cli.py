@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--fp-steps", type=int, default=None, help="FP pre-training steps (cached)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="runs/demo", help="folder for demo.json and demo.png")
+    d.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: QAT's many small ops run faster on one thread of a "
+                        "2-core CPU, and it stays fast when the machine is shared)")
     d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
     t = sub.add_parser("train", help="FP pre-training (cached) then QAT of one model; resumable; DDP under torchrun")
@@ -99,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run folder: checkpoint.pt, metrics.json, curves.png, model.pt")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--stop-after", type=int, default=None, help="stop after N steps of this call (resumable)")
+    t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
     i = sub.add_parser("inspect", help="blocks and quantizers of a model (table), optionally the partition PNG")
@@ -156,7 +160,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     from fxqat.training.loop import TrainConfig, fit, train_fp, train_qat
 
     out = Path(a.out)
-    run = {k: v for k, v in vars(a).items() if k not in ("resume", "stop_after", "progress", "quiet", "command")}
+    run = {k: v for k, v in vars(a).items()
+           if k not in ("resume", "stop_after", "progress", "quiet", "command", "threads")}
     if a.resume and (out / "run.json").exists():
         old = json.loads((out / "run.json").read_text())
         diff = [k for k in ("model", "data", "method", "bits", "hybrid", "paths", "kd", "batch_size", "seed")
@@ -294,7 +299,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``fxqat`` command; returns the exit status (2 for bad input)."""
     parser = build_parser()
     a = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(message)s")
+    if getattr(a, "threads", None):
+        import torch
+
+        torch.set_num_threads(a.threads)
     from fxqat.training.checkpoint import CheckpointError
 
     try:
@@ -305,6 +314,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:  # validation errors of configs and models say what to write instead
         print(f"fxqat: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # diverged training: not bad input, but no traceback either
+        print(f"fxqat: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fxqat: interrupted (the last checkpoint is intact; continue with --resume)", file=sys.stderr)
         return 130

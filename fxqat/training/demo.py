@@ -43,7 +43,7 @@ class DemoConfig:
     bits: Tuple[int, int] = (2, 2)  # W/A of the three arms
     fp_steps: int = 600  # FP pre-training steps (cached; about 1.5 epochs of CIFAR-10)
     fp_lr: float = 0.1  # SGD + Nesterov, cosine to 0
-    qat_steps: int = 60  # steps of each arm
+    qat_steps: int = 80  # steps of each arm
     qat_lr: float = 0.01  # SGD + Nesterov, cosine to 0, weights and quantizer step sizes alike
     batch_size: int = 128
     test_subset: Optional[int] = 5000  # evaluate on the first N test images (None = all 10,000)

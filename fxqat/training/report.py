@@ -86,7 +86,7 @@ def plot_arms(arms: Dict[str, Dict], path: PathLike, title: str = "", reference:
     for n in names:
         st = arms[n].get("steps", [])
         b.plot([s["step"] for s in st], smooth([s["loss"] for s in st]), label=n)
-    b.set_xlabel("step"), b.set_ylabel("training loss (smoothed)"), b.legend()
+    b.set_xlabel("step"), b.set_ylabel("task loss: CE of the LP output (smoothed)"), b.legend()
     fig.suptitle(title)
     _save(fig, path)
     plt.close(fig)
