@@ -50,7 +50,9 @@ def safe_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class AffineParams:
-    """Eval-mode affine quantization of one tensor: ``(clamp(round(x/scale) + zp, qmin, qmax) - zp) * scale``.
+    """Eval-mode affine quantization of one tensor::
+
+        code = clamp(round((x - offset) / scale) + zp, qmin, qmax);   value = (code - zp) * scale + offset
 
     Attributes:
         scale: float32, shape ``[1]`` (per tensor) or ``[C]`` (per channel).
@@ -58,6 +60,9 @@ class AffineParams:
         qmin, qmax: integer range of the real bit-width, on the carrier.
         ch_axis: channel axis for per-channel parameters, None per tensor.
         signed: carrier is int8 (True, codes -128..127) or uint8 (False, 0..255).
+        offset: a float shift of the whole grid (0.0 almost always): activation grids whose lowest level is not a
+            multiple of the step (a learned lower bound: LSQ+ without ``offset_on_grid``, DSQ, EWGS) have no integer
+            zero point; they are exported as ``x - offset -> Q/DQ -> + offset``.
     """
 
     scale: torch.Tensor
@@ -66,6 +71,7 @@ class AffineParams:
     qmax: int
     ch_axis: Optional[int]
     signed: bool
+    offset: float = 0.0
 
     @property
     def per_channel(self) -> bool:
@@ -93,13 +99,18 @@ class AffineParams:
         return torch.per_channel_affine if self.per_channel else torch.per_tensor_affine
 
     def clip_range(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Float bounds ``((qmin - zp)·s, (qmax - zp)·s)``: clipping to them then quantizing on the full carrier
-        range gives the same codes as quantizing on ``[qmin, qmax]``."""
+        """Float bounds ``((qmin - zp)·s, (qmax - zp)·s)`` of ``x - offset``: clipping to them then quantizing on the
+        full carrier range gives the same codes as quantizing on ``[qmin, qmax]``."""
         z = self.zero_point.float()
         return (self.qmin - z) * self.scale, (self.qmax - z) * self.scale
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         """torch's fake-quant kernel with these parameters (the real range)."""
+        if self.offset:
+            return self._fq(x - self.offset) + self.offset
+        return self._fq(x)
+
+    def _fq(self, x: torch.Tensor) -> torch.Tensor:
         if self.per_channel:
             return torch.fake_quantize_per_channel_affine(
                 x, self.scale, self.zero_point, self.ch_axis, self.qmin, self.qmax
@@ -155,13 +166,14 @@ def _carrier(qmin: int, qmax: int, zp: torch.Tensor, where: str) -> Tuple[int, i
 def _affine(name: str, q: Quantizer, layer: str) -> AffineParams:
     where = f"quantizer {name!r} ({type(q).__name__}, {q.bits}-bit {q.kind}) of layer {layer!r}"
     ev = copy.deepcopy(q).eval()
+    offset = 0.0
     try:
         scale, zp, qmin, qmax = ev.affine_qparams()
     except NotAffineError as exc:
-        from_grid = _grid_affine(ev) if q.kind == "weight" else None
+        from_grid = _grid_affine(ev) if q.kind == "weight" else _probed_act_grid(ev)
         if from_grid is None:
             raise ExportError(f"{where} has no integer (affine-uniform) eval-mode equivalent: {exc}") from exc
-        scale, zp, qmin, qmax = from_grid
+        scale, zp, qmin, qmax, offset = from_grid
     scale = scale.detach().float().reshape(-1).clone()
     zp = zp.detach().round().to(torch.int32).reshape(-1).clone()
     if scale.numel() > 1 and zp.numel() == 1:
@@ -170,11 +182,11 @@ def _affine(name: str, q: Quantizer, layer: str) -> AffineParams:
         raise ExportError(f"{where}: scale {scale.tolist()[:4]} is not positive.")
     qmin, qmax, zp, signed = _carrier(int(qmin), int(qmax), zp, where)
     axis = q.ch_axis if scale.numel() > 1 else None
-    return AffineParams(scale.cpu(), zp.cpu(), qmin, qmax, axis, signed)
+    return AffineParams(scale.cpu(), zp.cpu(), qmin, qmax, axis, signed, offset)
 
 
 @torch.no_grad()
-def _grid_affine(q: Quantizer) -> Optional[Tuple[torch.Tensor, torch.Tensor, int, int]]:
+def _grid_affine(q: Quantizer) -> Optional[Tuple[torch.Tensor, torch.Tensor, int, int, float]]:
     """Affine parameters of a weight quantizer's eval-mode *output grid*, when that grid is uniform with a level at
     zero (``None`` otherwise).
 
@@ -197,7 +209,39 @@ def _grid_affine(q: Quantizer) -> Optional[Tuple[torch.Tensor, torch.Tensor, int
     if not torch.allclose(z, z.round(), atol=1e-3, rtol=0) or not bool(torch.all(z.round() == z.round()[0])):
         return None
     zc, levels = int(z[0].round()), g.shape[1]
-    return step.float(), torch.zeros(step.shape, dtype=torch.int32), -zc, levels - 1 - zc
+    return step.float(), torch.zeros(step.shape, dtype=torch.int32), -zc, levels - 1 - zc, 0.0
+
+
+@torch.no_grad()
+def _probed_act_grid(q: Quantizer, per_step: int = 8):
+    """Parameters ``(scale, 0, 0, L-1, offset)`` of a per-tensor activation quantizer whose eval-mode function is
+    nearest-level rounding onto a uniform grid ``offset + k·scale`` (k = 0..L-1) with clipping, but whose lowest
+    level is not a multiple of the step; ``None`` unless a probe of the quantizer confirms exactly that function.
+
+    The probe runs the quantizer (eval mode) on points spread over the grid and three steps beyond each end, at
+    odd multiples of ``step / (2·per_step)`` (never on a rounding tie).
+    """
+    try:
+        g = q.grid().detach().double()
+    except Exception:  # noqa: BLE001
+        return None
+    if g.dim() != 1 or g.numel() < 2:
+        return None
+    d = g[1:] - g[:-1]
+    step = d.mean()
+    if step <= 0 or not torch.allclose(d, step.expand_as(d), rtol=1e-4, atol=0):
+        return None
+    levels, g0 = g.numel(), g[0]
+    k = torch.arange(-3 * per_step, (levels + 2) * per_step, dtype=torch.float64)
+    probe = g0 + step * (k + 0.5) / per_step
+    expected = g0 + step * torch.clamp(torch.round((probe - g0) / step), 0, levels - 1)
+    try:
+        got = q(probe.float()).double()
+    except Exception:  # noqa: BLE001
+        return None
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * float(g.abs().max())):
+        return None
+    return step.float().reshape(1), torch.zeros(1, dtype=torch.int32), 0, levels - 1, float(g0)
 
 
 def _check_supported(gm: fx.GraphModule) -> None:

@@ -61,13 +61,18 @@ class QDQ(nn.Module):
         self.register_buffer("scale", scale.clone())
         self.register_buffer("zero_point", zp.clone())
         self.lo, self.hi = float(lo.min()), float(hi.max())
+        self.offset = params.offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.offset:
+            x = x - self.offset
         if self.clip:
             x = torch.clamp(x, self.lo, self.hi)
         if self.axis is not None:
-            return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.axis, self.cmin, self.cmax)
-        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.cmin, self.cmax)
+            y = torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.axis, self.cmin, self.cmax)
+        else:
+            y = torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.cmin, self.cmax)
+        return y + self.offset if self.offset else y
 
 
 def _qdq_point(gm: fx.GraphModule, node: fx.Node, point: QuantPoint) -> fx.Node:

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import operator
 import warnings
 from unittest import mock
 from typing import Any, Dict, Tuple
@@ -119,7 +120,10 @@ def pt2e_quantizer(points: Dict[int, QuantPoint]):
 
 
 def _marker(gm: fx.GraphModule, node: fx.Node, point: QuantPoint) -> fx.Node:
-    return gm.graph.call_function(torch.ops.fxqat.qpoint.default, (node.args[0], point.index))
+    off = point.params.offset
+    x = gm.graph.call_function(operator.sub, (node.args[0], off)) if off else node.args[0]
+    y = gm.graph.call_function(torch.ops.fxqat.qpoint.default, (x, point.index))
+    return gm.graph.call_function(operator.add, (y, off)) if off else y
 
 
 def _add_bn_barriers(gm: fx.GraphModule) -> None:

@@ -27,8 +27,7 @@ Example:
 
 from __future__ import annotations
 
-import copy
-import fnmatch
+import operator
 import warnings
 from typing import Any, Dict, Optional, Tuple
 
@@ -188,7 +187,10 @@ def _act_point(gm: fx.GraphModule, node: fx.Node, point: QuantPoint) -> fx.Node:
     if not hasattr(gm, "fxqat_act"):
         gm.add_module("fxqat_act", nn.Module())
     gm.add_submodule(name, nn.Hardtanh(float(lo), float(hi)))
-    return gm.graph.call_module(name, (node.args[0],))
+    off = point.params.offset
+    x = gm.graph.call_function(operator.sub, (node.args[0], off)) if off else node.args[0]
+    y = gm.graph.call_module(name, (x,))
+    return gm.graph.call_function(operator.add, (y, off)) if off else y
 
 
 def _is_module_call(node: fx.Node, mod: nn.Module, layer: str) -> bool:

@@ -236,12 +236,15 @@ def test_leaf_module_with_a_quantizer_inside_fails_naming_the_module(path, tmp_p
         _run(path, qm.eval(), (x,), x, tmp_path)
 
 
-def test_non_affine_quantizer_fails_naming_quantizer_and_reason():
+def test_non_affine_quantizer_fails_naming_quantizer_and_reason(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(16, 3, 8, 8)
     qm = _trained(_cnn(), x, fxqat.QATConfig(w_bits=4, a_bits=4, method="dorefa", first_last=None), steps=1)
     with pytest.raises(ExportError, match=r"quantizer 'fxqat_quant.w_3' \(DoReFaQuantizer.*layer '3'.*tanh"):
         to_torch_ao(qm, (x,))
+    qm = _trained(_cnn(), x, fxqat.QATConfig(w_bits=4, a_method="lsq", w_method="dsq", first_last=None), steps=1)
+    with pytest.raises(ExportError, match=r"quantizer 'fxqat_quant.w_3' \(DSQQuantizer.*no integer zero point"):
+        to_onnx(qm, (x,), tmp_path / "m.onnx")
     qm = fxqat.prepare_qat(_cnn(), (x[:4],), fxqat.QATConfig(w_bits=4, a_bits=4, method="qil", first_last=None))
     qm.train()(x)
     act = next(q for q in fxqat.quantizers(qm).values() if q.kind == "act")
@@ -274,18 +277,55 @@ def test_qil_weights_with_gamma_export_their_output_grid(tmp_path):
         assert (out - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item()), path
 
 
-def test_qil_and_dsq_export_their_eval_mode_equivalent(tmp_path):
+METHOD_CONFIGS = {
+    # QIL starts at c = d (affine); noise tempering's noise is off in eval mode; DSQ's soft forward is training-only
+    "qil": dict(method="qil"),
+    "noise_temper": dict(method="noise_temper"),
+    "lsq+dsq": dict(w_method="lsq", a_method="dsq"),
+    "lsq+pact": dict(w_method="lsq", a_method="pact"),
+    "lsq+lsq_plus": dict(w_method="lsq", a_method="lsq_plus", a_options={"offset_on_grid": True}),
+    "lsq+ewgs": dict(w_method="lsq", a_method="ewgs"),
+}
+# learned activation offsets that are not a multiple of the step: exported as x - offset -> Q/DQ -> + offset
+OFFSET_CONFIGS = {
+    "lsq+lsq_plus": dict(w_method="lsq", a_method="lsq_plus"),
+    "lsq+dsq": dict(w_method="lsq", a_method="dsq"),
+    "lsq+ewgs": dict(w_method="lsq", a_method="ewgs"),
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", list(METHOD_CONFIGS))
+def test_other_methods_export_their_eval_mode_equivalent(name, path, tmp_path):
     torch.manual_seed(0)
     x = torch.randn(16, 3, 8, 8)
-    for method in ("qil", "noise_temper"):
-        cfg = fxqat.QATConfig(w_bits=4, a_bits=4, method=method, first_last=None)
-        qm = fxqat.prepare_qat(_cnn(), (x[:4],), cfg)
-        qm.train()(x)  # initialise only: QIL starts at c = d (affine); noise tempering's noise is off in eval
-        qm.eval()
+    cfg = fxqat.QATConfig(w_bits=4, a_bits=4, first_last=None, **METHOD_CONFIGS[name])
+    qm = fxqat.prepare_qat(_cnn(), (x[:4],), cfg)
+    qm.train()(x)  # initialise
+    qm.eval()
+    with torch.no_grad():
+        ref = qm(x)
+    out = _run(path, qm, (x[:4],), x, tmp_path)
+    assert (out - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", list(OFFSET_CONFIGS))
+def test_learned_activation_offsets_export_with_a_float_shift(name, path, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    qm = _trained(_cnn(), x, fxqat.QATConfig(w_bits=4, a_bits=4, first_last=None, **OFFSET_CONFIGS[name]), steps=2)
+    if name == "lsq+lsq_plus":  # post-ReLU inputs start at β = 0 and two steps barely move it: move it
         with torch.no_grad():
-            ref = qm(x)
-        out = _run("pt2e", qm, (x[:4],), x, tmp_path)
-        assert (out - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item()), method
+            for q in fxqat.quantizers(qm).values():
+                if q.kind == "act":
+                    q.offset.copy_(-0.37 * q.scale)
+    acts = [p for p in quant_points(qm).values() if p.kind == "act"]
+    assert any(p.params.offset != 0.0 for p in acts)  # trained lower bounds left the integer grid
+    with torch.no_grad():
+        ref = qm(x)
+    out = _run(path, qm, (x[:4],), x, tmp_path)
+    assert (out - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 
 def test_more_than_8_bits_and_uninitialised_quantizers_are_refused():
