@@ -6,7 +6,7 @@ flowing back into the layer (the error signal both backward GEMMs consume) with
 
     g_max = max|G|,   Δ = 2·γ·g_max / (2^b − 2),   G_q = Δ · ⌊clip(G/Δ + u, −(2^{b−1} − 1), 2^{b−1} − 1)⌉,
 
-``u`` uniform in (−½, ½) drawn from torch's **global** RNG (``torch.manual_seed`` makes a run reproducible): a symmetric grid
+``u`` uniform in [−½, ½) drawn from torch's **global** RNG (``torch.manual_seed`` makes a run reproducible): a symmetric grid
 of 2^b − 1 levels with zero, clipped at ±γ·g_max, with unbiased stochastic rounding inside the range (the official
 code's ``grad_quant.backward``, written centred on zero).
 
@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -72,19 +72,49 @@ _CHOICES = {
 }
 
 
-def uniform_noise(like: torch.Tensor, kind: str = "int16") -> torch.Tensor:
-    """Noise ``u`` in (−½, ½) shaped like ``like``, from torch's global RNG.
+def uniform_noise(like: torch.Tensor, kind: str = "int16", out: Optional[torch.Tensor] = None,
+                  scratch: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+    """Noise ``u`` in [−½, ½) shaped like ``like``, from torch's global RNG (written into ``out`` when given).
 
-    ``"uniform"``: ``torch.empty_like(x).uniform_(-0.5, 0.5)`` (as the official code). ``"int16"`` **[R]**: the
-    values ``(k + ½)/2^16``, k a uniform 16-bit integer, four per 64-bit draw: symmetric with mean exactly 0, about 3×
-    cheaper on CPU; stochastic rounding with it is unbiased up to 2^-16 of a grid step.
+    ``"uniform"``: ``uniform_(-0.5, 0.5)`` (as the official code). ``"int16"`` **[R]**: ``k/2^16`` with k a uniform
+    16-bit integer, four per 64-bit draw: about 3× cheaper on CPU; stochastic rounding with it is biased by less than
+    2^-16 of a grid step (towards zero by at most that much). ``scratch``: a dict in which to keep the random-bits
+    buffer between calls (saves re-allocating it; the buffer never leaves this function).
     """
+    out = torch.empty_like(like) if out is None else out
     if kind == "uniform":
-        return torch.empty_like(like).uniform_(-0.5, 0.5)
+        return out.uniform_(-0.5, 0.5)
     n = like.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device).random_(-(2**63), None)
-    out = bits.view(torch.int16)[:n].to(like.dtype).view_as(like)
-    return out.add_(0.5).mul_(2.0**-16)
+    bits = _scratch(scratch, "bits", (n + 3) // 4, torch.int64, like.device).random_(-(2**63), None)
+    out.copy_(bits.view(torch.int16)[:n].view_as(like))
+    return out.mul_(2.0**-16)
+
+
+def _scratch(cache: Optional[Dict[str, torch.Tensor]], key: str, n: int, dtype: torch.dtype,
+             device: torch.device) -> torch.Tensor:
+    """A 1-D buffer of ``n`` elements, reused from ``cache`` when it is large enough (``cache=None``: fresh)."""
+    if cache is None:
+        return torch.empty(n, dtype=dtype, device=device)
+    buf = cache.get(key)
+    if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+        buf = cache[key] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n]
+
+
+def _grid_step(gamma: torch.Tensor, gmax: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.clamp(gamma.to(dtype).reshape(()) * gmax / (2 ** (bits - 1) - 1), min=torch.finfo(dtype).tiny)
+
+
+def _quantize_into(out: torch.Tensor, g: torch.Tensor, bits: int, step: torch.Tensor, rounding: str,
+                   noise: str, scratch: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+    """``out ← step·⌊clip(g/step + u)⌉`` (``out`` may hold scratch data; it is overwritten)."""
+    half = 2 ** (bits - 1) - 1
+    if rounding == "stochastic":
+        uniform_noise(g, noise, out=out, scratch=scratch).addcdiv_(g, step)
+    else:
+        torch.div(g, step, out=out)
+    out.clamp_(-half, half).round_()
+    return out.mul_(step)
 
 
 def quantize_gradient(
@@ -95,7 +125,7 @@ def quantize_gradient(
 
     Args:
         g: the gradient. bits: bit-width (>= 2). gamma: the clipping factor γ (a 1-element tensor).
-        rounding: ``"stochastic"`` (⌊x + u⌉, u ~ U(−½, ½)) or ``"nearest"``.
+        rounding: ``"stochastic"`` (⌊x + u⌉, u uniform in [−½, ½)) or ``"nearest"``.
         gmax: max|g| when already known. noise: the noise source (see :func:`uniform_noise`).
 
     Returns:
@@ -106,16 +136,10 @@ def quantize_gradient(
         >>> g_q.tolist(), float(step)
         ([-1.0, 0.0, 1.0], 1.0)
     """
-    half = 2 ** (bits - 1) - 1
     if gmax is None:
         gmax = g.detach().abs().amax()
-    step = torch.clamp(gamma.to(g.dtype).reshape(()) * gmax / half, min=torch.finfo(g.dtype).tiny)
-    if rounding == "stochastic":
-        out = uniform_noise(g, noise).addcdiv_(g, step)
-    else:
-        out = g / step
-    out.clamp_(-half, half).round_()
-    return out.mul_(step), step
+    step = _grid_step(gamma, gmax, bits, g.dtype)
+    return _quantize_into(torch.empty_like(g), g, bits, step, rounding, noise), step
 
 
 def clip_fraction(g: torch.Tensor, gamma: torch.Tensor, gmax: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -192,6 +216,9 @@ class GradQuantizer(Quantizer):
         self.register_buffer("r_count", torch.zeros(1))
         self.register_buffer("n_backward", torch.zeros(1, dtype=torch.int64))
         self.last_step: Optional[torch.Tensor] = None
+        # CPU only: the random bits and the clip mask are kept between backward passes (about 3 bytes per output
+        # element; never handed out), because fresh large CPU allocations cost page faults on every step
+        self._scratch: Dict[str, torch.Tensor] = {}
 
     @property
     def target(self) -> float:
@@ -214,11 +241,14 @@ class GradQuantizer(Quantizer):
     @torch.no_grad()
     def _hook(self, g: torch.Tensor) -> torch.Tensor:
         gamma = self.gamma
-        lo, hi = torch.aminmax(g)
-        gmax = torch.maximum(-lo, hi)
+        buf = torch.abs(g)  # |G| now, the quantized gradient below (the one allocation that leaves the hook)
+        gmax = buf.amax()
         thr = gamma.to(g.dtype).reshape(()) * gmax
-        r = torch.count_nonzero(g.abs() > thr).float() / max(g.numel(), 1)
-        gq, step = quantize_gradient(g, self.bits, gamma, self.opts["rounding"], gmax, self.opts["noise"])
+        cache = self._scratch if g.device.type == "cpu" else None  # CPU: no caching allocator, so reuse buffers
+        above = torch.gt(buf, thr, out=_scratch(cache, "above", g.numel(), torch.bool, g.device).view(g.shape))
+        r = torch.count_nonzero(above).float() / max(g.numel(), 1)
+        step = _grid_step(gamma, gmax, self.bits, g.dtype)
+        gq = _quantize_into(buf, g, self.bits, step, self.opts["rounding"], self.opts["noise"], cache)
         self.last_step = step
         self.clip_fraction.copy_(r.reshape(1))
         self.n_backward.add_(1)

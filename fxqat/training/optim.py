@@ -293,22 +293,28 @@ def _params(qm: nn.Module, params: Optional[Iterable]) -> List:
 
 
 def SGDT(qm: nn.Module, total_steps: int, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
-         nesterov: bool = False, params: Optional[Iterable] = None, **talr: Any) -> TransitionRateScheduler:
-    """``torch.optim.SGD`` over ``qm``'s trainable parameters wrapped in a :class:`TransitionRateScheduler`
-    (``lr`` is U_0 of the quantized weights and the lr of everything else)."""
+         nesterov: bool = False, params: Optional[Iterable] = None, tr_momentum: float = 0.99,
+         **talr: Any) -> TransitionRateScheduler:
+    """``torch.optim.SGD`` over ``qm``'s trainable parameters wrapped in a :class:`TransitionRateScheduler`.
+
+    ``lr`` is U_0 of the quantized weights and the lr of everything else; ``momentum`` is SGD's, ``tr_momentum`` the
+    running-TR momentum m; other keywords go to :class:`TransitionRateScheduler`.
+    """
     opt = torch.optim.SGD(_params(qm, params), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
-    return TransitionRateScheduler(opt, qm, total_steps, **talr)
+    return TransitionRateScheduler(opt, qm, total_steps, momentum=tr_momentum, **talr)
 
 
 def AdamT(qm: nn.Module, total_steps: int, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-          weight_decay: float = 0.0, params: Optional[Iterable] = None, **talr: Any) -> TransitionRateScheduler:
-    """``torch.optim.Adam`` wrapped in a :class:`TransitionRateScheduler`."""
+          weight_decay: float = 0.0, params: Optional[Iterable] = None, tr_momentum: float = 0.99,
+          **talr: Any) -> TransitionRateScheduler:
+    """``torch.optim.Adam`` wrapped in a :class:`TransitionRateScheduler` (keywords as :func:`SGDT`)."""
     opt = torch.optim.Adam(_params(qm, params), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    return TransitionRateScheduler(opt, qm, total_steps, **talr)
+    return TransitionRateScheduler(opt, qm, total_steps, momentum=tr_momentum, **talr)
 
 
 def AdamWT(qm: nn.Module, total_steps: int, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-           weight_decay: float = 1e-2, params: Optional[Iterable] = None, **talr: Any) -> TransitionRateScheduler:
+           weight_decay: float = 1e-2, params: Optional[Iterable] = None, tr_momentum: float = 0.99,
+           **talr: Any) -> TransitionRateScheduler:
     """``torch.optim.AdamW`` wrapped in a :class:`TransitionRateScheduler` (decoupled decay is part of d)."""
     opt = torch.optim.AdamW(_params(qm, params), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    return TransitionRateScheduler(opt, qm, total_steps, **talr)
+    return TransitionRateScheduler(opt, qm, total_steps, momentum=tr_momentum, **talr)

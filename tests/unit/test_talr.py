@@ -272,7 +272,8 @@ def test_measured_rate_tracks_the_cosine_target_on_mnist():
     that R_t → 0 and any lagging average is off by a growing *relative* amount.
     """
     T = 600
-    qm, opt, loader = _mnist_setup(0, T, momentum=0.95, eta=20 * 0.02)
+    qm, opt, loader = _mnist_setup(0, T, tr_momentum=0.95, eta=20 * 0.02)
+    assert opt.momentum == 0.95 and opt.optimizer.param_groups[0]["momentum"] == 0.9
     stream = _batch_stream(loader)
     run_k, targets, us = [], [], []
     for t in range(T):

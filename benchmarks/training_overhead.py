@@ -1,0 +1,111 @@
+"""Step-time overhead of transition-rate scheduling and of 4-bit gradient quantization (issue #5), in one run.
+
+Variants (ResNet-20, CPU, batch 128 of 32×32 inputs, LSQ W4A4 with 8-bit first/last layers, one full training step:
+zero_grad, forward, cross-entropy, backward, optimizer step):
+
+* ``lsq_sgd``: plain SGD (momentum 0.9) — the reference;
+* ``lsq_talr``: the same SGD wrapped in ``fxqat.optim.TransitionRateScheduler`` (target: ≤ 5% over ``lsq_sgd``);
+* ``lsq_g4``: ``QATConfig(g_bits=4)`` with plain SGD (target: ≤ 15% over ``lsq_sgd``);
+* ``lsq_g4_talr``: both (for information).
+
+Steps are timed round-robin (``benchmarks/_common.time_steps``), so background load hits every variant alike; the
+median of ``--rounds`` (≥ 20) timed steps after ``--warmup`` steps is reported.
+
+Run: ``python benchmarks/training_overhead.py [--rounds 20] [--threads 1]``; writes
+``benchmarks/results/training_overhead.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import fxqat  # noqa: E402
+from _common import machine, time_steps, write_results  # noqa: E402
+from fxqat.models import get_model  # noqa: E402
+from fxqat.optim import TransitionRateScheduler  # noqa: E402
+
+log = logging.getLogger("training_overhead")
+
+
+def make_step(x, y, g_bits=None, talr=False, seed=0):
+    """A closure running one training step of a freshly prepared ResNet-20 (quantizers initialised on ``x``)."""
+    torch.manual_seed(seed)
+    cfg = fxqat.QATConfig(w_bits=4, a_bits=4, method="lsq", g_bits=g_bits)
+    qm = fxqat.prepare_qat(get_model("resnet20"), (x[:2],), cfg)
+    qm.train()
+    opt = torch.optim.SGD(fxqat.trainable_parameters(qm), lr=0.01, momentum=0.9)
+    if talr:
+        opt = TransitionRateScheduler(opt, qm, total_steps=1000)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(qm(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=20, help="timed steps per variant (median reported)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable on a shared box)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (args.batch,), generator=gen)
+    steps = {
+        "lsq_sgd": make_step(x, y),
+        "lsq_talr": make_step(x, y, talr=True),
+        "lsq_g4": make_step(x, y, g_bits=4),
+        "lsq_g4_talr": make_step(x, y, g_bits=4, talr=True),
+    }
+    med = time_steps(steps, warmup=args.warmup, rounds=args.rounds)
+    base = med["lsq_sgd"]
+    ratios = {k: v / base for k, v in med.items()}
+    targets = {"lsq_talr": 1.05, "lsq_g4": 1.15}
+    payload = {
+        "benchmark": "training_overhead", "model": "resnet20", "batch": args.batch, "input": [3, 32, 32],
+        "config": "LSQ W4A4, first/last 8-bit, SGD momentum 0.9", "rounds": args.rounds, "warmup": args.warmup,
+        "machine": machine(), "median_step_s": med, "ratio_to_lsq_sgd": ratios,
+        "targets": targets, "meets_target": {k: ratios[k] <= t for k, t in targets.items()},
+        "note": "CPU shared with other jobs while measuring; variants interleaved round-robin so load affects all alike.",
+    }
+    m = payload["machine"]
+    rows = "\n".join(
+        f"| `{k}` | {med[k] * 1e3:.0f} | {ratios[k]:.3f} | {('≤ %.2f' % targets[k]) if k in targets else '–'} |"
+        for k in steps
+    )
+    md = f"""# Training-step overhead: TR scheduling and 4-bit gradient quantization
+
+ResNet-20, CPU, batch {args.batch} of 3×32×32, LSQ W4A4 (first/last layer 8-bit), SGD momentum 0.9. One step =
+zero_grad + forward + loss + backward + optimizer step. Median of {args.rounds} timed steps per variant after
+{args.warmup} warm-up steps, variants interleaved round-robin. Produced by `benchmarks/training_overhead.py`.
+
+| variant | median step (ms) | ratio to `lsq_sgd` | target |
+|---|---|---|---|
+{rows}
+
+Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} intra-op thread(s)), Python
+{m['python']}, {m['platform']}.
+
+The CPU was shared with other jobs while this ran; interleaving spreads that load over all variants, but
+individual step times are noisy (a few %).
+"""
+    write_results("training_overhead", payload, md)
+    for k in steps:
+        log.info("%-12s %8.1f ms  x%.3f", k, med[k] * 1e3, ratios[k])
+    return payload
+
+
+if __name__ == "__main__":
+    main()
