@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--png", default=None, help="write the block partition as a PNG")
 
     b = sub.add_parser("bench", help="run benchmarks/step_time.py and benchmarks/hybrid_cost.py")
-    b.add_argument("args", nargs=argparse.REMAINDER, help="passed to each benchmark script")
+    b.add_argument("--quick", action="store_true", help="smoke-run budget (passed to each script)")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="after --: passed to each benchmark script")
     return p
 
 
@@ -283,7 +284,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
     rc = 0
     for s in present:
         print(f"== {s.name}", flush=True)
-        rc = max(rc, subprocess.call([sys.executable, str(s), *[x for x in a.args if x != "--"]]))
+        extra = (["--quick"] if a.quick else []) + [x for x in a.args if x != "--"]
+        rc = max(rc, subprocess.call([sys.executable, str(s), *extra]))
     return rc
 
 

@@ -141,6 +141,7 @@ def run_demo(quick: bool = False, data_dir: Optional[str] = None, data: str = "a
     outdir = Path(out)
     result = {"config": asdict(cfg), "data_source": tr.source, "quick": quick, "torch_threads": torch.get_num_threads(),
               "cpu_count": os.cpu_count(), "total_time_s": time.perf_counter() - t_start,
+              "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
               "arms": {k: {kk: vv for kk, vv in v.items() if kk != "steps"} for k, v in rows.items()},
               "chance_top1": 100.0 / tr.num_classes}
     bad = [k for k, v in rows.items() if not math.isfinite(v["top1"])]

@@ -57,8 +57,10 @@ def test_help_lists_the_four_commands():
         assert re.search(rf"^\s+{cmd}\s", r.stdout, re.M), r.stdout
 
 
-def test_inspect_resnet18(capsys):
-    assert main(["inspect", "resnet18", "--input-shape", "3,64,64"]) == 0
+def test_inspect_resnet18(capsys, tmp_path):
+    png = tmp_path / "blocks.png"
+    assert main(["inspect", "resnet18", "--input-shape", "3,64,64", "--png", str(png)]) == 0
+    assert png.stat().st_size > 1000
     out = capsys.readouterr().out
     m = re.search(r"^(\d+) quantizers \(W4A4", out, re.M)
     assert m, out
@@ -213,3 +215,17 @@ def test_demo_quick_table_is_finite_and_above_chance(tmp_path):
     res = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert res["arms"]["LSQ W2A2"]["top1"] == pytest.approx(rows["LSQ W2A2"], abs=0.006)
     assert (tmp_path / "demo" / "demo.png").stat().st_size > 0
+
+
+def test_bench_runs_both_scripts_with_their_flags(monkeypatch, capsys):
+    import fxqat.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    present = [n for n in ("step_time.py", "hybrid_cost.py") if (REPO / "benchmarks" / n).is_file()]
+    if not present:
+        assert main(["bench"]) == 2 and "no benchmark scripts" in capsys.readouterr().err
+        return
+    assert main(["bench", "--quick", "--", "--rounds", "2"]) == 0
+    assert [Path(c[1]).name for c in calls] == present
+    assert all(c[0] == sys.executable and c[2:] == ["--quick", "--rounds", "2"] for c in calls)
