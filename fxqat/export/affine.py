@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -36,7 +36,7 @@ from torch import nn
 from fxqat.passes.insert_quant import QROLE, OpaqueWeightQuant
 from fxqat.quantizers.base import NotAffineError, Quantizer
 
-__all__ = ["ExportError", "AffineParams", "QuantPoint", "quant_points", "fp_module", "safe_name"]
+__all__ = ["ExportError", "AffineParams", "QuantPoint", "quant_points", "fp_module", "safe_name", "cpu_inputs"]
 
 
 class ExportError(ValueError):
@@ -306,6 +306,12 @@ def quant_points(qm: fx.GraphModule) -> Dict[str, QuantPoint]:
     return points
 
 
+def cpu_inputs(example_inputs: Any) -> Tuple:
+    """``example_inputs`` as a tuple, tensors moved to the CPU."""
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    return tuple(t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in inputs)
+
+
 MakePoint = Callable[[fx.GraphModule, fx.Node, QuantPoint], fx.Node]
 
 
@@ -314,10 +320,11 @@ def fp_module(qm: fx.GraphModule, make_point: MakePoint) -> Tuple[fx.GraphModule
 
     ``make_point`` is called with the graph's insertion point set just before the quantizer node and returns the
     node that replaces it. Latent weights read by a weight quantizer are replaced (in the copy) by their fxqat
-    eval-mode quantized values. Gradient and disabled quantizers become the identity. ``qm`` is not modified.
+    eval-mode quantized values. Gradient and disabled quantizers become the identity. ``qm`` is not modified; the
+    copy lives on the CPU (export artefacts are built there; move the result afterwards if needed).
     """
     points = quant_points(qm)
-    root = copy.deepcopy(qm)
+    root = copy.deepcopy(qm).cpu()
     graph = copy.deepcopy(qm.graph)
     gm = fx.GraphModule(root, graph, "FxqatExport")
     for layer in {str(n.meta["fxqat.module"]) for n in graph.nodes if n.meta.get("fxqat.module")}:

@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxqat.export.affine import AffineParams, QuantPoint, fp_module, safe_name
+from fxqat.export.affine import AffineParams, QuantPoint, cpu_inputs, fp_module, safe_name
 
 __all__ = ["QDQ", "to_onnx"]
 
@@ -110,7 +110,7 @@ def to_onnx(
     Raises:
         ExportError: naming the module/quantizer that cannot be represented.
     """
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    inputs = cpu_inputs(example_inputs)
     fp, _ = fp_module(qm, _qdq_point)
     with torch.no_grad():
         out = fp(*inputs)

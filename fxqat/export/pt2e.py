@@ -29,7 +29,7 @@ from typing import Any, Dict, Tuple
 import torch
 import torch.fx as fx
 
-from fxqat.export.affine import AffineParams, ExportError, QuantPoint, fp_module
+from fxqat.export.affine import AffineParams, ExportError, QuantPoint, cpu_inputs, fp_module
 
 __all__ = ["pt2e_quantizer", "to_pt2e", "qpoint"]
 
@@ -182,7 +182,7 @@ def to_pt2e(qm: fx.GraphModule, example_inputs: Any, dynamic_batch: bool = True)
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    inputs = cpu_inputs(example_inputs)
     fp, points = fp_module(qm, _marker)
     _add_bn_barriers(fp)
     by_index = {p.index: p for p in points.values()}

@@ -38,7 +38,7 @@ from torch import nn
 from torch.ao.quantization import FakeQuantizeBase, PlaceholderObserver, QConfig, QConfigMapping
 
 from fxqat.config import QATConfig
-from fxqat.export.affine import AffineParams, ExportError, QuantPoint, fp_module, safe_name
+from fxqat.export.affine import AffineParams, ExportError, QuantPoint, cpu_inputs, fp_module, safe_name
 
 __all__ = ["FixedAffineFakeQuantize", "to_qconfig_mapping", "to_torch_ao", "fxqat_backend_config"]
 
@@ -61,7 +61,6 @@ class FixedAffineFakeQuantize(FakeQuantizeBase):
         self.qscheme = params.qscheme
         self.ch_axis = params.ch_axis if params.ch_axis is not None else -1
         self.is_dynamic = False
-        self._params = params
 
     @property
     def activation_post_process(self) -> "FixedAffineFakeQuantize":
@@ -70,7 +69,13 @@ class FixedAffineFakeQuantize(FakeQuantizeBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.fake_quant_enabled[0]):
             return x
-        return self._params.fake_quant(x)
+        if self.ch_axis >= 0:
+            return torch.fake_quantize_per_channel_affine(
+                x, self.scale, self.zero_point, self.ch_axis, self.quant_min, self.quant_max
+            )
+        return torch.fake_quantize_per_tensor_affine(
+            x, float(self.scale), int(self.zero_point), self.quant_min, self.quant_max
+        )
 
     def calculate_qparams(self, **kwargs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.scale, self.zero_point
@@ -257,12 +262,13 @@ def to_torch_ao(qm: fx.GraphModule, example_inputs: Any) -> fx.GraphModule:
     """
     from torch.ao.quantization.quantize_fx import convert_to_reference_fx, prepare_qat_fx
 
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    inputs = cpu_inputs(example_inputs)
     fp, points = fp_module(qm, _act_point)
     layers = _to_module_form(fp, points)
     mapping = QConfigMapping()
     for layer, p in layers.items():
-        mapping.set_module_name(layer, QConfig(activation=_FP, weight=FixedAffineFakeQuantize.with_args(params=p.params)))
+        weight = FixedAffineFakeQuantize.with_args(params=p.params)
+        mapping.set_module_name(layer, QConfig(activation=_FP, weight=weight))
     for p in points.values():
         if p.kind == "act":
             fq = FixedAffineFakeQuantize.with_args(params=p.params)

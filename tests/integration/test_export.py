@@ -11,7 +11,6 @@ criterion (one quantization step of the logits, see ``_logit_step``) plus top-1 
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -103,9 +102,10 @@ def test_onnx_has_one_qdq_pair_per_quantizer_and_a_clip_per_narrow_activation(tm
     assert len(narrow) == 2 and ops.count("Clip") == len(narrow)  # the two 4-bit activations; 8-bit ones need none
     # the learned scales are in the file, exactly (float32)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-    consts = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant"}
+    nodes = model.graph.node
+    consts = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in nodes if n.op_type == "Constant"}
     values = {**inits, **consts}
-    q_scales = sorted(float(values[n.input[1]].reshape(-1)[0]) for n in model.graph.node if n.op_type == "QuantizeLinear")
+    q_scales = sorted(float(values[n.input[1]].reshape(-1)[0]) for n in nodes if n.op_type == "QuantizeLinear")
     expected = sorted(float(p.params.scale[0]) for p in points.values())
     assert q_scales == expected
 
