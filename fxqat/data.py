@@ -228,6 +228,17 @@ def _decode_jpegs(buf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return out
 
 
+def _torchvision(cls, root: Path, train: bool, folder: str):
+    """A torchvision dataset from ``root`` without download; its "not found or corrupted" becomes our error."""
+    try:
+        return cls(str(root), train=train, download=False)
+    except RuntimeError as e:
+        raise FileNotFoundError(
+            f"fxqat.data: found {root / folder} but torchvision could not read it ({e}). Re-extract the original "
+            f"archive there, or use the shared npz files (FXQAT_DATA=/path/to/shared/data)."
+        ) from e
+
+
 # ----------------------------------------------------------------------------------------------- datasets
 def cifar10(root: Optional[PathLike] = None, train: bool = True) -> ImageDataset:
     """CIFAR-10 (JPEG version from the shared npz, decoded once and cached; or a torchvision folder).
@@ -239,7 +250,7 @@ def cifar10(root: Optional[PathLike] = None, train: bool = True) -> ImageDataset
     if kind == "torchvision":
         import torchvision
 
-        tv = torchvision.datasets.CIFAR10(str(where), train=train, download=False)
+        tv = _torchvision(torchvision.datasets.CIFAR10, where, train, "cifar-10-batches-py")
         x, y, source = np.asarray(tv.data), np.asarray(tv.targets, dtype=np.int64), f"torchvision:{where}"
     else:
         cached = cache_dir() / f"cifar10_{split}_{_fingerprint(where)}.npz"
@@ -269,7 +280,7 @@ def mnist(root: Optional[PathLike] = None, train: bool = True) -> ImageDataset:
     if kind == "torchvision":
         import torchvision
 
-        tv = torchvision.datasets.MNIST(str(where), train=train, download=False)
+        tv = _torchvision(torchvision.datasets.MNIST, where, train, "MNIST")
         x, y, source = tv.data.numpy(), tv.targets.numpy().astype(np.int64), f"torchvision:{where}"
     else:
         with np.load(where) as d:

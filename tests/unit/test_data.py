@@ -119,3 +119,32 @@ def test_loader_is_deterministic_shards_and_resumes_mid_epoch():
     ev = list(data.BatchLoader(ds, 4, train=False, rank=0, world_size=1))
     assert [len(b[1]) for b in ev] == [4, 4, 2]
     torch.testing.assert_close(ev[0][0], (ds.images[:4].float() / 255 - 0.5) / 0.25, atol=1e-6, rtol=0)
+
+
+class _FakeTVCifar:
+    """Stands in for torchvision.datasets.CIFAR10 (the real one checks the md5 of the original archive)."""
+
+    def __init__(self, root, train, download):
+        assert download is False and Path(root, "cifar-10-batches-py").is_dir()
+        n = 6 if train else 4
+        self.data = np.arange(n * 32 * 32 * 3, dtype=np.int64).reshape(n, 32, 32, 3).astype(np.uint8)
+        self.targets = list(range(n))
+
+
+def test_torchvision_cifar_folder(tmp_path, monkeypatch):
+    import torchvision
+
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", _FakeTVCifar)
+    for root in (tmp_path, tmp_path / "cifar-10-batches-py"):  # the parent folder or the batches folder itself
+        ds = data.cifar10(root=root, train=True)
+        assert ds.images.shape == (6, 3, 32, 32) and ds.labels.tolist() == list(range(6))
+        assert torch.equal(ds.images[1].permute(1, 2, 0), torch.from_numpy(_FakeTVCifar(tmp_path, True, False).data[1]))
+        assert ds.source.startswith("torchvision:") and ds.augment == "crop_flip"
+    assert len(data.cifar10(root=tmp_path, train=False)) == 4
+
+
+def test_unreadable_torchvision_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "cifar-10-batches-py").mkdir()  # empty: torchvision reports it corrupted
+    with pytest.raises(FileNotFoundError, match="torchvision could not read it"):
+        data.cifar10(root=tmp_path)
