@@ -90,6 +90,16 @@ def uniform_noise(like: torch.Tensor, kind: str = "int16", out: Optional[torch.T
     return out.mul_(2.0**-16)
 
 
+class _Scratch(dict):
+    """Scratch buffers of one quantizer: not copied by ``deepcopy`` and not pickled (they are rebuilt on demand)."""
+
+    def __deepcopy__(self, memo) -> "_Scratch":
+        return _Scratch()
+
+    def __reduce__(self):
+        return (_Scratch, ())
+
+
 def _scratch(cache: Optional[Dict[str, torch.Tensor]], key: str, n: int, dtype: torch.dtype,
              device: torch.device) -> torch.Tensor:
     """A 1-D buffer of ``n`` elements, reused from ``cache`` when it is large enough (``cache=None``: fresh)."""
@@ -218,7 +228,7 @@ class GradQuantizer(Quantizer):
         self.last_step: Optional[torch.Tensor] = None
         # CPU only: the random bits and the clip mask are kept between backward passes (about 3 bytes per output
         # element; never handed out), because fresh large CPU allocations cost page faults on every step
-        self._scratch: Dict[str, torch.Tensor] = {}
+        self._scratch: Dict[str, torch.Tensor] = _Scratch()
 
     @property
     def target(self) -> float:

@@ -145,6 +145,20 @@ def test_output_may_be_modified_in_place():
     assert int(q.n_backward) == 1
 
 
+def test_scratch_buffers_stay_private():
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    q = gq(4, init="none")
+    g = torch.randn(1000)
+    out1 = backward_through(q, g).clone()
+    assert set(q._scratch) == {"bits", "above"}  # CPU: random bits and clip mask are reused between steps
+    out2 = backward_through(q, g)
+    assert not torch.equal(out1, out2)  # fresh noise each step, and the returned gradient is not a scratch buffer
+    assert len(copy.deepcopy(q)._scratch) == 0 and len(pickle.loads(pickle.dumps(q))._scratch) == 0
+
+
 def test_no_hook_without_autograd():
     q = gq()
     x = torch.randn(8)
