@@ -189,7 +189,7 @@ def test_to_qconfig_mapping_overrides():
     assert m.object_type_qconfigs[nn.Linear] is None
     qc = m.module_name_qconfigs["0"]
     assert qc.weight().bits == 8 and qc.weight().method == "pact" and qc.activation().bits == 4
-    assert m.global_qconfig.weight().bits == 4 and not m.global_qconfig.activation().signed is None
+    assert m.global_qconfig.weight().bits == 4 and m.global_qconfig.activation().dtype == torch.quint8
 
 
 # ------------------------------------------------------------------------------------------------ errors
