@@ -183,12 +183,15 @@ _WORKER = textwrap.dedent("""
 
 
 @needs_mnist
-def test_ddp_two_processes_agree(tmp_path):
+@pytest.mark.parametrize(
+    "extra", [[], pytest.param(["--hybrid", "--paths", "2"], marks=pytest.mark.slow)], ids=["lsq", "lsq_hybrid_k2"]
+)
+def test_ddp_two_processes_agree(tmp_path, extra):
     worker = tmp_path / "worker.py"
     worker.write_text(_WORKER)
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(worker), str(tmp_path), *TRAIN, "--out", str(run)]
+           str(worker), str(tmp_path), *TRAIN, *extra, "--out", str(run)]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**_env(), "FXQAT_CACHE": str(tmp_path / "c")},
                        timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
