@@ -5,7 +5,9 @@
 marker's input with a ``QuantizationSpec`` whose observer (``FixedAffineObserver``) holds the learned scale and
 zero point (the *real* ``quant_min``/``quant_max`` of the bit-width on an int8/uint8 carrier: torchao's decomposed
 ``quantize_per_tensor``/``per_channel`` ops clip to it), then runs ``prepare_pt2e`` and ``convert_pt2e`` and removes
-the markers. Weights are folded to integer constants (``fold_quantize=True``) followed by ``dequantize``.
+the markers. Weights are folded to integer constants (``fold_quantize=True``) followed by ``dequantize``. A marker
+``qpoint(y, -1)`` after each quantized layer stops ``prepare_pt2e`` from folding BatchNorm into the quantized weight
+(fxqat trains with BN applied in float after the quantized conv).
 
 Example:
     >>> import torch, torch.nn as nn, fxqat
@@ -23,8 +25,8 @@ from __future__ import annotations
 import functools
 import operator
 import warnings
-from unittest import mock
 from typing import Any, Dict, Tuple
+from unittest import mock
 
 import torch
 import torch.fx as fx
@@ -175,11 +177,13 @@ def to_pt2e(qm: fx.GraphModule, example_inputs: Any, dynamic_batch: bool = True)
     to the real bit-width's range); every quantized weight an integer constant followed by ``dequantize`` (per
     channel where fxqat used per-channel scales). The result is callable like ``qm`` in eval mode; with
     ``dynamic_batch`` (default) dimension 0 of every tensor input is exported as dynamic (``Dim.AUTO``: it stays
-    static only where the model itself fixes it).
+    static only where the model itself fixes it). Like every ``convert_pt2e`` result it is already in inference
+    form and refuses ``.train()``/``.eval()``.
 
     Raises:
         ExportError: naming the module/quantizer that cannot be represented.
     """
+    _classes()  # a clear ImportError without torchao
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     inputs = cpu_inputs(example_inputs)
