@@ -173,6 +173,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise UsageError(f"--method {a.method!r}: choose 'fp' or one of {sorted(fxqat.available_methods())}.")
     tr, te = _datasets(a.data, a.data_dir, a.train_subset, a.test_subset)
     rank, world = ddp.init_distributed()
+    torch.manual_seed(a.seed)  # the initial weights are part of what --seed fixes
     model = _model(a.model, tr.num_classes, tr.input_shape)
     loader = data.BatchLoader(tr, a.batch_size, train=True, seed=a.seed)
     test = data.BatchLoader(te, 512, train=False, rank=0, world_size=1)
@@ -213,7 +214,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     if ddp.is_main() and hist["status"] == "complete":
         atomic_save({"model": final_model.state_dict(), "run": run, "final": hist["final"]}, out / "model.pt")
         f = hist["final"]
-        print(f"{a.model} {a.data} {a.method} W{a.bits[0]}A{a.bits[1]} hybrid={a.hybrid}: "
+        what = "FP" if a.method == "fp" else \
+            f"{a.method} W{a.bits[0]}A{a.bits[1]}{' +KD' if a.kd else ''}{' +hybrid' if a.hybrid else ''}"
+        print(f"{a.model} {a.data} {what}: "
               f"top-1 {f['test_top1']:.2f}%  steps {f['step']}  time {f['time_s']:.1f}s  -> {out}")
     elif ddp.is_main():
         print(f"stopped at step {hist['steps'][-1]['step'] if hist['steps'] else 0}; continue with --resume")

@@ -232,3 +232,14 @@ def test_bench_runs_both_scripts_with_their_flags(monkeypatch, capsys):
     assert main(["bench", "--quick", "--", "--rounds", "2"]) == 0
     assert [Path(c[1]).name for c in calls] == present
     assert all(c[0] == sys.executable and c[2:] == ["--quick", "--rounds", "2"] for c in calls)
+
+
+def test_same_seed_same_run_other_seed_other_run(tmp_path):
+    base = ["train", "--model", "mlp", "--data", "digits", "--method", "fp", "--steps", "5", "--no-progress"]
+    torch.manual_seed(123)  # the global state before the call must not matter
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0
+    torch.rand(7)
+    assert main(base + ["--out", str(tmp_path / "b")]) == 0
+    assert main(base + ["--seed", "1", "--out", str(tmp_path / "c")]) == 0
+    la, lb, lc = ([s["loss"] for s in _metrics(tmp_path / r)["steps"]] for r in "abc")
+    assert la == lb and la != lc
