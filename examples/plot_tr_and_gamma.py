@@ -69,7 +69,7 @@ while step < cfg.steps:
         hist["K"].append(opt.running_rates())
         hist["U"].append(opt.talr())
         hist["gamma"].append(gammas(qm))
-        hist["loss"].append(float(loss))
+        hist["loss"].append(float(loss.detach()))
         step += 1
     epoch += 1
 print(f"final loss {hist['loss'][-1]:.3f}")

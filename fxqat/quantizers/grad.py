@@ -212,6 +212,11 @@ class GradQuantizer(Quantizer):
 
     def __init__(self, spec, **kwargs) -> None:
         super().__init__(spec, **kwargs)
+        if spec.kind != "grad":
+            raise ValueError(
+                f"GradQuantizer: method 'grad' quantizes gradients only (got kind={spec.kind!r}); choose a weight/"
+                "activation method (e.g. method='lsq') and set QATConfig(g_bits=4) for gradient quantization."
+            )
         for name, choices in _CHOICES.items():
             if self.opts[name] not in choices:
                 raise ValueError(f"GradQuantizer: {name}={self.opts[name]!r}; use one of {choices}.")
