@@ -296,7 +296,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from fxqat.training.demo import run_demo
 
     run_demo(quick=a.quick, data_dir=a.data_dir, data=a.data, bits=a.bits, steps=a.steps, fp_steps=a.fp_steps,
-             seed=a.seed, out=a.out, progress=a.progress)
+             seed=a.seed, out=a.out, progress=a.progress, echo=lambda line: print(line, flush=True))
     return 0
 
 

@@ -27,7 +27,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 __all__ = ["DemoConfig", "demo_config", "run_demo", "format_table"]
 
@@ -83,8 +83,12 @@ def format_table(rows: Dict[str, Dict[str, Any]]) -> str:
 
 
 def run_demo(quick: bool = False, data_dir: Optional[str] = None, data: str = "auto", bits=None, steps=None,
-             fp_steps=None, seed: int = 0, out: str = "runs/demo", progress: Optional[bool] = None) -> Dict[str, Any]:
-    """Run the demo; prints the table, writes ``OUT/demo.json`` and ``OUT/demo.png``; returns the results."""
+             fp_steps=None, seed: int = 0, out: str = "runs/demo", progress: Optional[bool] = None,
+             echo: Callable[[str], None] = log.info) -> Dict[str, Any]:
+    """Run the demo; writes ``OUT/demo.json`` and ``OUT/demo.png``; returns the results.
+
+    ``echo`` receives the header, the result table and the file names (the CLI passes ``print``).
+    """
     import torch
 
     import fxqat
@@ -106,8 +110,8 @@ def run_demo(quick: bool = False, data_dir: Optional[str] = None, data: str = "a
     loader = fdata.BatchLoader(tr, cfg.batch_size, train=True, seed=cfg.seed, rank=0, world_size=1)
     test = fdata.BatchLoader(te, 500, train=False, rank=0, world_size=1)
     w, a = cfg.bits
-    print(f"fxqat demo: {cfg.model} on {cfg.data} ({tr.source}), {len(te)} test images; FP {cfg.fp_steps} steps, "
-          f"then W{w}A{a} arms of {cfg.qat_steps} steps (batch {cfg.batch_size}, seed {cfg.seed})", flush=True)
+    echo(f"fxqat demo: {cfg.model} on {cfg.data} ({tr.source}), {len(te)} test images; FP {cfg.fp_steps} steps, "
+         f"then W{w}A{a} arms of {cfg.qat_steps} steps (batch {cfg.batch_size}, seed {cfg.seed})")
 
     torch.manual_seed(cfg.seed)
     fp = get_model(cfg.model, num_classes=tr.num_classes, in_shape=tr.input_shape)
@@ -137,7 +141,7 @@ def run_demo(quick: bool = False, data_dir: Optional[str] = None, data: str = "a
                       "steps": [{"step": s["step"], "loss": s.get("ce", s["loss"])} for s in hist["steps"]]}
         log.info("fxqat demo: %s top-1 %.2f%%", name, rows[name]["top1"])
     table = format_table(rows)
-    print(table, flush=True)
+    echo(table)
     outdir = Path(out)
     result = {"config": asdict(cfg), "data_source": tr.source, "quick": quick, "torch_threads": torch.get_num_threads(),
               "cpu_count": os.cpu_count(), "total_time_s": time.perf_counter() - t_start,
@@ -151,5 +155,5 @@ def run_demo(quick: bool = False, data_dir: Optional[str] = None, data: str = "a
               title=f"{cfg.model} / {cfg.data}: W{w}A{a} from FP ({cfg.qat_steps} steps per arm)",
               reference={"FP": fp_info["top1"]})
     atomic_write_text(json.dumps(result, indent=1), outdir / "demo.json")
-    print(f"total {result['total_time_s']:.0f}s; plot: {outdir / 'demo.png'}  results: {outdir / 'demo.json'}")
+    echo(f"total {result['total_time_s']:.0f}s; plot: {outdir / 'demo.png'}  results: {outdir / 'demo.json'}")
     return result

@@ -243,3 +243,15 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path):
     assert main(base + ["--seed", "1", "--out", str(tmp_path / "c")]) == 0
     la, lb, lc = ([s["loss"] for s in _metrics(tmp_path / r)["steps"]] for r in "abc")
     assert la == lb and la != lc
+
+
+def test_demo_falls_back_to_digits_without_cifar(tmp_path, capsys):
+    empty = tmp_path / "no_cifar_here"
+    empty.mkdir()
+    assert main(["-q", "demo", "--quick", "--data-dir", str(empty), "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "cnn on digits" in out
+    rows = {m.group(1): float(m.group(2)) for m in _ROW.finditer(out)}
+    assert len(rows) == 4 and all(math.isfinite(v) and v > 50.0 for v in rows.values()), out  # chance: 10 %
+    res = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert res["config"]["data"] == "digits" and set(res["arms"]) == set(rows)
