@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
         "machine": machine(), "median_step_s": med, "ratio_to_lsq_sgd": ratios,
         "targets": targets, "meets_target": {k: ratios[k] <= t for k, t in targets.items()},
         "optimizer_step_only_s": opt_only,
-        "note": "CPU shared with other jobs while measuring; variants interleaved round-robin so load affects all alike.",
+        "note": "CPU shared with other jobs while measuring; variants interleaved round-robin so load hits all alike.",
     }
     m = payload["machine"]
     rows = "\n".join(

@@ -6,9 +6,10 @@ flowing back into the layer (the error signal both backward GEMMs consume) with
 
     g_max = max|G|,   Δ = 2·γ·g_max / (2^b − 2),   G_q = Δ · ⌊clip(G/Δ + u, −(2^{b−1} − 1), 2^{b−1} − 1)⌉,
 
-``u`` uniform in [−½, ½) drawn from torch's **global** RNG (``torch.manual_seed`` makes a run reproducible): a symmetric grid
-of 2^b − 1 levels with zero, clipped at ±γ·g_max, with unbiased stochastic rounding inside the range (the official
-code's ``grad_quant.backward``, written centred on zero).
+``u`` uniform in [−½, ½) drawn from torch's **global** RNG (``torch.manual_seed`` makes a run reproducible): a
+symmetric grid of 2^b − 1 levels with zero, clipped at ±γ·g_max, with stochastic rounding that is unbiased inside the
+range (up to 2^-16 of a step with the default ``noise="int16"``); the official code's ``grad_quant.backward``, written
+centred on zero.
 
 Interval update (code ``update_interval``). On each backward, *after* G is quantized with the current γ, the clip
 fraction ``R = mean(|G| > γ·g_max)`` is measured on the full-precision G (buffer ``clip_fraction``) and
@@ -26,8 +27,8 @@ Initialisation (option ``init``, on the first backward): ``"ema_search"`` (code)
 **[P] code; the exact stopping rule and the lack of an iteration cap are [R]**. ``"quantile"`` **[R]**: γ set so that R
 equals the target on the first G. ``"none"``: start at ``gamma0`` and update from the first backward on. With
 ``"ema_search"``/``"quantile"`` the first backward is quantized with ``gamma0`` (the code's order) and does no regular
-update. ``mode="minmax"`` keeps γ = 1 (the min-max baseline);
-``mode="fixed"`` keeps γ = ``gamma0`` (the paper's fixed-γ baselines). R is measured in every mode.
+update. ``mode="minmax"`` keeps γ = 1 (the min-max baseline); ``mode="fixed"`` keeps γ = ``gamma0`` (the paper's
+fixed-γ baselines). R is measured in every mode.
 
 Options (defaults): ``mode`` ("adaptive"), ``alpha`` (1e-3), ``eps`` (1e-3), ``gamma0`` (1.0), ``gamma_min``
 (1e-3), ``gamma_max`` (1.0), ``init`` ("ema_search"), ``init_momentum`` (0.999), ``init_step`` (None = ``eps``),
