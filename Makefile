@@ -1,9 +1,11 @@
-# The two commands of the README. Both create .venv on first use (idempotent: the stamp file
-# is rebuilt only when pyproject.toml changes).
+# The two commands of the README. Both create .venv on first use (idempotent: a stamp file is rebuilt only when
+# pyproject.toml changes). `make test` also installs the `export` extra (onnx, onnxruntime, torchao) so that the
+# deployment tests run instead of skipping.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+XSTAMP  := $(VENV)/.installed-export
 
 .PHONY: demo test test-fast test-slow bench clean
 
@@ -13,14 +15,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+$(XSTAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,export]"
+	touch $(XSTAMP)
+
 demo: $(STAMP)
 	$(BIN)/fxqat demo
 
-test: $(STAMP)
+test: $(XSTAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 	$(BIN)/python -m pytest -q -m slow tests
 
-test-fast: $(STAMP)
+test-fast: $(XSTAMP)
 	$(BIN)/python -m pytest -q -m "not slow" -x tests
 
 bench: $(STAMP)

@@ -19,6 +19,7 @@ from fxqat.api import (
     set_quantization,
     trainable_parameters,
 )
+from fxqat.export.torch_ao import to_qconfig_mapping
 from fxqat.graph.blocks import Block
 from fxqat.passes.build_hybrid import HybridOutput
 from fxqat.training.losses import distillation_loss, hybrid_loss, kd_loss
@@ -34,5 +35,5 @@ __all__ = [
     "prepare_qat", "convert", "quantizers", "set_quantization", "calibrate", "trainable_parameters", "find_blocks",
     "Block", "HybridOutput", "hybrid_loss", "distillation_loss", "kd_loss",
     "QATConfig", "HybridConfig", "QuantSpec", "Override", "Quantizer", "NotAffineError", "available_methods",
-    "trace", "TraceFailure",
+    "trace", "TraceFailure", "to_qconfig_mapping",
 ]
