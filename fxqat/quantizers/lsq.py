@@ -103,6 +103,7 @@ class LSQQuantizer(Quantizer):
         self.scale = nn.Parameter(torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1))
         self.register_buffer("grad_factor", torch.ones(1))
+        self._gf = 1.0  # Python mirror of grad_factor: no tensor read in forward (no graph break under compile)
 
     @torch.no_grad()
     def _init_from(self, x: torch.Tensor) -> None:
@@ -119,6 +120,7 @@ class LSQQuantizer(Quantizer):
         if self.per_channel:
             n = n // x.shape[self.ch_axis]
         self.grad_factor.fill_(1.0 / math.sqrt(n * qmax) if self.opts["grad_scale"] else 1.0)
+        self._gf = float(self.grad_factor)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "scale"
@@ -126,10 +128,11 @@ class LSQQuantizer(Quantizer):
             self.scale = nn.Parameter(torch.empty_like(state_dict[key]))
             self.zero_point = torch.zeros_like(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._gf = float(self.grad_factor)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = self.qrange
-        g = float(self.grad_factor)
+        g = self._gf
         if self.opts["impl"] == "fused" and x.dtype == torch.float32:
             if self.per_channel:
                 return torch._fake_quantize_learnable_per_channel_affine(
