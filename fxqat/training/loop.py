@@ -219,7 +219,7 @@ def _progress(cfg: TrainConfig, total: int, initial: int, desc: str):
 def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, out_dir=None, resume: bool = False,
         teacher: Optional[nn.Module] = None, params: Optional[Iterable] = None, desc: str = "train",
         run_info: Optional[Dict[str, Any]] = None, stop_after: Optional[int] = None,
-        find_unused_parameters: bool = True) -> Dict[str, Any]:
+        find_unused_parameters: Optional[bool] = None) -> Dict[str, Any]:
     """Train ``model`` in place; returns the history (``epochs``, ``steps``, ``final``) also written to metrics.json.
 
     Args:
@@ -234,7 +234,8 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
         run_info: extra JSON-able facts stored in metrics.json (model, data, bits...).
         stop_after: stop (checkpoint written, status "interrupted") after this many steps of this call, as if the
             run had been killed; the schedule still spans the whole run, so ``resume`` continues it exactly.
-        find_unused_parameters: passed to DDP (hybrid models with sampled paths leave some blocks unused).
+        find_unused_parameters: passed to DDP (None = only for hybrid models, whose sampled paths can leave some
+            blocks without gradient).
 
     Raises:
         CheckpointError: ``resume`` with a corrupt checkpoint.
@@ -270,6 +271,8 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
     else:
         torch.manual_seed(cfg.seed)
     hybrid_t = _hybrid_api()[0]
+    if find_unused_parameters is None:
+        find_unused_parameters = getattr(model, "fxqat_hybrid", None) is not None
     net = ddp.wrap_ddp(model, find_unused_parameters=find_unused_parameters)
     stop_at = min(total, step + stop_after) if stop_after else total
     if teacher is not None:
