@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -110,6 +111,25 @@ def _scratch(cache: Optional[Dict[str, torch.Tensor]], key: str, n: int, dtype: 
     if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
         buf = cache[key] = torch.empty(n, dtype=dtype, device=device)
     return buf[:n]
+
+
+def _reusable_output(cache: Optional[Dict[str, torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
+    """The buffer for the quantized gradient: last step's when nothing references it any more (its Python object is
+    held by ``cache`` alone, no other tensor shares its storage), else a fresh one."""
+    if cache is None:
+        return torch.empty_like(like)
+    buf = cache.get("out")
+    try:
+        free = (
+            buf is not None and buf.shape == like.shape and buf.dtype == like.dtype and buf.device == like.device
+            and sys.getrefcount(buf) == 3  # cache + ``buf`` + the call's argument
+            and buf._use_count() == 1 and torch._C._storage_Use_Count(buf.untyped_storage()._cdata) <= 2
+        )
+    except (AttributeError, RuntimeError):  # internals changed: never reuse
+        free = False
+    if not free:
+        buf = cache["out"] = torch.empty_like(like)
+    return buf
 
 
 def _grid_step(gamma: torch.Tensor, gmax: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
@@ -233,7 +253,8 @@ class GradQuantizer(Quantizer):
         self.register_buffer("n_backward", torch.zeros(1, dtype=torch.int64))
         self.last_step: Optional[torch.Tensor] = None
         # CPU only: the random bits and the clip mask are kept between backward passes (about 3 bytes per output
-        # element; never handed out), because fresh large CPU allocations cost page faults on every step
+        # element; never handed out), and the output buffer is reused once nothing references it any more,
+        # because fresh large CPU allocations cost page faults on every step
         self._scratch: Dict[str, torch.Tensor] = _Scratch()
 
     @property
@@ -257,10 +278,10 @@ class GradQuantizer(Quantizer):
     @torch.no_grad()
     def _hook(self, g: torch.Tensor) -> torch.Tensor:
         gamma = self.gamma
-        buf = torch.abs(g)  # |G| now, the quantized gradient below (the one allocation that leaves the hook)
+        cache = self._scratch if g.device.type == "cpu" else None  # CPU: no caching allocator, so reuse buffers
+        buf = torch.abs(g, out=_reusable_output(cache, g))  # |G| now, the quantized gradient below
         gmax = buf.amax()
         thr = gamma.to(g.dtype).reshape(()) * gmax
-        cache = self._scratch if g.device.type == "cpu" else None  # CPU: no caching allocator, so reuse buffers
         above = torch.gt(buf, thr, out=_scratch(cache, "above", g.numel(), torch.bool, g.device).view(g.shape))
         r = torch.count_nonzero(above).float() / max(g.numel(), 1)
         step = _grid_step(gamma, gmax, self.bits, g.dtype)

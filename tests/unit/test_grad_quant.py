@@ -153,10 +153,28 @@ def test_scratch_buffers_stay_private():
     q = gq(4, init="none")
     g = torch.randn(1000)
     out1 = backward_through(q, g).clone()
-    assert set(q._scratch) == {"bits", "above"}  # CPU: random bits and clip mask are reused between steps
+    assert set(q._scratch) == {"bits", "above", "out"}  # CPU: buffers are reused between steps
+    ptr = q._scratch["out"].data_ptr()
     out2 = backward_through(q, g)
-    assert not torch.equal(out1, out2)  # fresh noise each step, and the returned gradient is not a scratch buffer
+    assert q._scratch["out"].data_ptr() == ptr  # nothing held last step's output: its buffer was reused
+    assert not torch.equal(out1, out2)  # fresh noise each step
     assert len(copy.deepcopy(q)._scratch) == 0 and len(pickle.loads(pickle.dumps(q))._scratch) == 0
+
+
+def test_a_gradient_someone_holds_is_never_overwritten():
+    torch.manual_seed(0)
+    q = gq(4, init="none")
+    held = []
+    for _ in range(3):
+        x = torch.zeros(1000, requires_grad=True)
+        y = q(x * 1.0)
+        y.register_hook(lambda g: held.append(g))  # runs after q's hook: receives q's output itself
+        y.backward(torch.randn(1000))
+    copies = [h.clone() for h in held]
+    x = torch.zeros(1000, requires_grad=True)
+    q(x * 1.0).backward(torch.randn(1000))
+    assert all(torch.equal(h, c) for h, c in zip(held, copies))
+    assert len({h.data_ptr() for h in held}) == 3
 
 
 def test_no_hook_without_autograd():
