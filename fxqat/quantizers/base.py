@@ -102,16 +102,21 @@ class Quantizer(FakeQuantizeBase):
         # -1 = decide from data on the first batch, 0 = unsigned, 1 = signed
         self.register_buffer("signed_flag", torch.tensor([-1 if spec.signed is None else int(spec.signed)]))
         self.register_buffer("initialized", torch.tensor([0], dtype=torch.uint8))
-        self._fq_on = True
-        self._init_done = False
-        self.dtype = torch.qint8 if spec.signed is not False else torch.quint8  # torch.ao inspects these
+        self._sync_flags()  # sets _signed, _fq_on, _init_done and dtype (torch.ao inspects dtype and qscheme)
         self.qscheme = torch.per_channel_symmetric if spec.per_channel else torch.per_tensor_affine
 
     # ----------------------------------------------------------------------------------------- flags and state
     @property
     def signed(self) -> bool:
         """Whether the grid is signed (after initialisation; ``True`` before it when unknown)."""
-        return int(self.signed_flag[0]) != 0
+        return self._signed  # Python mirror of signed_flag (see _sync_flags): no tensor read in forward
+
+    def _sync_flags(self) -> None:
+        """Refresh the Python mirrors of the flag buffers (after initialisation or loading a state_dict)."""
+        self._signed = int(self.signed_flag[0]) != 0
+        self._fq_on = bool(self.fake_quant_enabled[0])
+        self._init_done = bool(self.initialized[0])
+        self.dtype = torch.qint8 if self._signed else torch.quint8
 
     @property
     def qrange(self) -> Tuple[int, int]:
@@ -138,9 +143,7 @@ class Quantizer(FakeQuantizeBase):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._fq_on = bool(self.fake_quant_enabled[0])
-        self._init_done = bool(self.initialized[0])
-        self.dtype = torch.qint8 if self.signed else torch.quint8
+        self._sync_flags()
 
     @property
     def is_initialized(self) -> bool:
@@ -152,18 +155,18 @@ class Quantizer(FakeQuantizeBase):
         if int(self.signed_flag[0]) < 0:
             self.signed_flag.fill_(int(bool((x.detach() < 0).any())))
             _all_reduce(self.signed_flag, "max")  # signed on one rank -> signed everywhere
-            self.dtype = torch.qint8 if self.signed else torch.quint8
+            self._sync_flags()
         self._init_from(x.detach())
         for t in list(self.parameters()) + [b for n, b in self.named_buffers() if n not in _FLAG_BUFFERS]:
             if t.is_floating_point():
                 _all_reduce(t.data, "mean")  # DDP: every rank starts from the same (averaged) initialisation
         self.initialized.fill_(1)
-        self._init_done = True
+        self._sync_flags()
 
     def reset(self) -> None:
         """Forget the initialisation: the next forward initialises again from data."""
         self.initialized.fill_(0)
-        self._init_done = False
+        self._sync_flags()
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,41 @@
+"""The compiled path: prepared models (plain and hybrid) trace into one dynamo graph and match eager numerics."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxqat
+from fxqat.models import get_model
+
+
+@pytest.mark.parametrize("hybrid", [None, fxqat.HybridConfig(paths=2)])
+def test_no_graph_breaks(hybrid):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    qm = fxqat.prepare_qat(get_model("resnet20", 10), (x,), fxqat.QATConfig(w_bits=4, a_bits=4, hybrid=hybrid))
+    qm.train()
+    qm(x)  # initialise quantizers eagerly (data-dependent)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(qm)(x)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    qm = fxqat.prepare_qat(model, (x,), fxqat.QATConfig(w_bits=4, a_bits=4)).eval()
+    qm(x)
+    compiled = torch.compile(qm)
+    ref = qm(x)
+    out = compiled(x)
+    # inductor may compute x/s as x·(1/s): an element within an ulp of a rounding boundary can move by one step
+    step = max(q.scale.abs().max().item() for q in fxqat.quantizers(qm).values())
+    assert torch.allclose(out, ref, atol=4 * step, rtol=0)
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.75
+    qm.train()
+    torch.nn.functional.cross_entropy(compiled(x), y).backward()
+    assert all(torch.isfinite(p.grad).all() for p in qm.parameters() if p.grad is not None)
