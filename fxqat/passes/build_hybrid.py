@@ -13,7 +13,8 @@ With ``QATConfig(hybrid=HybridConfig(...))`` the prepared model is a :class:`Hyb
 eval mode, under ``fxqat_partner``); ``partner="shared"`` runs the LP latent weights without quantizers (no extra
 weight memory; BatchNorm running statistics are not updated by FP passes). With ``paths=k``, k paths are sampled per
 step from a generator seeded by ``(seed, step)``: identical on every DDP rank and after a resume; unselected paths are
-not executed. In eval mode the call returns the LP output only.
+not executed. In eval mode the call returns the LP output only. Under ``torch.compile`` prefer ``paths="all"``: each
+sampled set of paths is a different graph (one recompilation per set).
 
 Example:
     >>> import torch, torch.nn as nn, fxqat
@@ -29,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import random
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import torch
@@ -117,6 +119,8 @@ class HybridGraphModule(fx.GraphModule):
         self._fp_graph = fp_graph
         if not hasattr(self, "fxqat_step"):
             self.register_buffer("fxqat_step", torch.zeros((), dtype=torch.long))
+        self._step: Optional[int] = None
+        self.register_load_state_dict_post_hook(lambda mod, _keys: setattr(mod, "_step", None))
         lp_cuts, fp_cuts = _cut_names(self.graph), _cut_names(fp_graph)
         assert len(lp_cuts) == len(fp_cuts), (lp_cuts, fp_cuts)
         self.n_blocks = len(lp_cuts) + 1
@@ -170,8 +174,8 @@ class HybridGraphModule(fx.GraphModule):
         k = self.fxqat_hybrid.paths
         if k == "all" or k >= self.n_paths:
             return list(range(self.n_paths))
-        g = torch.Generator().manual_seed(self.fxqat_hybrid.seed * 1_000_003 + int(step))
-        return sorted(torch.randperm(self.n_paths, generator=g)[:k].tolist())
+        rng = random.Random(self.fxqat_hybrid.seed * 1_000_003 + int(step))
+        return sorted(rng.sample(range(self.n_paths), k))
 
     def train(self, mode: bool = True) -> "HybridGraphModule":
         super().train(mode)
@@ -188,8 +192,11 @@ class HybridGraphModule(fx.GraphModule):
         if not self.training:
             return super().__call__(*args, **kwargs)
         h = self.fxqat_hybrid
-        ids = self.select_paths(int(self.fxqat_step))
-        self.fxqat_step += 1
+        if self._step is None:  # Python mirror of the fxqat_step buffer: no tensor read in the traced forward
+            self._step = int(self.fxqat_step)
+        ids = self.select_paths(self._step)
+        self._step += 1
+        self.fxqat_step.fill_(self._step)
         v = self._views
         paths: List[Any] = []
         if h.mode == "lp_prefix":

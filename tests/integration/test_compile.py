@@ -8,7 +8,7 @@ import fxqat
 from fxqat.models import get_model
 
 
-@pytest.mark.parametrize("hybrid", [None, fxqat.HybridConfig(paths=2)])
+@pytest.mark.parametrize("hybrid", [None, fxqat.HybridConfig()])
 def test_no_graph_breaks(hybrid):
     torch.manual_seed(0)
     x = torch.randn(4, 3, 32, 32)
