@@ -62,6 +62,8 @@ class StateShapeMixin:
                 new = torch.empty(state_dict[key].shape, dtype=t.dtype, device=t.device)
                 store[name] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if "grad_factor" in self._buffers:  # Python mirror: no tensor read in forward (no torch.compile graph break)
+            self._gf = float(self._buffers["grad_factor"])
 
 
 @torch.no_grad()

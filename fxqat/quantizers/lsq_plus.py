@@ -110,8 +110,13 @@ class LSQPlusQuantizer(StateShapeMixin, Quantizer):
         else:
             self.register_buffer("offset", torch.zeros(1))
         self.register_buffer("grad_factor", torch.ones(1))
-        if self.kind == "act":
-            self.dtype = torch.quint8
+        self._gf = 1.0  # Python mirror of grad_factor
+        self._sync_flags()
+
+    def _sync_flags(self) -> None:
+        super()._sync_flags()
+        if getattr(self, "kind", None) == "act":
+            self.dtype = torch.quint8  # activation codes are unsigned whatever the data's sign
 
     @property
     def qrange(self) -> Tuple[int, int]:
@@ -148,9 +153,10 @@ class LSQPlusQuantizer(StateShapeMixin, Quantizer):
         set_tensor(self, "offset", b)
         g = 1.0 / math.sqrt(numel_per_scale(self, x) * max(qmax, 1)) if self.opts["grad_scale"] else 1.0
         self.grad_factor.fill_(g)
+        self._gf = float(self.grad_factor)
 
     def _sb(self, x: Optional[torch.Tensor] = None, detach: bool = False):
-        g = float(self.grad_factor)
+        g = self._gf
         s = (self.scale.detach() if detach else grad_scaled(self.scale, g)).abs().clamp(min=_EPS)
         b = self.offset.detach() if detach else grad_scaled(self.offset, g)
         if self.opts["offset_on_grid"]:

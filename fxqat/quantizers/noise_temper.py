@@ -87,6 +87,7 @@ class NoiseTemperQuantizer(StateShapeMixin, Quantizer):
             self.register_buffer("kappa", kappa)
         self.register_buffer("step", torch.zeros(1, dtype=torch.long))
         self.register_buffer("grad_factor", torch.ones(1))
+        self._gf = 1.0  # Python mirror of grad_factor
 
     @torch.no_grad()
     def _init_from(self, x: torch.Tensor) -> None:
@@ -95,16 +96,21 @@ class NoiseTemperQuantizer(StateShapeMixin, Quantizer):
         set_tensor(self, "scale", s.clamp(min=_EPS))
         g = 1.0 / math.sqrt(numel_per_scale(self, x) * qmax) if self.opts["grad_scale"] else 1.0
         self.grad_factor.fill_(g)
+        self._gf = float(self.grad_factor)
 
     def rho(self) -> float:
         """ρ(t) = exp(−t/τ), or 0 below ``rho_floor``."""
-        r = math.exp(-float(self.step) / float(self.opts["tau"]))
-        return 0.0 if r < float(self.opts["rho_floor"]) else r
+        return float(self._rho_tensor())
+
+    def _rho_tensor(self) -> torch.Tensor:
+        """ρ as a tensor computed from the ``step`` buffer: no Python read, so ``torch.compile`` keeps one graph."""
+        r = torch.exp(-self.step.to(self.scale.dtype) / float(self.opts["tau"]))
+        return torch.where(r < float(self.opts["rho_floor"]), torch.zeros_like(r), r)
 
     @torch.no_grad()
     def advance(self, n: int = 1) -> None:
         """Advance the tempering clock by ``n`` (automatic per training forward with ``schedule="step"``)."""
-        self.step += int(n)
+        self.step.add_(int(n))
 
     def _noise(self, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Noise ``e`` with a gradient ``e/s`` to the step size."""
@@ -117,15 +123,15 @@ class NoiseTemperQuantizer(StateShapeMixin, Quantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = self.qrange
-        g = float(self.grad_factor)
+        g = self._gf
         s = grad_scaled(self.scale, g).abs().clamp(min=_EPS)
         if self.per_channel:
             s = channel_view(s, x, self.ch_axis)
         xd = x.detach()
         z = torch.clamp(xd / s, qmin, qmax)
         q = round_ste(z) * s  # LSQ value and step-size gradient; no gradient to x (it comes through κ below)
-        rho = self.rho() if self.training else 0.0
-        y = q if rho == 0.0 else q + rho * (xd + self._noise(xd, s, z) - q)
+        # training: Q + ρ(x + e − Q), exactly Q once ρ = 0 (0·finite = 0); evaluation: Q
+        y = q + self._rho_tensor() * (xd + self._noise(xd, s, z) - q) if self.training else q
         if self.training and self.opts["schedule"] == "step":
             self.advance(1)
         kx = grad_scaled(self.kappa, g) * x

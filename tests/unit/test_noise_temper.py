@@ -56,7 +56,7 @@ def test_rho_decays_exponentially_per_training_step(tau):
     q = _nt(tau=tau)
     w = torch.randn(100)
     for t in range(5):
-        assert q.rho() == pytest.approx(math.exp(-t / tau), rel=1e-12)
+        assert q.rho() == pytest.approx(math.exp(-t / tau), rel=1e-6)  # computed in float32
         q(w)
     assert int(q.step) == 5
     q.eval()
