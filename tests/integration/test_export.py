@@ -40,15 +40,6 @@ PATHS = ["torch_ao", pytest.param("pt2e", marks=needs_torchao), pytest.param("on
 AVAILABLE = ["torch_ao"] + ["pt2e"] * (torchao is not None) + ["onnx"] * (onnx is not None)  # for loops
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models on a shared CPU: one intra-op thread is faster and keeps the timing stable."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _run(path: str, qm, example, x, tmp_path):
     """Export ``qm`` through ``path`` and run the deployed model on ``x`` (a float tensor out)."""
     if path == "torch_ao":

@@ -19,15 +19,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: small kernels under contended OpenMP threads run ~20x slower on the shared CI box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def batches():
     loader = data.BatchLoader(data.mnist(train=True).subset(2048), batch_size=64, train=True, seed=0)

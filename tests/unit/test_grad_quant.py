@@ -20,15 +20,6 @@ from fxqat.quantizers.grad import GradQuantizer, clip_fraction, ema_search_gamma
 from fxqat.training.grad_quant import clip_fractions, gammas, grad_quantizers, update_intervals
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tests run many small kernels, which contended OpenMP threads slow down ~20x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gq(bits: int = 4, **options) -> GradQuantizer:
     return GradQuantizer(QuantSpec(bits=bits, method="grad", kind="grad", options=options))
 

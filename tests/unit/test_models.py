@@ -7,15 +7,6 @@ import torch.fx
 from fxqat.models import MLP, SmallCNN, available_models, get_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small forward passes: one intra-op thread (two can be ~30x slower on a shared, busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def n_params(m):
     return sum(p.numel() for p in m.parameters())
 

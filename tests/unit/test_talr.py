@@ -21,15 +21,6 @@ MNIST = data.data_available("mnist")
 needs_mnist = pytest.mark.skipif(not MNIST, reason="MNIST (mnist.npz) not found in ../shared/data or $FXQAT_DATA")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: small kernels under contended OpenMP threads run ~20x slower on the shared CI box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _mlp_qm(seed=0, method="lsq", g_bits=None, in_shape=(1, 6, 6), first_last=4):
     torch.manual_seed(seed)
     model = get_model("mlp", in_shape=in_shape, hidden=(32, 16))

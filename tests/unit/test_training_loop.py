@@ -19,15 +19,6 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FXQAT_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and on a shared, busy CPU two threads can be ~30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _digits(bs=64):
     tr, te = data.digits(train=True), data.digits(train=False)
     return tr, data.BatchLoader(tr, bs, seed=0, rank=0, world_size=1), \
