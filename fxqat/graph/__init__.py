@@ -13,7 +13,7 @@ from fxqat.graph.modinfo import block_params, default_is_quantized, module_class
 from fxqat.graph.dominance import cut_nodes, immediate_dominators, sink_dominators, source_postdominators
 from fxqat.graph.nxview import SINK, SOURCE, dead_nodes, free_nodes, path_nodes, to_networkx
 from fxqat.graph.plot import plot_partition
-from fxqat.graph.split import copy_blocks, exit_value, prefix_module, suffix_module
+from fxqat.graph.split import prefix_module, suffix_module
 
 __all__ = [
     "Block",
@@ -26,8 +26,6 @@ __all__ = [
     "META_KEY",
     "prefix_module",
     "suffix_module",
-    "copy_blocks",
-    "exit_value",
     "plot_partition",
     "to_networkx",
     "path_nodes",
