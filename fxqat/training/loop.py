@@ -52,6 +52,8 @@ __all__ = [
     "fp_cache_dir",
 ]
 
+from fxqat.training.losses import kd_loss  # noqa: E402  (one definition, re-exported)
+
 log = logging.getLogger(__name__)
 
 
@@ -97,13 +99,6 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.schedule={self.schedule!r}: use 'cosine' or 'constant'.")
         if self.steps is not None and self.steps < 1 or self.epochs < 1:
             raise ValueError("TrainConfig: epochs and steps must be >= 1.")
-
-
-def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``T^2 KL(softmax(f/T) || softmax(a/T))``, batch mean."""
-    t = temperature
-    return F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), reduction="batchmean",
-                    log_target=True) * (t * t)
 
 
 def _hybrid_api():
@@ -164,12 +159,11 @@ def evaluate(model: nn.Module, loader: Iterable) -> float:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, x: torch.Tensor) -> None:
-    """One eval-mode forward so lazily initialised quantizers create their parameters before the optimizer exists
-    (BatchNorm statistics are not touched)."""
-    was = model.training
-    model.eval()
-    model(x)
-    model.train(was)
+    """Initialise lazily initialised quantizers before the optimizer exists (``fxqat.calibrate`` on one batch: eval
+    mode, no grad, BatchNorm statistics untouched)."""
+    from fxqat.api import calibrate as _calibrate
+
+    _calibrate(model, [x])
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig, params: Optional[Iterable] = None) -> List[Dict[str, Any]]:
