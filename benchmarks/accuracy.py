@@ -58,13 +58,26 @@ class Profile:
 
 PROFILES = {
     "smoke": Profile(fp_steps=20, fp_lr=0.1, qat_steps=3, qat_lr=0.01, bits=(2,), seeds=(0,), test_subset=500),
-    "short": Profile(fp_steps=2000, fp_lr=0.1, qat_steps=150, qat_lr=0.01, bits=(4, 3, 2), seeds=(0, 1),
+    "short": Profile(fp_steps=1200, fp_lr=0.1, qat_steps=120, qat_lr=0.01, bits=(4, 3, 2), seeds=(0, 1),
                      test_subset=5000),
     "cpu": Profile(fp_steps=390 * 30, fp_lr=0.1, qat_steps=390 * 3, qat_lr=0.01, bits=(4, 3, 2), seeds=(0, 1)),
     "gpu": Profile(fp_steps=390 * 200, fp_lr=0.1, qat_steps=390 * 90, qat_lr=0.01, bits=(4, 3, 2), seeds=(0, 1, 2),
                    device="cuda"),
 }
 ARMS = ("lsq", "lsq_kd", "lsq_br")
+
+
+def _summary(profile: Profile, name: str, runs: List[Dict], fp_top1: float, source: str, t_start: float) -> Dict:
+    table: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for bits in profile.bits:
+        for arm in ARMS:
+            vals = [r["top1"] for r in runs if r["bits"] == bits and r["arm"] == arm]
+            if vals:
+                table.setdefault(f"W{bits}A{bits}", {})[arm] = {
+                    "mean": statistics.mean(vals), "spread": (max(vals) - min(vals)) / 2, "n": len(vals)}
+    return {"profile": name, "settings": asdict(profile), "machine": machine(), "data": source, "fp_top1": fp_top1,
+            "runs": runs, "table": table, "total_time_s": time.perf_counter() - t_start,
+            "complete": len(runs) == len(profile.bits) * len(profile.seeds) * len(ARMS)}
 
 
 def run(profile: Profile, name: str) -> Dict:
@@ -102,14 +115,9 @@ def run(profile: Profile, name: str) -> Dict:
                 runs.append({"arm": arm, "bits": bits, "seed": seed, "top1": top1,
                              "time_s": time.perf_counter() - t0})
                 log.info("%s W%dA%d seed %d: top-1 %.2f%%", arm, bits, bits, seed, top1)
-    table: Dict[str, Dict[str, Dict[str, float]]] = {}
-    for bits in profile.bits:
-        for arm in ARMS:
-            vals = [r["top1"] for r in runs if r["bits"] == bits and r["arm"] == arm]
-            table.setdefault(f"W{bits}A{bits}", {})[arm] = {
-                "mean": statistics.mean(vals), "spread": (max(vals) - min(vals)) / 2, "n": len(vals)}
-    return {"profile": name, "settings": asdict(profile), "machine": machine(), "data": tr.source,
-            "fp_top1": fp_info["top1"], "runs": runs, "table": table, "total_time_s": time.perf_counter() - t_start}
+            res = _summary(profile, name, runs, fp_info["top1"], tr.source, t_start)
+            write_results(f"accuracy_{name}", res, markdown(res))  # partial results survive an interrupted run
+    return _summary(profile, name, runs, fp_info["top1"], tr.source, t_start)
 
 
 def markdown(res: Dict) -> str:
@@ -122,11 +130,14 @@ def markdown(res: Dict) -> str:
              "", "| bits | LSQ | LSQ + KD (FP logits only) | LSQ + block replacement | BR − LSQ | BR − KD |",
              "|---|---|---|---|---|---|"]
     for bits, arms in res["table"].items():
+        if len(arms) < len(ARMS):
+            continue
         cell = {a: f"{v['mean']:.2f} ± {v['spread']:.2f}" for a, v in arms.items()}
         d1 = arms["lsq_br"]["mean"] - arms["lsq"]["mean"]
         d2 = arms["lsq_br"]["mean"] - arms["lsq_kd"]["mean"]
         lines.append(f"| {bits} | {cell['lsq']} | {cell['lsq_kd']} | {cell['lsq_br']} | {d1:+.2f} | {d2:+.2f} |")
-    lines += ["", "mean ± half-range over seeds, top-1 %.", f"Total time: {res['total_time_s'] / 60:.0f} min."]
+    lines += ["", "mean ± half-range over seeds, top-1 %.", f"Total time: {res['total_time_s'] / 60:.0f} min."
+              + ("" if res.get("complete") else " **Incomplete run**: only the rows above finished.")]
     return "\n".join(lines) + "\n"
 
 
@@ -134,8 +145,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", choices=sorted(PROFILES), default="short")
     ap.add_argument("--qat-steps", type=int, default=None, help="override the profile's QAT steps per arm")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for ResNet-20 on CPU)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
     if not fdata.data_available("cifar10"):
         sys.exit("CIFAR-10 not found: put cifar10_jpeg.npz in ../shared/data or set FXQAT_DATA (see fxqat.data).")
     prof = PROFILES[args.profile]
