@@ -141,8 +141,10 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--models", default="resnet20,resnet18")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
     rounds = 2 if args.quick else args.rounds
     results = {}
     for name in args.models.split(","):

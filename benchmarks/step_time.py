@@ -7,7 +7,7 @@ Variants (each a full SGD step: forward, loss, backward, optimizer step):
 * ``fxqat_lsq_fused``: fxqat LSQ W4A4 with torch's fused learnable fake-quant kernels (eager);
 * ``torch_ao``: torch.ao ``prepare_qat_fx`` with its default QAT qconfig (8-bit, observers + fake-quant);
 * ``fp_compiled`` / ``fxqat_lsq_compiled``: the same under ``torch.compile`` (``--no-compile`` skips them);
-* ``brevitas``: ``brevitas.graph.quantize`` when Brevitas is installed (skipped otherwise).
+* ``brevitas``: ``brevitas.graph.quantize`` with ``--brevitas`` (needs Brevitas; see ``_brevitas``).
 
 Run: ``python benchmarks/step_time.py [--quick] [--no-compile]``; writes ``benchmarks/results/step_time.{json,md}``.
 """
@@ -57,25 +57,38 @@ def _torch_ao(model, x):
 
 
 def _brevitas(model, x):
+    """Brevitas' graph-mode quantization (opt-in with --brevitas: on this machine brevitas 0.13.4's
+    ``quantize`` on a traced ResNet-20 did not finish within 10 minutes, so it is not part of the default run)."""
     try:
         from brevitas.graph.quantize import quantize
     except Exception:  # noqa: BLE001 - not installed or incompatible
+        log.warning("brevitas is not installed: pip install brevitas")
         return None
     try:
-        return quantize(copy.deepcopy(model).eval()).train()
+        return quantize(torch.fx.symbolic_trace(copy.deepcopy(model).eval())).train()
     except Exception as exc:  # noqa: BLE001
         log.warning("brevitas.graph.quantize failed: %s", exc)
         return None
 
 
-def bench_model(name, model, x, y, compile_=True, rounds=10):
+def bench_methods(model, x, y, rounds):
+    """One row per quantizer method (W4A4, eager): QAT step / FP step, and relative to LSQ's ratio (issue #4)."""
+    methods = [m for m in fxqat.available_methods() if m != "grad"]
+    steps = {"fp": _step_fn(copy.deepcopy(model), x, y)}
+    for m in methods:
+        steps[m] = _step_fn(fxqat.prepare_qat(model, (x,), fxqat.QATConfig(w_bits=4, a_bits=4, method=m)), x, y)
+    t = time_steps(steps, warmup=2, rounds=rounds)
+    return {k: {"seconds": v, "ratio_to_fp": v / t["fp"], "ratio_to_lsq": v / t["lsq"]} for k, v in t.items()}
+
+
+def bench_model(name, model, x, y, compile_=True, rounds=10, brevitas=False):
     cfg = fxqat.QATConfig(w_bits=4, a_bits=4)
     cfg_fused = cfg.with_(w_options={"impl": "fused"}, a_options={"impl": "fused"})
     variants = {"fp": model}
     variants["fxqat_lsq"] = fxqat.prepare_qat(model, (x,), cfg)
     variants["fxqat_lsq_fused"] = fxqat.prepare_qat(model, (x,), cfg_fused)
     variants["torch_ao"] = _torch_ao(model, x)
-    brev = _brevitas(model, x)
+    brev = _brevitas(model, x) if brevitas else None
     if brev is not None:
         variants["brevitas"] = brev
     steps = {k: _step_fn(copy.deepcopy(m) if k == "fp" else m, x, y) for k, m in variants.items()}
@@ -96,11 +109,25 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small batches and few rounds (smoke run)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--methods", action="store_true", help="only the per-method table on ResNet-20 (step_time_methods)")
+    ap.add_argument("--brevitas", action="store_true", help="also time brevitas.graph.quantize (needs brevitas)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     b20, b18, hw18 = (16, 4, 64) if args.quick else (128, 32, 112)
     rounds = 3 if args.quick else args.rounds
+    if args.methods:
+        res = bench_methods(get_model("resnet20", 10), torch.randn(b20, 3, 32, 32), torch.randint(0, 10, (b20,)), rounds)
+        md = "\n".join(["# Step time per quantizer method: ResNet-20, batch %d, W4A4, eager, CPU" % b20, "",
+                        f"Machine: {machine()['cpu']}, {machine()['cores']} cores, torch {machine()['torch']}, "
+                        f"{args.threads} thread(s).", "", "| method | s/step | / FP step | / LSQ step |", "|---|---|---|---|"]
+                       + [f"| {k} | {v['seconds']:.3f} | {v['ratio_to_fp']:.2f}x | {v['ratio_to_lsq']:.2f}x |"
+                          for k, v in res.items()]) + "\n"
+        write_results("step_time_methods", {"machine": machine(), "batch": b20, "results": res}, md)
+        print(md)
+        return
     cases = {
         "resnet20_b%d_32px" % b20: (get_model("resnet20", 10), torch.randn(b20, 3, 32, 32), torch.randint(0, 10, (b20,))),
         "resnet18_b%d_%dpx" % (b18, hw18): (torchvision.models.resnet18(num_classes=10),
@@ -109,7 +136,8 @@ def main(argv=None):
     results = {}
     for name, (model, x, y) in cases.items():
         log.info("timing %s ...", name)
-        results[name] = bench_model(name, model, x, y, compile_=not args.no_compile, rounds=rounds)
+        results[name] = bench_model(name, model, x, y, compile_=not args.no_compile, rounds=rounds,
+                                    brevitas=args.brevitas)
     prep = {}
     for name, kw, hw in (("resnet50", {}, 224), ("vit_b_16", {}, 224)):
         m = getattr(torchvision.models, name)(**kw)
