@@ -25,6 +25,12 @@ OPTIONS = {
     # 100 steps: temper over the first ~30 so the last two thirds train on hard quantization.
     "noise_temper": {"w_options": {"tau": 8.0}, "a_options": {"tau": 8.0}},
 }
+# Per-method training settings that differ from the shared ones, with the reason.
+TRAIN = {
+    # EWGS trains its interval bounds with lr 1e-5 (the paper's Adam setting, methods.md §6); at the weights' lr
+    # (0.01) the [l, u] bounds diverge within 100 steps (measured: 14.6 % top-1; with 1e-5: 58.0 %).
+    "ewgs": {"quant_lr": 1e-5},
+}
 MARGIN = 5.0  # percentage points below FP
 
 pytestmark = pytest.mark.slow
@@ -52,7 +58,8 @@ def test_w4a4_from_fp_is_within_five_points(cifar_fp, method):
     assert fp_top1 > 40.0  # the FP reference itself trained
     cfg = fxqat.QATConfig(w_bits=4, a_bits=4, method=method, **OPTIONS.get(method, {}))
     qm = fxqat.prepare_qat(copy.deepcopy(fp), (x0,), cfg)
-    hist = train_qat(qm, loader, TrainConfig(steps=100, lr=0.01, seed=0, progress=False, plot=False),
+    hist = train_qat(qm, loader, TrainConfig(steps=100, lr=0.01, seed=0, progress=False, plot=False,
+                                                   **TRAIN.get(method, {})),
                      test_loader=test, desc=method)
     top1 = hist["final"]["test_top1"]
     print(f"{method}: W4A4 top-1 {top1:.2f} % vs FP {fp_top1:.2f} %")
