@@ -169,7 +169,7 @@ def main(argv=None):
         for k, v in res.items():
             if isinstance(v, dict):
                 lines.append(f"| {name} | {k} | {v['seconds']:.3f} | {v['ratio_to_fp']:.2f}x | "
-                             f"{v['ratio_to_min']:.2f}x | {v.get('peak_rss_mib', float('nan')):.0f} |")
+                             f"{v['ratio_to_min']:.2f}x | " + (f"{v['peak_rss_mib']:.0f}" if "peak_rss_mib" in v else "–") + " |")
         lines.append(f"| {name} | hybrid_all speed-up over naive_all | | | {res['speedup_vs_naive']:.2f}x | |")
     md = "\n".join(lines) + "\n"
     write_results("hybrid_cost" + ("_quick" if args.quick else ""), payload, md)
