@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/fxqat demo
 
 test: $(XSTAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow" --doctest-modules fxqat tests
 	$(BIN)/python -m pytest -q -m slow tests
 
 test-fast: $(XSTAMP)

@@ -168,7 +168,7 @@ def prepare_qat(
         >>> import torch, torch.nn as nn, fxqat
         >>> qm = fxqat.prepare_qat(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), (torch.randn(2, 4),))
         >>> sorted(fxqat.quantizers(qm))
-        ['fxqat_quant.a_input_1', 'fxqat_quant.a_relu', 'fxqat_quant.w_0', 'fxqat_quant.w_2']
+        ['fxqat_quant.a__1', 'fxqat_quant.a_input_1', 'fxqat_quant.w_0', 'fxqat_quant.w_2']
     """
     config = config or QATConfig()
     if not isinstance(config, QATConfig):

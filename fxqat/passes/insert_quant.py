@@ -19,7 +19,7 @@ Example:
     >>> from fxqat.trace import trace
     >>> from fxqat.passes.annotate import annotate
     >>> gm = insert_quant(annotate(trace(nn.Sequential(nn.Linear(3, 3))), QATConfig(first_last=4)), QATConfig())
-    >>> print(gm.code.strip().splitlines()[-3])
+    >>> print(gm.code.strip().splitlines()[-2])
         linear = torch._C._nn.linear(fxqat_quant_a_input_1, fxqat_quant_w_0, _0_bias);  fxqat_quant_a_input_1 = fxqat_quant_w_0 = _0_bias = None
 """
 
