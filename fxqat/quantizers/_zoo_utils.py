@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fxqat.quantizers.lsq import scale_grad
+
 __all__ = [
     "grad_scaled", "StateShapeMixin", "set_tensor", "numel_per_scale", "act_clip_std", "axis_of", "check_choice",
     "reduce",
@@ -40,14 +42,7 @@ def reduce(x: torch.Tensor, axis: Optional[int], fn: str) -> torch.Tensor:
     return flat.mean(dim=1)
 
 
-def grad_scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Forward value exactly ``x``; gradient multiplied by ``factor`` (LSQ's gradient scale).
-
-    ``lsq.scale_grad`` computes ``(x − x·f) + x·f``, which can differ from ``x`` in the last bit; here the value is
-    ``x.detach() + 0`` so grids and ``affine_qparams`` agree bit for bit.
-    """
-    y = x * factor
-    return x.detach() + (y - y.detach())
+grad_scaled = scale_grad  # one definition (fxqat.quantizers.lsq): forward exactly x, gradient times factor
 
 
 class StateShapeMixin:
