@@ -17,6 +17,7 @@ import torchvision
 from torch import fx, nn
 
 import fxqat.graph
+from fxqat.models.resnet_cifar import resnet20
 from fxqat.graph import blocks as blocks_mod
 from fxqat.graph import dominance, merge, modinfo, nxview, plot, split
 from fxqat.graph import (
@@ -31,61 +32,6 @@ from fxqat.graph import (
 )
 
 
-class _ShortcutA(nn.Module):
-    """Option-A shortcut of the CIFAR ResNets: subsample and zero-pad the channels."""
-
-    def __init__(self, pad: int):
-        super().__init__()
-        self.pad = pad
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
-
-
-class _BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, option: str):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut: nn.Module = nn.Sequential()
-        if stride != 1 or cin != cout:
-            if option == "A":
-                self.shortcut = _ShortcutA((cout - cin) // 2)
-            else:
-                self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class _ResNet20(nn.Module):
-    """CIFAR ResNet-20: 3 stages x 3 BasicBlocks (16, 32, 64 channels)."""
-
-    def __init__(self, option: str = "A", num_classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        stages, cin = [], 16
-        for cout, stride in [(16, 1), (32, 2), (64, 2)]:
-            blocks = []
-            for i in range(3):
-                blocks.append(_BasicBlock(cin, cout, stride if i == 0 else 1, option))
-                cin = cout
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
-        self.linear = nn.Linear(64, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer3(self.layer2(self.layer1(out)))
-        out = F.avg_pool2d(out, out.size()[3])
-        return self.linear(out.view(out.size(0), -1))
-
-
 def _block_of_module(gm: fx.GraphModule, path: str):
     return {n.meta[META_KEY] for n in gm.graph.nodes if any(e.path == path for e in node_stack(n, gm))}
 
@@ -93,13 +39,13 @@ def _block_of_module(gm: fx.GraphModule, path: str):
 @pytest.mark.parametrize("option", ["A", "B"])
 def test_cifar_resnet20_gives_stem_nine_residual_blocks_and_head(option):
     torch.manual_seed(0)
-    model = _ResNet20(option).eval()
+    model = resnet20(shortcut=option).eval()  # the library's own CIFAR ResNet-20
     gm = fx.symbolic_trace(model)
     blocks = partition(gm)
     expected = ["stem"] + [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(3)] + ["head"]
     assert [b.name for b in blocks] == expected
     assert blocks[0].modules == ("conv1", "bn1") and blocks[0].entry == "x"
-    assert blocks[-1].modules == ("linear",) and blocks[-1].exit == "linear"
+    assert blocks[-1].modules == ("avgpool", "fc") and blocks[-1].exit == "fc"
     for k, b in enumerate(blocks[1:-1], start=1):
         assert b.exit == blocks[k + 1].entry
         exit_node = next(n for n in gm.graph.nodes if n.name == b.exit)  # the post-add ReLU
