@@ -21,7 +21,7 @@ from fxqat.quantizers.lsq import scale_grad
 
 __all__ = [
     "grad_scaled", "StateShapeMixin", "set_tensor", "numel_per_scale", "act_clip_std", "axis_of", "check_choice",
-    "reduce",
+    "reduce", "sum_to", "dot_to",
 ]
 
 
@@ -99,3 +99,17 @@ def check_choice(owner: str, name: str, value, choices) -> None:
     """Raise a ValueError naming the option and the allowed values."""
     if value not in choices:
         raise ValueError(f"{owner}: option {name}={value!r} is not valid; use one of {list(choices)}.")
+
+
+def sum_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` down to the (broadcast) shape of ``like``: the gradient of a parameter broadcast against ``t``."""
+    if like.numel() == 1:
+        return t.sum().reshape(like.shape)
+    return t.sum_to_size(like.shape)
+
+
+def dot_to(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``Σ a·b`` reduced to the shape of ``like`` (one ``torch.dot`` pass when ``like`` is a single value)."""
+    if like.numel() == 1:
+        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(like.shape)
+    return (a * b).sum_to_size(like.shape)

@@ -16,6 +16,11 @@ Gradients [R]: ``x`` gets ``κ·g``; ``κ`` gets ``Σ g·x`` (the forward is wri
 so its value does not depend on κ) times the LSQ gradient scale ``1/√(N·Q_P)``; ``s`` gets
 ``(1 − ρ)·∂Q/∂s`` (LSQ's step-size gradient) ``+ ρ·e/s`` (both noise types), also grad-scaled.
 
+:class:`NoiseTemperFunction` computes the forward as ``s·(r + ρ·(v + u − r))`` (``v = x/s``, ``r = ⌊clip(v)⌉``,
+``u = e/s``) in eight passes and the backward from three dot products:
+``∂L/∂s = g_f·(Σ g·w − ρ·Σ g·v − (1 − ρ)·Σ g·v·[Q_N ≤ v ≤ Q_P])`` with ``w = y/s``, since
+``(1 − ρ)·r + ρ·u = w − ρ·v``; ``∂L/∂κ = g_f·Σ g·x``; ``∂L/∂x = κ·g``.
+
 Options: ``noise`` (``"uniform"``), ``tau`` (2000 steps), ``schedule`` (``"step"``: ``t`` advances on every
 training forward; ``"manual"``: call :meth:`NoiseTemperQuantizer.advance`, e.g. once per epoch), ``kappa_init``
 (1.0), ``learn_kappa`` (True), ``rho_floor`` (1e-4), ``grad_scale`` (True).
@@ -43,19 +48,63 @@ from torch import nn
 from fxqat.quantizers._zoo_utils import (
     axis_of,
     check_choice,
-    grad_scaled,
+    dot_to,
     numel_per_scale,
     reduce,
     set_tensor,
     StateShapeMixin,
 )
 from fxqat.quantizers.base import Quantizer, channel_view
-from fxqat.quantizers.lsq import round_ste
 from fxqat.quantizers.registry import register
 
-__all__ = ["NoiseTemperQuantizer"]
+__all__ = ["NoiseTemperQuantizer", "NoiseTemperFunction"]
 
 _EPS = 1e-8
+
+
+class NoiseTemperFunction(torch.autograd.Function):
+    """Noise-tempered LSQ fake-quantization with the backward of the module docstring.
+
+    ``apply(x, s, kappa, rho, grad_factor, qmin, qmax, noise)``: ``s > 0`` broadcasts against ``x``; ``rho`` is a
+    one-element tensor (read by tensor ops only, so ``torch.compile`` keeps one graph); ``noise`` is ``"uniform"``,
+    ``"resampled"`` or None (evaluation: hard quantization, ρ ignored).
+    """
+
+    @staticmethod
+    def forward(ctx, x, s, kappa, rho, grad_factor: float, qmin: int, qmax: int, noise):
+        v = x / s
+        c = torch.clamp(v, qmin, qmax)
+        r = torch.round(c)
+        if noise is None:
+            w = r
+        else:
+            if noise == "uniform":
+                u = torch.empty_like(x).uniform_(-0.5, 0.5)
+            else:  # rounding errors of the same tensor, in a random order
+                err = (r - c).reshape(-1)
+                u = err[torch.randperm(err.numel(), device=err.device)].reshape(x.shape)
+            w = torch.addcmul(r, u.add_(v).sub_(r), rho)  # r + ρ·(v + u − r)
+        ctx.save_for_backward(v, c, w, s, kappa, rho if noise is not None else None)
+        ctx.grad_factor = grad_factor
+        return w * s
+
+    @staticmethod
+    def backward(ctx, g):
+        v, c, w, s, kappa, rho = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gf = ctx.grad_factor
+        gx = g * kappa if need[0] else None
+        gs = gk = None
+        if need[1] or need[2]:
+            gv = dot_to(g, v, s)  # Σ g·v (per channel of s)
+        if need[1]:
+            gm = torch.mul(g, torch.eq(c, v))  # inside [Q_N, Q_P]
+            inside = dot_to(gm, v, s)
+            gs = dot_to(g, w, s) - inside if rho is None else dot_to(g, w, s) - rho * gv - (1 - rho) * inside
+            gs = gs * gf
+        if need[2]:  # Σ g·x = Σ_channels s·(Σ g·v)
+            gk = (gv * s).sum().reshape(kappa.shape) * gf
+        return gx, gs, gk, None, None, None, None, None
 
 
 @register("noise_temper")
@@ -112,30 +161,17 @@ class NoiseTemperQuantizer(StateShapeMixin, Quantizer):
         """Advance the tempering clock by ``n`` (automatic per training forward with ``schedule="step"``)."""
         self.step.add_(int(n))
 
-    def _noise(self, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Noise ``e`` with a gradient ``e/s`` to the step size."""
-        if self.opts["noise"] == "uniform":
-            u = torch.rand_like(x) - 0.5
-        else:
-            err = (torch.round(z) - z).detach().reshape(-1)
-            u = err[torch.randperm(err.numel(), device=err.device)].reshape(x.shape)
-        return s * u
-
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = self.qrange
-        g = self._gf
-        s = grad_scaled(self.scale, g).abs().clamp(min=_EPS)
+        s = self.scale.abs().clamp(min=_EPS)
         if self.per_channel:
             s = channel_view(s, x, self.ch_axis)
-        xd = x.detach()
-        z = torch.clamp(xd / s, qmin, qmax)
-        q = round_ste(z) * s  # LSQ value and step-size gradient; no gradient to x (it comes through κ below)
-        # training: Q + ρ(x + e − Q), exactly Q once ρ = 0 (0·finite = 0); evaluation: Q
-        y = q + self._rho_tensor() * (xd + self._noise(xd, s, z) - q) if self.training else q
+        # training: s·(r + ρ(v + u − r)), exactly Q once ρ = 0; evaluation: Q
+        noise = self.opts["noise"] if self.training else None
+        y = NoiseTemperFunction.apply(x, s, self.kappa, self._rho_tensor(), self._gf, qmin, qmax, noise)
         if self.training and self.opts["schedule"] == "step":
             self.advance(1)
-        kx = grad_scaled(self.kappa, g) * x
-        return kx - kx.detach() + y
+        return y
 
     @torch.no_grad()
     def grid(self) -> torch.Tensor:

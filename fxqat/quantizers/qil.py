@@ -9,8 +9,16 @@ Jung et al., CVPR 2019 (arXiv 1808.05779); methods.md §2. The quantizer is a *t
     weights:      ŵ = sign(w)·t(w),   w̄ = ⌊ŵ·(2^{b−1} − 1)⌉ / (2^{b−1} − 1)     (symmetric, with zero)
     activations:  x̂ = t(x) with γ = 1, x̄ = ⌊x̂·(2^b − 1)⌉ / (2^b − 1)              (unsigned)
 
-Backward: STE through ⌊·⌉ only; ``w``, ``c``, ``d`` and ``γ`` get the analytic derivatives of the transformer
-(autograd through a form whose flat regions have exactly zero gradient, and no NaN at the kinks).
+Backward: STE through ⌊·⌉ only; ``w``, ``c``, ``d`` and ``γ`` get the analytic derivatives of the transformer.
+With ``l = α|x| + β`` (``x`` for unsigned data), ``t = clamp(l, 0, 1)^γ``, ``y = sign(x)·o·⌊t·n⌉/n`` and
+``g_l = g·sign(x)·o·γ·t/clamp(l)`` on ``0 < l ≤ 1`` (0 elsewhere)::
+
+    ∂L/∂x = g_l·α·sign(x)     ∂L/∂c = −α·Σ g_l     ∂L/∂d = −Σ g_l·(l − ½)/d
+    ∂L/∂γ = Σ g·sign(x)·o·t·ln(clamp(l))  (0 < l ≤ 1)     ∂L/∂o = Σ g·sign(x)·⌊t·n⌉/n
+
+:class:`QILFunction` computes these directly (five passes forward, about six backward for activations); the
+plain-ops :func:`qil_transform` is the reference it is tested against (flat regions with exactly zero gradient,
+no NaN at the kinks).
 
 fxqat's reconstruction [R] (options, not constants):
 
@@ -40,12 +48,21 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from fxqat.quantizers._zoo_utils import StateShapeMixin, act_clip_std, axis_of, check_choice, reduce, set_tensor
+from fxqat.quantizers._zoo_utils import (
+    StateShapeMixin,
+    act_clip_std,
+    axis_of,
+    check_choice,
+    dot_to,
+    reduce,
+    set_tensor,
+    sum_to,
+)
 from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view
 from fxqat.quantizers.lsq import round_ste
 from fxqat.quantizers.registry import register
 
-__all__ = ["QILQuantizer", "qil_transform"]
+__all__ = ["QILQuantizer", "QILFunction", "qil_transform"]
 
 _EPS = 1e-8
 
@@ -73,6 +90,73 @@ def qil_transform(
         t = t**gamma
     t = torch.where(inside, t, torch.zeros_like(t))
     return torch.sign(x) * t if signed else t
+
+
+class QILFunction(torch.autograd.Function):
+    """QIL transformer + discretizer with the analytic backward of the module docstring.
+
+    ``apply(x, c, d, gamma, o, n, signed)``: ``c``, ``d``, ``o`` broadcast against ``x`` (``d > 0``), ``gamma``
+    is a one-element tensor or None (γ = 1), ``n`` the largest integer code. ``clamp(l)`` uses the smallest
+    positive float as its lower end, so ``l = 0`` (a ReLU zero at ``c = d``) counts as pruned, as in
+    :func:`qil_transform`, and ``t/clamp(l)`` stays finite.
+    """
+
+    @staticmethod
+    def forward(ctx, x, c, d, gamma, o, n: int, signed: bool):
+        sgn = torch.sign(x) if signed else None
+        alpha = 0.5 / d
+        lin = torch.addcmul(0.5 - 0.5 * c / d, x.abs() if signed else x, alpha)  # β as the reference: 0 at c = d
+        tc = torch.clamp(lin, torch.finfo(x.dtype).tiny, 1.0)
+        t = tc.pow(gamma) if gamma is not None else tc
+        r = torch.round(t * n)
+        y = r * (o / n)
+        if signed:
+            y.mul_(sgn)
+        ctx.save_for_backward(lin, tc, t, r, sgn, c, d, gamma, o)
+        ctx.n = n
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        lin, tc, t, r, sgn, c, d, gamma, o = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if sgn is not None:
+            g = g * sgn
+        ge = torch.mul(g, torch.eq(tc, lin))  # 0 < l <= 1 (tc == l)
+        glin = ge * o if o.numel() > 1 else ge
+        if gamma is not None:
+            glin = glin * (t / tc) * gamma
+        alpha = 0.5 / d
+        scalar = o if o.numel() == 1 else None  # per-tensor o: fold it into the reductions
+        gx = gc = gd = gg = go = None
+        if need[0]:
+            gx = glin * (alpha * scalar if scalar is not None else alpha)
+            if sgn is not None:
+                gx.mul_(sgn)
+        if need[1] or need[2]:
+            s1 = sum_to(glin, c if c.numel() >= d.numel() else d)
+            if scalar is not None:
+                s1 = s1 * scalar
+            gc = -alpha * s1 if need[1] else None
+            if need[2]:
+                s2 = dot_to(glin, lin, d)
+                if scalar is not None:
+                    s2 = s2 * scalar
+                gd = -(s2 - 0.5 * s1) / d
+        if gamma is not None and need[3]:
+            gg = dot_to(ge * o if o.numel() > 1 else ge, t * torch.log(tc), gamma)
+            if scalar is not None:
+                gg = gg * scalar
+        if need[4]:
+            go = dot_to(g, r, o) / ctx.n
+        return gx, _fit(gc, c), _fit(gd, d), gg, go, None, None
+
+
+def _fit(grad: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """Reduce a gradient computed for a broadcast shape down to ``like``'s shape."""
+    if grad is None or grad.shape == like.shape:
+        return grad
+    return grad.sum_to_size(like.shape)
 
 
 @register("qil")
@@ -147,9 +231,15 @@ class QILQuantizer(StateShapeMixin, Quantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         c, d, o = self._params(x)
         gamma = self.gamma if self.kind == "weight" else None
+        return QILFunction.apply(x, c, d, gamma, o, self.levels, self.signed)
+
+    def quantize_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The same quantizer through autograd of plain ops (:func:`qil_transform`); tests compare against it."""
+        c, d, o = self._params(x)
+        gamma = self.gamma if self.kind == "weight" else None
         t = qil_transform(x, c, d, gamma, signed=self.signed)
         n = self.levels
-        return round_ste(t * n) / n * o
+        return round_ste(t * n) * (o / n)
 
     def _out_scale_value(self) -> torch.Tensor:
         o = self.out_scale.detach()
@@ -163,7 +253,7 @@ class QILQuantizer(StateShapeMixin, Quantizer):
         lo, hi = self.qrange
         k = torch.arange(lo, hi + 1, dtype=self.c.dtype, device=self.c.device)
         o = self._out_scale_value().reshape(-1, 1)
-        g = k / self.levels * o
+        g = k * (o / self.levels)
         return g[0] if g.shape[0] == 1 else g
 
     def affine_qparams(self):

@@ -164,3 +164,31 @@ def test_bad_options_are_rejected():
         _nt(noise="gaussian")
     with pytest.raises(ValueError, match="tau"):
         _nt(tau=0.0)
+
+
+@given(seed=seed_st, bits=bits_st, step=st.integers(1, 60), per_channel=st.booleans())
+def test_scale_and_kappa_gradients_at_intermediate_rho(seed, bits, step, per_channel):
+    """ỹ = Q + ρ(x + s·u − Q): ∂/∂s = (1 − ρ)·∂Q/∂s + ρ·u per element, ∂/∂κ = Σ g·x (float64, closed form)."""
+    torch.manual_seed(seed)
+    spec = QuantSpec(bits=bits, method="noise_temper", kind="weight", signed=True, per_channel=per_channel,
+                     options={"tau": 20.0, "grad_scale": False})
+    q = make_quantizer(spec).double()
+    x = torch.randn(6, 40, dtype=torch.float64) * 1.5
+    up = torch.randn(6, 40, dtype=torch.float64)
+    q(x)
+    q.step.fill_(step)
+    rho = math.exp(-step / 20.0)
+    y = q(x)
+    y.backward(up)
+    s = q.scale.detach().reshape(-1, 1) if per_channel else q.scale.detach()
+    qmin, qmax = q.qrange
+    v = x / s
+    r = torch.round(torch.clamp(v, qmin, qmax))
+    u = (y.detach() / s - r) / rho - v + r  # the noise drawn, recovered from the output
+    assert u.abs().max().item() <= 0.5 + 1e-9
+    inside = (v >= qmin) & (v <= qmax)
+    dq = torch.where(inside, r - v, r)
+    per_elem = up * ((1 - rho) * dq + rho * u)
+    expect = per_elem.sum(1) if per_channel else per_elem.sum().reshape(1)
+    assert torch.allclose(q.scale.grad, expect, rtol=1e-8, atol=1e-9)  # u recovered through a division by ρ
+    assert q.kappa.grad.item() == pytest.approx(float((up * x).sum()), rel=1e-10, abs=1e-10)
