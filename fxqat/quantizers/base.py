@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -32,7 +33,7 @@ from torch.ao.quantization import FakeQuantizeBase
 
 from fxqat.config import QuantSpec
 
-__all__ = ["Quantizer", "NotAffineError", "int_range", "channel_view", "reduce_except"]
+__all__ = ["Quantizer", "NotAffineError", "int_range", "channel_view", "reduce_except", "grad_inside"]
 
 
 class NotAffineError(NotImplementedError):
@@ -239,3 +240,27 @@ def reduce_except(x: torch.Tensor, axis: Optional[int], fn: str = "mean") -> tor
     if fn == "absmax":
         return moved.abs().amax(dim=1)
     return getattr(moved, fn)(dim=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _open_bounds(lo: float, hi: float, dtype: torch.dtype, lo_closed: bool) -> Tuple[float, float]:
+    """Bounds ``(a, b)`` with ``a < v < b`` ⟺ ``lo ≤ v ≤ hi`` (``lo < v ≤ hi`` when not ``lo_closed``) for every
+    value ``v`` of ``dtype``: the neighbouring representable numbers outside the closed ends."""
+    t = torch.tensor([lo, hi], dtype=dtype)
+    out = torch.nextafter(t, torch.tensor([float("-inf"), float("inf")], dtype=dtype))
+    return (float(out[0]) if lo_closed else lo), float(out[1])
+
+
+def grad_inside(g: torch.Tensor, v: torch.Tensor, lo: float, hi: float, lo_closed: bool = True) -> torch.Tensor:
+    """``g`` where ``lo ≤ v ≤ hi`` (``lo < v ≤ hi`` with ``lo_closed=False``), 0 elsewhere (and where ``v`` is NaN).
+
+    The straight-through mask of clipped quantizers in one pass: ``hardtanh_backward`` with bounds moved to the
+    neighbouring floats, which on CPU is an order of magnitude faster than multiplying by a boolean mask
+    (``g * (v == clamp(v))`` converts the mask element by element).
+
+    Example:
+        >>> grad_inside(torch.ones(5), torch.tensor([-1.0, 0.0, 0.5, 7.0, 7.5]), 0, 7)
+        tensor([0., 1., 1., 1., 0.])
+    """
+    a, b = _open_bounds(float(lo), float(hi), v.dtype, lo_closed)
+    return torch.ops.aten.hardtanh_backward(g, v, a, b)

@@ -33,7 +33,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from fxqat.quantizers.base import Quantizer, channel_view, reduce_except
+from fxqat.quantizers.base import Quantizer, channel_view, grad_inside, reduce_except
 from fxqat.quantizers.registry import register
 
 __all__ = ["LSQQuantizer", "LSQFunction", "round_ste", "scale_grad"]
@@ -67,15 +67,15 @@ class LSQFunction(torch.autograd.Function):
         sv = s if ch_axis is None else channel_view(s, x, ch_axis)
         v = x / sv
         c = torch.clamp(v, qmin, qmax)
-        ctx.save_for_backward(v, c)
-        ctx.grad_factor, ctx.ch_axis = grad_factor, ch_axis
-        return torch.round(c) * sv
+        q = torch.round(c)
+        ctx.save_for_backward(v, q)
+        ctx.grad_factor, ctx.ch_axis, ctx.qrange = grad_factor, ch_axis, (qmin, qmax)
+        return q * sv
 
     @staticmethod
     def backward(ctx, g):
-        v, c = ctx.saved_tensors
-        gx = torch.mul(g, torch.eq(c, v))  # STE inside [qmin, qmax], 0 where clipped
-        q = torch.round(c)
+        v, q = ctx.saved_tensors
+        gx = grad_inside(g, v, *ctx.qrange)  # STE inside [qmin, qmax], 0 where clipped
         if ctx.ch_axis is None:
             gs = torch.dot(g.reshape(-1), q.reshape(-1)) - torch.dot(gx.reshape(-1), v.reshape(-1))
             gs = gs.reshape(1)

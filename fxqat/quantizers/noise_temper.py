@@ -54,7 +54,7 @@ from fxqat.quantizers._zoo_utils import (
     set_tensor,
     StateShapeMixin,
 )
-from fxqat.quantizers.base import Quantizer, channel_view
+from fxqat.quantizers.base import Quantizer, channel_view, grad_inside
 from fxqat.quantizers.registry import register
 
 __all__ = ["NoiseTemperQuantizer", "NoiseTemperFunction"]
@@ -84,13 +84,13 @@ class NoiseTemperFunction(torch.autograd.Function):
                 err = (r - c).reshape(-1)
                 u = err[torch.randperm(err.numel(), device=err.device)].reshape(x.shape)
             w = torch.addcmul(r, u.add_(v).sub_(r), rho)  # r + ρ·(v + u − r)
-        ctx.save_for_backward(v, c, w, s, kappa, rho if noise is not None else None)
-        ctx.grad_factor = grad_factor
+        ctx.save_for_backward(v, w, s, kappa, rho if noise is not None else None)
+        ctx.grad_factor, ctx.qrange = grad_factor, (qmin, qmax)
         return w * s
 
     @staticmethod
     def backward(ctx, g):
-        v, c, w, s, kappa, rho = ctx.saved_tensors
+        v, w, s, kappa, rho = ctx.saved_tensors
         need = ctx.needs_input_grad
         gf = ctx.grad_factor
         gx = g * kappa if need[0] else None
@@ -98,7 +98,7 @@ class NoiseTemperFunction(torch.autograd.Function):
         if need[1] or need[2]:
             gv = dot_to(g, v, s)  # Σ g·v (per channel of s)
         if need[1]:
-            gm = torch.mul(g, torch.eq(c, v))  # inside [Q_N, Q_P]
+            gm = grad_inside(g, v, *ctx.qrange)  # inside [Q_N, Q_P]
             inside = dot_to(gm, v, s)
             gs = dot_to(g, w, s) - inside if rho is None else dot_to(g, w, s) - rho * gv - (1 - rho) * inside
             gs = gs * gf

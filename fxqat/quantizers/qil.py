@@ -58,7 +58,7 @@ from fxqat.quantizers._zoo_utils import (
     set_tensor,
     sum_to,
 )
-from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view
+from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, grad_inside
 from fxqat.quantizers.lsq import round_ste
 from fxqat.quantizers.registry import register
 
@@ -122,7 +122,7 @@ class QILFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         if sgn is not None:
             g = g * sgn
-        ge = torch.mul(g, torch.eq(tc, lin))  # 0 < l <= 1 (tc == l)
+        ge = grad_inside(g, lin, torch.finfo(lin.dtype).tiny, 1.0)  # 0 < l <= 1 (tc == l)
         glin = ge * o if o.numel() > 1 else ge
         if gamma is not None:
             glin = glin * (t / tc) * gamma

@@ -144,7 +144,7 @@ def test_scratch_buffers_stay_private():
     q = gq(4, init="none")
     g = torch.randn(1000)
     out1 = backward_through(q, g).clone()
-    assert set(q._scratch) == {"bits", "above", "out"}  # CPU: buffers are reused between steps
+    assert set(q._scratch) == {"bits", "out"}  # CPU: buffers are reused between steps
     ptr = q._scratch["out"].data_ptr()
     out2 = backward_through(q, g)
     assert q._scratch["out"].data_ptr() == ptr  # nothing held last step's output: its buffer was reused
@@ -359,3 +359,21 @@ def test_bad_options_are_rejected():
         gq(4, gama=0.5)
     with pytest.raises(ValueError, match="g_bits=4"):
         fxqat.prepare_qat(nn.Linear(2, 2), (torch.randn(1, 2),), fxqat.QATConfig(method="grad"))
+
+
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 5000), gamma=st.floats(0.01, 1.0), heavy=st.booleans())
+def test_chunked_max_and_count_are_exact(seed, n, gamma, heavy):
+    """The chunked CPU path (per-chunk max, count in the qualifying chunks only) equals the plain count exactly,
+    for any length (partial last chunk), any γ (few or most chunks qualify) and heavy-tailed data."""
+    from fxqat.quantizers.grad import max_and_count_above
+
+    g = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    if heavy:
+        g = g**3
+    gm = torch.tensor([gamma])
+    a = g.abs()
+    expect_max = a.amax()
+    expect_count = int((a > gm * expect_max).sum())
+    for chunk in (7, 256):
+        m, k = max_and_count_above(g, gm, chunk=chunk)
+        assert torch.equal(m, expect_max) and int(k) == expect_count
