@@ -25,7 +25,7 @@ Example:
 
 from __future__ import annotations
 
-import functools
+import struct
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -242,13 +242,24 @@ def reduce_except(x: torch.Tensor, axis: Optional[int], fn: str = "mean") -> tor
     return getattr(moved, fn)(dim=1)
 
 
-@functools.lru_cache(maxsize=None)
-def _open_bounds(lo: float, hi: float, dtype: torch.dtype, lo_closed: bool) -> Tuple[float, float]:
-    """Bounds ``(a, b)`` with ``a < v < b`` ⟺ ``lo ≤ v ≤ hi`` (``lo < v ≤ hi`` when not ``lo_closed``) for every
-    value ``v`` of ``dtype``: the neighbouring representable numbers outside the closed ends."""
-    t = torch.tensor([lo, hi], dtype=dtype)
-    out = torch.nextafter(t, torch.tensor([float("-inf"), float("inf")], dtype=dtype))
-    return (float(out[0]) if lo_closed else lo), float(out[1])
+_FLOAT_LAYOUT = {  # struct formats (float, same-width int) and the bit shift for bfloat16 (upper half of a float32)
+    torch.float16: ("<e", "<h", 0, 2.0**-24),
+    torch.bfloat16: ("<f", "<i", 16, 2.0**-133),
+    torch.float32: ("<f", "<i", 0, 2.0**-149),
+    torch.float64: ("<d", "<q", 0, 2.0**-1074),
+}
+
+
+def _next_float(x: float, up: bool, dtype: torch.dtype) -> float:
+    """The representable ``dtype`` number next to ``x`` (itself representable) towards +inf (``up``) or −inf.
+
+    Pure Python (``struct``), so ``torch.compile`` traces through it without a graph break."""
+    ffmt, ifmt, shift, smallest = _FLOAT_LAYOUT.get(dtype, _FLOAT_LAYOUT[torch.float32])
+    if x == 0.0:
+        return smallest if up else -smallest
+    bits = struct.unpack(ifmt, struct.pack(ffmt, x))[0]
+    bits += (1 if (x > 0) == up else -1) << shift
+    return struct.unpack(ffmt, struct.pack(ifmt, bits))[0]
 
 
 def grad_inside(g: torch.Tensor, v: torch.Tensor, lo: float, hi: float, lo_closed: bool = True) -> torch.Tensor:
@@ -262,5 +273,6 @@ def grad_inside(g: torch.Tensor, v: torch.Tensor, lo: float, hi: float, lo_close
         >>> grad_inside(torch.ones(5), torch.tensor([-1.0, 0.0, 0.5, 7.0, 7.5]), 0, 7)
         tensor([0., 1., 1., 1., 0.])
     """
-    a, b = _open_bounds(float(lo), float(hi), v.dtype, lo_closed)
+    a = _next_float(float(lo), False, v.dtype) if lo_closed else float(lo)
+    b = _next_float(float(hi), True, v.dtype)
     return torch.ops.aten.hardtanh_backward(g, v, a, b)
