@@ -255,6 +255,8 @@ def _next_float(x: float, up: bool, dtype: torch.dtype) -> float:
 
     Pure Python (``struct``), so ``torch.compile`` traces through it without a graph break."""
     ffmt, ifmt, shift, smallest = _FLOAT_LAYOUT.get(dtype, _FLOAT_LAYOUT[torch.float32])
+    if x != x or x in (float("inf"), float("-inf")):
+        return x
     if x == 0.0:
         return smallest if up else -smallest
     bits = struct.unpack(ifmt, struct.pack(ffmt, x))[0]

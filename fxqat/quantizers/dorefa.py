@@ -33,13 +33,30 @@ import torch
 from torch import nn
 
 from fxqat.quantizers._zoo_utils import StateShapeMixin, act_clip_std, axis_of, check_choice, reduce, set_tensor
-from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view
+from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, grad_inside
 from fxqat.quantizers.lsq import round_ste
 from fxqat.quantizers.registry import register
 
 __all__ = ["DoReFaQuantizer", "dorefa_weight", "quantize_k", "DoReFaWeightMixin"]
 
 _EPS = 1e-8
+
+
+class _DoReFaActFunction(torch.autograd.Function):
+    """``⌊clip(x/r, lo, 1)·n⌉/n·r`` with the clipped straight-through gradient (``r`` is a fixed range)."""
+
+    @staticmethod
+    def forward(ctx, x, r, n: int, lo: float):
+        v = x / r
+        y = torch.clamp(v, lo, 1.0).mul_(n).round_().div_(n).mul_(r)
+        ctx.save_for_backward(v)
+        ctx.lo = lo
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (v,) = ctx.saved_tensors
+        return grad_inside(g, v, ctx.lo, 1.0), None, None, None
 
 
 def quantize_k(u: torch.Tensor, bits: int) -> torch.Tensor:
@@ -131,9 +148,7 @@ class DoReFaQuantizer(DoReFaWeightMixin, StateShapeMixin, Quantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "weight":
             return self._quantize_weight(x)
-        r, n = self.act_range, self._act_levels
-        lo = -1.0 if self.signed else 0.0
-        return round_ste(torch.clamp(x / r, lo, 1.0) * n) / n * r
+        return _DoReFaActFunction.apply(x, self.act_range, self._act_levels, -1.0 if self.signed else 0.0)
 
     @torch.no_grad()
     def grid(self) -> torch.Tensor:

@@ -7,6 +7,7 @@ Activations (asymmetric, unsigned codes ``0 … 2^b − 1``)::
 Weights are symmetric LSQ (no offset, codes ``−2^{b−1} … 2^{b−1} − 1``). Backward as LSQ: STE to ``x`` inside
 the range; ``∂x̂/∂s = ⌊z⌉ − z`` inside, ``Q_N`` / ``Q_P`` at the clipped ends (``z = (x − β)/s``);
 ``∂x̂/∂β = 0`` inside and 1 outside. Both ``s`` and ``β`` gradients are multiplied by ``g = 1/√(N·Q_P)``.
+:class:`LSQPlusFunction` writes this backward out (``Σ g·⌊z⌉ − Σ g_x·z`` for ``s``, ``Σ g − Σ g_x`` for ``β``).
 
 Initialisation (option ``init``): ``"auto"`` (default) uses the paper's rules, ``"std"`` for weights
 (``s = max(|μ − 3σ|, |μ + 3σ|)/2^{b−1}``) and ``"mse"`` for activations; ``"minmax"`` sets ``β = min(x)``,
@@ -38,20 +39,47 @@ from torch import nn
 from fxqat.quantizers._zoo_utils import (
     axis_of,
     check_choice,
+    dot_to,
     grad_scaled,
     numel_per_scale,
     reduce,
     set_tensor,
     StateShapeMixin,
+    sum_to,
 )
-from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, int_range
+from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, grad_inside, int_range
 from fxqat.quantizers.lsq import round_ste
 from fxqat.quantizers.registry import register
 
-__all__ = ["LSQPlusQuantizer", "mse_range_search"]
+__all__ = ["LSQPlusQuantizer", "LSQPlusFunction", "mse_range_search"]
 
 _EPS = 1e-8
 _MAX_SAMPLES = 1 << 18
+
+
+class LSQPlusFunction(torch.autograd.Function):
+    """``s·⌊clip((x − β)/s, Q_N, Q_P)⌉ + β`` with LSQ+'s backward; ``s > 0`` and ``β`` broadcast against ``x``.
+
+    Example:
+        >>> LSQPlusFunction.apply(torch.tensor([-1.0, 0.26, 9.0]), torch.tensor([0.5]), torch.tensor([-0.5]), 0, 3)
+        tensor([-0.5000,  0.5000,  1.0000])
+    """
+
+    @staticmethod
+    def forward(ctx, x, s, b, qmin: int, qmax: int):
+        v = (x - b) / s
+        q = torch.round(torch.clamp(v, qmin, qmax))
+        ctx.save_for_backward(v, q, s, b)
+        ctx.qrange = (qmin, qmax)
+        return torch.mul(q, s).add_(b)  # as two roundings, like grid(): outputs lie exactly on it
+
+    @staticmethod
+    def backward(ctx, g):
+        v, q, s, b = ctx.saved_tensors
+        gx = grad_inside(g, v, *ctx.qrange)
+        gs = dot_to(g, q, s) - dot_to(gx, v, s) if ctx.needs_input_grad[1] else None
+        gb = sum_to(g, b) - sum_to(gx, b) if ctx.needs_input_grad[2] else None
+        return gx, gs, gb, None, None
 
 
 def _fq(x, s, b, qmin, qmax):
@@ -168,7 +196,7 @@ class LSQPlusQuantizer(StateShapeMixin, Quantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = self.qrange
         s, b = self._sb(x)
-        return round_ste(torch.clamp((x - b) / s, qmin, qmax)) * s + b
+        return LSQPlusFunction.apply(x, s, b, qmin, qmax)
 
     @torch.no_grad()
     def grid(self) -> torch.Tensor:

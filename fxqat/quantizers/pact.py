@@ -7,6 +7,9 @@ Activations, with a learnable clip ``α`` and ``n = 2^k − 1``::
     ∂y_q/∂x = 1 for 0 ≤ x < α, else 0          (STE through ⌊·⌉)
     ∂y_q/∂α = 1 for x ≥ α, else 0              (the paper's gradient: α is not differentiated through the step)
 
+:class:`PACTFunction` computes the masks from the signs of ``x − α`` and ``x + α`` (exact in floating point) with
+one-pass ``hardtanh_backward`` calls, and ``∂/∂α`` from two sums.
+
 An L2 penalty ``λ_α·α²`` keeps α small: :meth:`PACTQuantizer.regularization` returns it (option ``alpha_l2``,
 default 0 = off); add it to the loss. Weights are DoReFa-style (``fxqat.quantizers.dorefa``), with the same
 ``out_scale`` option.
@@ -25,7 +28,7 @@ Example:
     >>> opts = {"init": "const", "alpha_init": 3.0}
     >>> q = PACTQuantizer(QuantSpec(bits=2, method="pact", kind="act", signed=False, options=opts))
     >>> q(torch.tensor([-1.0, 0.4, 1.6, 2.9, 7.0]))
-    tensor([0., 0., 2., 3., 3.], grad_fn=<AddBackward0>)
+    tensor([0., 0., 2., 3., 3.], grad_fn=<PACTFunctionBackward>)
 """
 
 from __future__ import annotations
@@ -34,13 +37,49 @@ import torch
 from torch import nn
 
 from fxqat.quantizers._zoo_utils import StateShapeMixin, act_clip_std, check_choice, reduce
-from fxqat.quantizers.base import NotAffineError, Quantizer
+from fxqat.quantizers.base import NotAffineError, Quantizer, grad_inside
 from fxqat.quantizers.dorefa import DoReFaWeightMixin
 from fxqat.quantizers.registry import register
 
-__all__ = ["PACTQuantizer", "pact_clip"]
+__all__ = ["PACTQuantizer", "PACTFunction", "pact_clip"]
 
 _EPS = 1e-8
+_INF = float("inf")
+
+
+class PACTFunction(torch.autograd.Function):
+    """PACT's activation fake-quantizer ``⌊clip(x)·n/α⌉·α/n`` with the paper's gradients (module docstring).
+
+    ``apply(x, alpha, n, signed)``: ``alpha > 0`` is a one-element tensor.
+
+    Example:
+        >>> PACTFunction.apply(torch.tensor([-1.0, 0.4, 1.6, 2.9, 7.0]), torch.tensor([3.0]), 3, False)
+        tensor([0., 0., 2., 3., 3.])
+    """
+
+    @staticmethod
+    def forward(ctx, x, alpha, n: int, signed: bool):
+        lo = -alpha if signed else torch.zeros_like(alpha)
+        step = alpha / n
+        y = torch.clamp(x, lo, alpha).div_(step).round_().mul_(step)
+        ctx.save_for_backward(x, alpha)
+        ctx.signed = signed
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, alpha = ctx.saved_tensors
+        hb = torch.ops.aten.hardtanh_backward
+        if ctx.signed:  # inside: −α < x < α; ∂/∂α = Σ g[x ≥ α] − Σ g[x ≤ −α]
+            t = hb(g, x + alpha, 0.0, _INF)
+        else:  # inside: 0 ≤ x < α; ∂/∂α = Σ g[x ≥ α]
+            t = grad_inside(g, x, 0.0, _INF)
+        gx = hb(t, x - alpha, -_INF, 0.0)
+        ga = None
+        if ctx.needs_input_grad[1]:
+            st, sx = t.sum(), gx.sum()
+            ga = (2 * st - sx - g.sum() if ctx.signed else st - sx).reshape(alpha.shape)
+        return gx, ga, None, None
 
 
 def pact_clip(x: torch.Tensor, alpha: torch.Tensor, signed: bool = False) -> torch.Tensor:
@@ -90,11 +129,7 @@ class PACTQuantizer(DoReFaWeightMixin, StateShapeMixin, Quantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "weight":
             return self._quantize_weight(x)
-        a = self.alpha.abs().clamp(min=_EPS)
-        y = pact_clip(x, a, self.signed)
-        n = self._levels
-        step = (a / n).detach()
-        return torch.round(y.detach() / step) * step + (y - y.detach())  # value on the grid, gradient of y
+        return PACTFunction.apply(x, self.alpha.abs().clamp(min=_EPS), self._levels, self.signed)
 
     def regularization(self) -> torch.Tensor:
         """``alpha_l2 · Σ α²`` (a zero tensor for weight quantizers or when ``alpha_l2 == 0``)."""
