@@ -8,7 +8,7 @@ flowing back into the layer (the error signal both backward GEMMs consume) with
 
 ``u`` uniform in [−½, ½) drawn from torch's **global** RNG (``torch.manual_seed`` makes a run reproducible): a
 symmetric grid of 2^b − 1 levels with zero, clipped at ±γ·g_max, with stochastic rounding that is unbiased inside the
-range (up to 2^-16 of a step with the default ``noise="int16"``); the official code's ``grad_quant.backward``, written
+range (up to 2^-9 of a step with the default ``noise="int8"``, 2^-16 with ``"int16"``); the official code's ``grad_quant.backward``, written
 centred on zero.
 
 Interval update (code ``update_interval``). On each backward, *after* G is quantized with the current γ, the clip
@@ -33,7 +33,8 @@ fixed-γ baselines). R is measured in every mode.
 Options (defaults): ``mode`` ("adaptive"), ``alpha`` (1e-3), ``eps`` (1e-3), ``gamma0`` (1.0), ``gamma_min``
 (1e-3), ``gamma_max`` (1.0), ``init`` ("ema_search"), ``init_momentum`` (0.999), ``init_step`` (None = ``eps``),
 ``init_max_iters`` (5000), ``update`` ("backward"), ``rounding`` ("stochastic" | "nearest", the latter an ablation),
-``noise`` ("int16" | "uniform": the source of u, see :func:`uniform_noise`; "int16" is fxqat's faster default [R]).
+``noise`` ("int8" | "int16" | "uniform": the source of u, see :func:`uniform_noise`; "int8" is fxqat's faster
+default [R]).
 
 Example:
     >>> import torch
@@ -72,24 +73,31 @@ _CHOICES = {
     "init": ("ema_search", "quantile", "none"),
     "update": ("backward", "manual"),
     "rounding": ("stochastic", "nearest"),
-    "noise": ("int16", "uniform"),
+    "noise": ("int8", "int16", "uniform"),
 }
 
 
-def uniform_noise(like: torch.Tensor, kind: str = "int16", out: Optional[torch.Tensor] = None,
+def uniform_noise(like: torch.Tensor, kind: str = "int8", out: Optional[torch.Tensor] = None,
                   scratch: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
     """Noise ``u`` in [−½, ½) shaped like ``like``, from torch's global RNG (written into ``out`` when given).
 
     ``"uniform"``: ``uniform_(-0.5, 0.5)`` (as the official code). ``"int16"`` **[R]**: ``k/2^16`` with k a uniform
     16-bit integer, four per 64-bit draw: about 3× cheaper on CPU; stochastic rounding with it is biased by less than
-    2^-16 of a grid step (towards zero by at most that much). ``scratch``: a dict in which to keep the random-bits
+    2^-16 of a grid step (towards zero by at most that much). ``"int8"`` **[R]**: ``(k + ½)/2^8`` with k a uniform
+    8-bit integer, eight per 64-bit draw (half the random bits of ``"int16"``): 256 values placed symmetrically, so
+    the noise has mean 0 and stochastic rounding is off by at most 2^-9 of a grid step for any input (0 on average
+    over a bin), against a rounding noise of up to ½ step. ``scratch``: a dict in which to keep the random-bits
     buffer between calls (saves re-allocating it; the buffer never leaves this function).
     """
     out = torch.empty_like(like) if out is None else out
     if kind == "uniform":
         return out.uniform_(-0.5, 0.5)
     n = like.numel()
-    bits = _scratch(scratch, "bits", (n + 3) // 4, torch.int64, like.device).random_(-(2**63), None)
+    per_word = 8 if kind == "int8" else 4
+    bits = _scratch(scratch, "bits", (n + per_word - 1) // per_word, torch.int64, like.device).random_(-(2**63), None)
+    if kind == "int8":
+        out.copy_(bits.view(torch.int8)[:n].view_as(like))
+        return out.add_(0.5).mul_(2.0**-8)
     out.copy_(bits.view(torch.int16)[:n].view_as(like))
     return out.mul_(2.0**-16)
 
@@ -152,7 +160,7 @@ def _quantize_into(out: torch.Tensor, g: torch.Tensor, bits: int, step: torch.Te
 
 def quantize_gradient(
     g: torch.Tensor, bits: int, gamma: torch.Tensor, rounding: str = "stochastic", gmax: Optional[torch.Tensor] = None,
-    noise: str = "int16",
+    noise: str = "int8",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``g`` on the symmetric ``2^bits − 1``-level grid clipped at ±γ·max|g|.
 
@@ -265,7 +273,7 @@ class GradQuantizer(Quantizer):
     default_options = {
         "mode": "adaptive", "alpha": 1e-3, "eps": 1e-3, "gamma0": 1.0, "gamma_min": 1e-3, "gamma_max": 1.0,
         "init": "ema_search", "init_momentum": 0.999, "init_step": None, "init_max_iters": 5000,
-        "update": "backward", "rounding": "stochastic", "noise": "int16",
+        "update": "backward", "rounding": "stochastic", "noise": "int8",
     }
 
     def __init__(self, spec, **kwargs) -> None:

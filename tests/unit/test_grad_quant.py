@@ -56,7 +56,7 @@ def _make_grad(args):
 
 
 # --------------------------------------------------------------------------------------------- rounding
-@pytest.mark.parametrize("noise", ["int16", "uniform"])
+@pytest.mark.parametrize("noise", ["int8", "int16", "uniform"])
 @settings(max_examples=10, deadline=None)
 @given(bits=bits_st(), gamma=gamma_st(), frac=st.floats(-0.999, 0.999), seed=st.integers(0, 2**31 - 1))
 def test_stochastic_rounding_is_unbiased(noise, bits, gamma, frac, seed):
@@ -69,8 +69,8 @@ def test_stochastic_rounding_is_unbiased(noise, bits, gamma, frac, seed):
     out, step = quantize_gradient(g, bits, torch.tensor([gamma]), "stochastic", noise=noise)
     mean = float(out[1:].double().mean())
     # every draw lies within one step of x, so the std of a draw is <= step/2 and the mean's std <= step/(2·sqrt(n));
-    # tolerance: 6 standard errors, plus the int16 noise's bounded bias of 2^-16 step
-    tol = float(step) * (6 / (2 * n**0.5) + 2.0**-16)
+    # tolerance: 6 standard errors, plus the discrete noise's bounded bias (2^-9 step for int8, 2^-16 for int16)
+    tol = float(step) * (6 / (2 * n**0.5) + {"int8": 2.0**-9, "int16": 2.0**-16, "uniform": 0.0}[noise])
     assert abs(mean - x) <= tol
     # and it is not nearest rounding in disguise: both neighbouring grid points occur unless x is on the grid
     k = x / float(step)
@@ -377,3 +377,19 @@ def test_chunked_max_and_count_are_exact(seed, n, gamma, heavy):
     for chunk in (7, 256):
         m, k = max_and_count_above(g, gm, chunk=chunk)
         assert torch.equal(m, expect_max) and int(k) == expect_count
+
+
+@pytest.mark.parametrize("kind,levels", [("int8", 256), ("int16", 65536)])
+def test_discrete_noise_is_uniform_on_its_levels(kind, levels):
+    """int8: the 256 values (k + ½)/256 (symmetric about 0, mean exactly 0); int16: k/65536; all in [−½, ½)."""
+    from fxqat.quantizers.grad import uniform_noise
+
+    torch.manual_seed(0)
+    u = uniform_noise(torch.empty(400_000, dtype=torch.float64), kind)
+    assert u.min().item() >= -0.5 and u.max().item() < 0.5
+    k = u * levels - (0.5 if kind == "int8" else 0.0)
+    assert torch.equal(k, torch.round(k))  # on the stated levels
+    assert abs(u.mean().item()) < 6 * (1 / 12) ** 0.5 / 400_000**0.5  # 6 standard errors of the mean
+    if kind == "int8":
+        counts = torch.bincount((k + 128).long(), minlength=256)
+        assert counts.numel() == 256 and counts.min().item() > 0.8 * 400_000 / 256  # every level, about equally
