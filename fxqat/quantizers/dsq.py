@@ -12,6 +12,20 @@ Learnable clip bounds ``l < u`` split into ``2^b − 1`` cells of width ``Δ = (
 In evaluation (``self.training`` False) the forward is hard: ``l + Δ·⌊(clip(x, l, u) − l)/Δ⌉``.
 ``α`` is learnable and clamped to ``alpha_range``; ``l``, ``u`` and ``α`` get the analytic gradients of ``Q_S``.
 
+Gradients (``z = (clip(x, l, u) − l)/Δ``, ``i = ⌊z⌋``, ``f = z − i − ½``, ``K = kΔ = 2·atanh(1 − α)``,
+``A = ς = 1/(1 − α)``, ``T = tanh(K·f)``, ``P = (Q_S − l)/Δ = i + ½ + ½·A·T``, ``D = ½·A·K·(1 − T²)``)::
+
+    ∂Q_S/∂x = D·w          w = 1 inside (l, u), 0 outside, ½ at x = l or x = u (the tie split of max/min)
+    ∂Q_S/∂u = (P − D·w·z)/n          ∂Q_S/∂l = 1 − D·w − ∂Q_S/∂u
+    ∂Q_S/∂α = ½·Δ·(A²·T + A·(1 − T²)·f·dK/dα),    dK/dα = −2/(α·(2 − α))
+
+``impl="function"`` (default) computes these in one ``torch.autograd.Function``
+(:class:`~fxqat.quantizers._dsq_function.DSQFunction`: a few elementwise passes and dot products, about 2x
+faster than autograd through :func:`dsq_soft` on CPU); ``impl="autograd"`` differentiates :func:`dsq_soft`'s plain
+tensor ops (twice differentiable). The two agree up to float rounding, except that the function counts an ``x``
+whose ``x − l`` rounds to ``u − l`` (within an ulp of ``u``), or whose ``(x − l)·(x − u)`` underflows to 0, as a
+tie (``w = ½``). Hard forwards (``train_forward="hard"``, evaluation) are bit-identical.
+
 fxqat's reconstruction [R] (options):
 
 * ``train_forward``: ``"soft"`` (default, methods.md's reading: forward ``Q_S`` while training) or ``"hard"``
@@ -19,6 +33,7 @@ fxqat's reconstruction [R] (options):
 * ``alpha_init`` 0.2 [M], ``alpha_range`` (1e-3, 0.5).
 * ``init``: ``"std"`` (default: weights ``l, u = ∓3·std(w)``; activations ``l = min(x)``,
   ``u = 3·std(x)/√(1 − 2/π)``, the skeleton EWGS and LBT reuse) or ``"minmax"``.
+* ``impl``: ``"function"`` (default) or ``"autograd"`` (see above).
 
 Example:
     >>> import torch
@@ -27,16 +42,15 @@ Example:
     >>> _ = q(torch.tensor([0.0, 3.0]))
     >>> _ = q.eval()
     >>> q(torch.tensor([0.2, 0.9, 1.6, 2.4, 3.0]))
-    tensor([0., 1., 2., 2., 3.], grad_fn=<AddBackward0>)
+    tensor([0., 1., 2., 2., 3.], grad_fn=<DSQFunctionBackward>)
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from fxqat.quantizers._dsq_function import DSQFunction, dsq_hard
 from fxqat.quantizers._zoo_utils import StateShapeMixin, act_clip_std, axis_of, check_choice, reduce, set_tensor
 from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view
 from fxqat.quantizers.registry import register
@@ -74,15 +88,19 @@ class DSQQuantizer(StateShapeMixin, Quantizer):
         alpha_init: initial α (0.2) [M].
         alpha_range: (min, max) clamp of α ((1e-3, 0.5)) [R].
         init: ``"std"`` (default) or ``"minmax"`` [R].
+        impl: ``"function"`` (default, fast) or ``"autograd"`` (plain ops, twice differentiable).
     """
 
-    default_options = {"train_forward": "soft", "alpha_init": 0.2, "alpha_range": (1e-3, 0.5), "init": "std"}
+    default_options = {
+        "train_forward": "soft", "alpha_init": 0.2, "alpha_range": (1e-3, 0.5), "init": "std", "impl": "function",
+    }
 
     def __init__(self, spec, **kwargs) -> None:
         super().__init__(spec, **kwargs)
         name = type(self).__name__
         check_choice(name, "train_forward", self.opts["train_forward"], ("soft", "hard"))
         check_choice(name, "init", self.opts["init"], ("std", "minmax"))
+        check_choice(name, "impl", self.opts["impl"], ("function", "autograd"))
         lo, hi = self.opts["alpha_range"]
         if not 0 < lo <= hi < 1:
             raise ValueError(f"{name}: alpha_range={self.opts['alpha_range']!r}; need 0 < min <= max < 1.")
@@ -109,6 +127,7 @@ class DSQQuantizer(StateShapeMixin, Quantizer):
         set_tensor(self, "upper", up)
 
     def _params(self, x: torch.Tensor):
+        """``(l, u, α)``: ``u ≥ l + ε``, bounds viewed to broadcast against ``x``, ``α`` clamped to its range."""
         lo, up = self.lower, self.upper
         up = torch.maximum(up, lo + _EPS)
         if self.per_channel and lo.numel() > 1:
@@ -116,20 +135,18 @@ class DSQQuantizer(StateShapeMixin, Quantizer):
         a_lo, a_hi = self.opts["alpha_range"]
         return lo, up, torch.clamp(self.alpha, a_lo, a_hi)
 
-    @staticmethod
-    def _hard(x, lo, up, n):
-        delta = (up - lo) / n
-        xc = torch.minimum(torch.maximum(x, lo), up)
-        return lo + delta * torch.round((xc - lo) / delta)
-
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         lo, up, alpha = self._params(x)
         n = 2**self.bits - 1
+        hard = not (self.training and self.opts["train_forward"] == "soft")
+        if hard and not torch.is_grad_enabled():
+            return dsq_hard(x, lo, up, n)
+        if self.opts["impl"] == "function":
+            return DSQFunction.apply(x, lo, up, alpha, n, hard)
         soft = dsq_soft(x, lo, up, alpha, self.bits)
-        if self.training and self.opts["train_forward"] == "soft":
+        if not hard:
             return soft
-        hard = self._hard(x.detach(), lo.detach(), up.detach(), n)
-        return hard + (soft - soft.detach())  # value exactly `hard`, gradient of Q_S
+        return dsq_hard(x.detach(), lo.detach(), up.detach(), n) + (soft - soft.detach())  # value hard, grad of Q_S
 
     @torch.no_grad()
     def grid(self) -> torch.Tensor:

@@ -20,6 +20,11 @@ fxqat's reconstruction [R]:
 * ``act_output``: ``"denorm"`` (default) returns ``l + (u − l)·x_q`` so activations keep their units;
   ``"unit"`` returns the paper's ``x_q`` in [0, 1] (rely on a following BN or the weight output scale).
 * ``delta``: initial δ (1e-3) before the first refresh.
+* ``impl``: ``"function"`` (default) computes the forward and the gradients of ``x``, ``l``, ``u`` and the output
+  scale in one ``torch.autograd.Function`` (:class:`~fxqat.quantizers._ewgs_function.EWGSFunction`: a few
+  elementwise passes and dot products; forward bit-identical, gradients equal up to float rounding);
+  ``"autograd"`` uses plain tensor ops around the EWGS discretizer (twice differentiable).
+  :func:`refresh_ewgs_delta` needs a Hessian and uses the autograd path whatever ``impl`` says.
 
 Example:
     >>> import torch
@@ -39,6 +44,7 @@ from typing import Callable, Iterable, List, Optional
 import torch
 from torch import nn
 
+from fxqat.quantizers._ewgs_function import EWGSFunction
 from fxqat.quantizers._zoo_utils import StateShapeMixin, act_clip_std, axis_of, check_choice, reduce, set_tensor
 from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view
 from fxqat.quantizers.registry import register
@@ -81,15 +87,17 @@ class EWGSQuantizer(StateShapeMixin, Quantizer):
         delta: initial δ (1e-3) [R].
         out_scale: weights: ``"learnable"`` (default), ``"fixed"`` or ``"none"`` [R].
         act_output: activations: ``"denorm"`` (default) or ``"unit"`` (paper) [R].
+        impl: ``"function"`` (default, fast) or ``"autograd"`` (plain ops, twice differentiable).
     """
 
-    default_options = {"delta": 1e-3, "out_scale": "learnable", "act_output": "denorm"}
+    default_options = {"delta": 1e-3, "out_scale": "learnable", "act_output": "denorm", "impl": "function"}
 
     def __init__(self, spec, **kwargs) -> None:
         super().__init__(spec, **kwargs)
         name = type(self).__name__
         check_choice(name, "out_scale", self.opts["out_scale"], ("learnable", "fixed", "none"))
         check_choice(name, "act_output", self.opts["act_output"], ("denorm", "unit"))
+        check_choice(name, "impl", self.opts["impl"], ("function", "autograd"))
         self.lower = nn.Parameter(torch.zeros(1))
         self.upper = nn.Parameter(torch.ones(1))
         self.register_buffer("delta", torch.full((1,), float(self.opts["delta"])))
@@ -139,13 +147,25 @@ class EWGSQuantizer(StateShapeMixin, Quantizer):
             self.captured = x_q
         return x_q
 
+    def _out_scale(self, x: torch.Tensor) -> torch.Tensor:
+        o = self.out_scale
+        if self.per_channel and o.numel() > 1:
+            o = channel_view(o, x, self.ch_axis)
+        return o
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if self._capture or self.opts["impl"] == "autograd":  # twice differentiable (Hessian for δ)
+            return self._quantize_autograd(x)
+        lo, up = self._bounds(x)
+        width = (up - lo).clamp(min=_EPS)
+        if self.kind == "weight":
+            return EWGSFunction.apply(x, lo, width, self._out_scale(x), self.delta, self.levels - 1, "weight")
+        return EWGSFunction.apply(x, lo, width, None, self.delta, self.levels - 1, self.opts["act_output"])
+
+    def _quantize_autograd(self, x: torch.Tensor) -> torch.Tensor:
         x_q = self._unit(x)
         if self.kind == "weight":
-            o = self.out_scale
-            if self.per_channel and o.numel() > 1:
-                o = channel_view(o, x, self.ch_axis)
-            return (2 * x_q - 1) * o
+            return (2 * x_q - 1) * self._out_scale(x)
         if self.opts["act_output"] == "unit":
             return x_q
         lo, up = self._bounds(x)

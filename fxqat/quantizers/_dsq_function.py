@@ -1,0 +1,121 @@
+"""DSQ's soft quantizer as one ``torch.autograd.Function`` with its analytic backward (used by ``DSQQuantizer``).
+
+Notation (per element; ``l < u`` broadcast against ``x``, ``n = 2^b − 1``, ``α`` the characteristic variable)::
+
+    Δ = (u − l)/n            z = clip((x − l)/Δ, 0, n)          i = ⌊z⌋          f = z − i − ½ ∈ [−½, ½)
+    K = 2·atanh(1 − α)       A = 1/(1 − α)                        T = tanh(K·f) = 2·S − 1,   S = σ(2K·f)
+    P = i + ½ + ½·A·T        y = l + Δ·P                          (``hard``: y = l + Δ·⌊z⌉)
+
+(:func:`~fxqat.quantizers.dsq.dsq_soft` takes ``i = n − 1`` at ``z = n``; ``i = n`` gives the same value and
+derivatives up to rounding: ``Q_S`` and its derivatives are continuous across cell edges.) With
+``D = ½·A·K·(1 − T²) = 2·A·K·S·(1 − S)``, the derivative of ``Q_S`` in its clipped argument, and the clip's
+derivative ``w = (1 − sign((x − l)·(x − u)))/2`` (1 inside, 0 clipped, ½ at a tie ``x = l`` or ``x = u``: autograd
+splits ``torch.maximum``/``torch.minimum`` evenly at ties in ``dsq_soft``)::
+
+    ∂y/∂x = D_x := D·w
+    ∂y/∂u = (P − D_x·z)/n                      (1 above u, 0 below l: there P = n or 0 and D_x = 0)
+    ∂y/∂l = 1 − D_x − ∂y/∂u                    (y(x + t; l + t, u + t) = y + t)
+    ∂y/∂α = ½·Δ·(A²·T + A·(1 − T²)·f·dK/dα),   dK/dα = −2/(α·(2 − α))   (0 where clipped: y = l or u there)
+
+The backward sums these against the incoming gradient ``g`` with dot products over the whole tensor (per
+channel for per-channel bounds): ``Σ g·P = Σ g·z − Σ g·f + ½A·Σ g·T``, ``Σ g·T = 2·Σ g·S − Σ g``,
+``Σ g·(1 − T²)·f = 4·Σ g·S·(1 − S)·f``, ``Σ g_x·z = Σ g_x·(x − l)/Δ``. It saves only ``x − l`` and ``S``, and
+recomputes ``z`` and ``f`` (three full-size allocations in the forward, two in the backward).
+
+Edges: ``(x − l) − (u − l)`` stands for ``x − u``, so an ``x`` whose ``x − l`` rounds to ``u − l`` (within an ulp of
+``u``) counts as a tie at ``u``, as does an ``x`` so close to a bound that ``(x − l)·(x − u)`` underflows to 0
+(closer than about 1e-38/(u − l) in float32); ``x = l`` and ``x = u`` themselves are exact ties. Float rounding
+differs from ``dsq_soft`` (another order of operations, and ``tanh`` computed as ``2σ(2·) − 1``: torch's CPU
+``tanh`` is about 10x slower than ``sigmoid``), so the soft forward agrees to a few ulps; the hard forward is
+bit-identical to ``l + Δ·⌊(clip(x, l, u) − l)/Δ⌉``.
+
+Example:
+    >>> import torch
+    >>> lo, up, a = torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([0.2])
+    >>> y = DSQFunction.apply(torch.tensor([0.0, 0.5, 1.0, 2.0]), lo, up, a, 1, False)
+    >>> [round(v, 6) for v in y.tolist()]
+    [0.0, 0.5, 1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["DSQFunction", "dsq_hard", "sum_to", "dot_to"]
+
+
+def sum_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` summed down to the (broadcastable) shape of ``like``, in ``like``'s dtype."""
+    s = t.sum().reshape(like.shape) if like.numel() == 1 else t.sum_to_size(like.shape)
+    return s.to(like.dtype)
+
+
+def dot_to(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``Σ a·b`` (same-shape, contiguous ``a`` and ``b``) summed down to the shape of ``like``: one dot product
+    when ``like`` has one element."""
+    if like.numel() == 1:
+        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(like.shape).to(like.dtype)
+    return sum_to(a * b, like)
+
+
+def dsq_hard(x: torch.Tensor, lo: torch.Tensor, up: torch.Tensor, n: int) -> torch.Tensor:
+    """Hard DSQ forward ``l + Δ·⌊clip((x − l)/Δ, 0, n)⌉`` (``lo``, ``up`` broadcast against ``x``).
+
+    Bit-identical to ``l + Δ·⌊(clip(x, l, u) − l)/Δ⌉``: inside ``[l, u]`` the same operations; outside, the
+    clipped value is 0 or within an ulp of ``n``, which rounds to ``n``.
+    """
+    delta = (up - lo) / n
+    return torch.sub(x, lo).div_(delta).clamp_(0, n).round_().mul_(delta).add_(lo)
+
+
+class DSQFunction(torch.autograd.Function):
+    """DSQ forward (soft ``Q_S`` or hard) with the analytic gradient of ``Q_S`` (see the module docstring).
+
+    ``apply(x, lower, upper, alpha, n, hard)``: ``lower < upper`` broadcast against ``x`` (shape ``[1]`` or a
+    ``channel_view``), ``alpha`` of one element, already clamped to its range; ``n = 2^b − 1``; ``hard``: forward
+    value hard-rounded (the gradient stays that of ``Q_S``). Not twice differentiable: a Hessian needs
+    :func:`~fxqat.quantizers.dsq.dsq_soft`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lower, upper, alpha, n: int, hard: bool):
+        delta = (upper - lower) / n
+        d = torch.sub(x, lower)  # saved: z and the clip/tie state follow from it
+        y = torch.div(d, delta).clamp_(0, n)  # z
+        fr = torch.frac(y)  # z − i (z ≥ 0)
+        if hard:
+            y.round_().mul_(delta).add_(lower)
+        else:
+            y.sub_(fr)  # i
+        k = 2 * torch.atanh(1 - alpha)
+        s = fr.mul_(2 * k).sub_(k).sigmoid_()  # S = σ(2K·f), f = z − i − ½; T = tanh(K·f) = 2S − 1
+        if not hard:
+            ad = delta / (1 - alpha)  # A·Δ
+            y.mul_(delta).add_(lower + 0.5 * (delta - ad)).addcmul_(s, ad)  # l + Δ·(i + ½ − ½A + A·S)
+        ctx.save_for_backward(lower, upper, alpha, d, s)
+        ctx.n = n
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        lower, upper, alpha, d, s = ctx.saved_tensors
+        n = ctx.n
+        g = g.contiguous()
+        delta = (upper - lower) / n
+        a = 1 / (1 - alpha)
+        gx = torch.mul(g, s)  # g·S
+        s_g, s_gs = sum_to(g, lower), sum_to(gx, lower)
+        gx.addcmul_(gx, s, value=-1)  # g·S(1 − S) = g·(1 − T²)/4
+        r = torch.div(d, delta).clamp_(0, n)  # z, as in forward
+        s_gz = dot_to(g, r, lower)
+        r.frac_().sub_(0.5)  # f
+        s_gf, s_gdf = dot_to(g, r, lower), dot_to(gx, r, lower)
+        width = upper.to(d.dtype) - lower.to(d.dtype)  # as d = x − l is computed: d = width exactly where x = u
+        r.copy_(d).sub_(width).mul_(d).sign_()  # sign((x − l)(x − u)): −1 inside, 0 at a tie, 1 clipped
+        gx.mul_(2 * a * torch.atanh(1 - alpha)).addcmul_(gx, r, value=-1)  # g·D·w = g·2AK·S(1 − S)·(1 − sign)/2
+        s_gt = 2 * s_gs - s_g  # Σ g·T
+        g_up = (s_gz - s_gf + 0.5 * a * s_gt - dot_to(gx, d, lower) / delta) / n  # Σ g·P − Σ g_x·z, over n
+        g_lo = s_g - sum_to(gx, lower) - g_up
+        g_alpha = (delta * a * (0.5 * a * s_gt - 4 * s_gdf / (alpha * (2 - alpha)))).sum().reshape(alpha.shape)
+        return gx, g_lo, g_up.to(upper.dtype), g_alpha.to(alpha.dtype), None, None
