@@ -20,11 +20,12 @@ Gradients (``z = (clip(x, l, u) − l)/Δ``, ``i = ⌊z⌋``, ``f = z − i − 
     ∂Q_S/∂α = ½·Δ·(A²·T + A·(1 − T²)·f·dK/dα),    dK/dα = −2/(α·(2 − α))
 
 ``impl="function"`` (default) computes these in one ``torch.autograd.Function``
-(:class:`~fxqat.quantizers._dsq_function.DSQFunction`: a few elementwise passes and dot products, about 2x
-faster than autograd through :func:`dsq_soft` on CPU); ``impl="autograd"`` differentiates :func:`dsq_soft`'s plain
-tensor ops (twice differentiable). The two agree up to float rounding, except that the function counts an ``x``
-whose ``x − l`` rounds to ``u − l`` (within an ulp of ``u``), or whose ``(x − l)·(x − u)`` underflows to 0, as a
-tie (``w = ½``). Hard forwards (``train_forward="hard"``, evaluation) are bit-identical.
+(:class:`~fxqat.quantizers._dsq_function.DSQFunction`: a few elementwise passes and dot products; on CPU about a
+quarter of the step-time overhead of autograd through :func:`dsq_soft`); ``impl="autograd"`` differentiates
+:func:`dsq_soft`'s plain tensor ops (twice differentiable). The two agree up to float rounding, except that
+the function counts an ``x`` whose ``x − l`` rounds to ``u − l`` (within an ulp of ``u``), or whose
+``(x − l)·(x − u)`` underflows to 0, as a tie (``w = ½``). Hard forwards (``train_forward="hard"``, evaluation)
+are bit-identical.
 
 fxqat's reconstruction [R] (options):
 
