@@ -17,10 +17,12 @@ splits ``torch.maximum``/``torch.minimum`` evenly at ties in ``dsq_soft``)::
     ∂y/∂l = 1 − D_x − ∂y/∂u                    (y(x + t; l + t, u + t) = y + t)
     ∂y/∂α = ½·Δ·(A²·T + A·(1 − T²)·f·dK/dα),   dK/dα = −2/(α·(2 − α))   (0 where clipped: y = l or u there)
 
-The backward sums these against the incoming gradient ``g`` with dot products over the whole tensor (per
-channel for per-channel bounds): ``Σ g·P = Σ g·z − Σ g·f + ½A·Σ g·T``, ``Σ g·T = 2·Σ g·S − Σ g``,
-``Σ g·(1 − T²)·f = 4·Σ g·S·(1 − S)·f``, ``Σ g_x·z = Σ g_x·(x − l)/Δ``. It saves only ``x − l`` and ``S``, and
-recomputes ``z`` and ``f`` (three full-size allocations in the forward, two in the backward).
+The backward sums these against the incoming gradient ``g`` over the whole tensor (per channel for per-channel
+bounds): ``Σ g·P − Σ g_x·z = (Σ Δ·(g·z − g_x·z))/Δ − Σ g·f + ½A·Σ g·T``, ``Σ g·T = 2·Σ g·S − Σ g`` and
+``Σ g·(1 − T²)·f = 4·Σ g·S·(1 − S)·f``. The two sums whose parts cancel (``g·z − g_x·z``; ``g·S(1 − S)·f`` in ∂/∂α) are
+formed per element and reduced by ``torch.sum`` (pairwise summation: float32 errors like autograd's); ``Σ g·f``
+is a dot product. It saves only ``x − l`` and ``S``, and recomputes ``z`` and ``f`` (three full-size allocations
+in the forward, two in the backward).
 
 Edges: ``(x − l) − (u − l)`` stands for ``x − u``, so an ``x`` whose ``x − l`` rounds to ``u − l`` (within an ulp of
 ``u``) counts as a tie at ``u``, as does an ``x`` so close to a bound that ``(x − l)·(x − u)`` underflows to 0
@@ -107,15 +109,15 @@ class DSQFunction(torch.autograd.Function):
         gx = torch.mul(g, s)  # g·S
         s_g, s_gs = sum_to(g, lower), sum_to(gx, lower)
         gx.addcmul_(gx, s, value=-1)  # g·S(1 − S) = g·(1 − T²)/4
-        r = torch.div(d, delta).clamp_(0, n)  # z, as in forward
-        s_gz = dot_to(g, r, lower)
-        r.frac_().sub_(0.5)  # f
-        s_gf, s_gdf = dot_to(g, r, lower), dot_to(gx, r, lower)
+        r = torch.div(d, delta).clamp_(0, n).frac_().sub_(0.5)  # f, as in forward
+        s_gf = dot_to(g, r, lower)
+        s_gdf = sum_to(r.mul_(gx), lower)  # Σ g·S(1 − S)·f; products summed by torch.sum (pairwise: accurate)
         width = upper.to(d.dtype) - lower.to(d.dtype)  # as d = x − l is computed: d = width exactly where x = u
         r.copy_(d).sub_(width).mul_(d).sign_()  # sign((x − l)(x − u)): −1 inside, 0 at a tie, 1 clipped
         gx.mul_(2 * a * torch.atanh(1 - alpha)).addcmul_(gx, r, value=-1)  # g·D·w = g·2AK·S(1 − S)·(1 − sign)/2
+        r.copy_(d).div_(delta).clamp_(0, n).mul_(g).mul_(delta).addcmul_(gx, d, value=-1)  # Δ·(g·z − g_x·z)
         s_gt = 2 * s_gs - s_g  # Σ g·T
-        g_up = (s_gz - s_gf + 0.5 * a * s_gt - dot_to(gx, d, lower) / delta) / n  # Σ g·P − Σ g_x·z, over n
+        g_up = (sum_to(r, lower) / delta - s_gf + 0.5 * a * s_gt) / n  # (Σ g·P − Σ g_x·z)/n
         g_lo = s_g - sum_to(gx, lower) - g_up
         g_alpha = (delta * a * (0.5 * a * s_gt - 4 * s_gdf / (alpha * (2 - alpha)))).sum().reshape(alpha.shape)
         return gx, g_lo, g_up.to(upper.dtype), g_alpha.to(alpha.dtype), None, None

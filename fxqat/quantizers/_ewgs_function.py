@@ -11,13 +11,14 @@ Backward, with ``a = ∂y/∂x_q`` (``2·o``, ``w`` or 1) and the EWGS scaling o
     g_q = a·g            g_n = g_q·(1 + δ·sign(g_q)·(x_n − x_q)) = g_q + δ·|g_q|·(x_n − x_q)
     ∂L/∂x = g_x := g_n·[0 < v < 1]/w            (0 at the clip's bounds too, as torch.clamp's backward)
     ∂L/∂l = −Σ g_x  (+ Σ g for "denorm")                    ∂L/∂w = −Σ g_x·v  (+ Σ g·x_q for "denorm")
-    ∂L/∂o = Σ g·(2·x_q − 1) = 2·Σ g·x_q − Σ g               (``"weight"``)
+    ∂L/∂o = Σ g·(2·x_q − 1)                                  (``"weight"``)
 
 (``∂/∂l`` holds ``w`` fixed: the caller's ``w = max(u − l, ε)`` takes the rest to ``l`` and ``u`` by autograd.)
-Only ``x_n`` is saved (``x_q`` is recomputed, and ``[0 < v < 1] = sign(x_n·(1 − x_n))``); sums over the whole
-tensor are dot products (per channel for per-channel parameters). The forward is bit-identical to the plain-ops
-version; gradients agree with autograd through it up to float rounding. Not twice differentiable:
-:func:`~fxqat.quantizers.ewgs.refresh_ewgs_delta` (a Hessian) uses the plain-ops path.
+Only ``x_n`` is saved (``x_q`` is recomputed, and ``[0 < v < 1] = sign(x_n·(1 − x_n))``). Sums run over the whole
+tensor (per channel for per-channel parameters): dot products for activations; for weights (small) per-element
+products reduced by ``torch.sum``, whose pairwise summation is more accurate than a float32 dot product. The
+forward is bit-identical to the plain-ops version; gradients agree with autograd through it up to float rounding.
+Not twice differentiable: :func:`~fxqat.quantizers.ewgs.refresh_ewgs_delta` (a Hessian) uses the plain-ops path.
 
 Example:
     >>> import torch
@@ -67,20 +68,20 @@ class EWGSFunction(torch.autograd.Function):
         mode = ctx.mode
         g = g.contiguous()
         a = 2 * scale if mode == "weight" else width if mode == "denorm" else None
-        like = lower if scale is None else scale
         r = torch.mul(x_n, ctx.n).round_().div_(ctx.n)  # x_q, as in forward
-        s_gxq = None if mode == "unit" else dot_to(g, r, like)  # Σ g·x_q
+        s_gxq = dot_to(g, r, lower) if mode == "denorm" else None  # Σ g·x_q
+        g_scale = None
+        if mode == "weight" and ctx.needs_input_grad[3]:  # Σ g·(2·x_q − 1), summed per element (small tensors)
+            g_scale = sum_to(torch.mul(r, 2).sub_(1).mul_(g), scale)
         r.sub_(x_n)  # x_q − x_n (exact: within half a step)
         gx = torch.abs(g).mul_(r).mul_(-delta if a is None else -delta * a.abs())  # δ·|g_q|·(x_n − x_q)
         gx = gx.add_(g) if a is None else gx.addcmul_(g, a)  # g_n = g_q + δ·|g_q|·(x_n − x_q)
         r.copy_(x_n).addcmul_(x_n, x_n, value=-1).sign_()  # sign(x_n·(1 − x_n)) = [0 < v < 1]
         gx.mul_(r).div_(width)
         g_lo = -sum_to(gx, lower)
-        g_w = -dot_to(gx, x_n, width)  # Σ g_x·v, with v = x_n where g_x ≠ 0
-        g_scale = None
+        # Σ g_x·v (v = x_n where g_x ≠ 0): a dot product for activations; weights are small: pairwise torch.sum
+        g_w = -(sum_to(gx * x_n, width) if mode == "weight" else dot_to(gx, x_n, width))
         if mode == "denorm":
             g_lo = g_lo + sum_to(g, lower)
             g_w = g_w + s_gxq
-        elif mode == "weight" and ctx.needs_input_grad[3]:
-            g_scale = 2 * s_gxq - sum_to(g, scale)
         return gx, g_lo, g_w, g_scale, None, None, None
