@@ -78,7 +78,9 @@ def bench_methods(model, x, y, rounds):
     for m in methods:
         steps[m] = _step_fn(fxqat.prepare_qat(model, (x,), fxqat.QATConfig(w_bits=4, a_bits=4, method=m)), x, y)
     t = time_steps(steps, warmup=2, rounds=rounds)
-    return {k: {"seconds": v, "ratio_to_fp": v / t["fp"], "ratio_to_lsq": v / t["lsq"]} for k, v in t.items()}
+    over = t["lsq"] - t["fp"]
+    return {k: {"seconds": v, "ratio_to_fp": v / t["fp"], "ratio_to_lsq": v / t["lsq"],
+                "overhead_ratio_to_lsq": (v - t["fp"]) / over if over > 0 else float("nan")} for k, v in t.items()}
 
 
 def bench_model(name, model, x, y, compile_=True, rounds=10, brevitas=False):
@@ -112,6 +114,9 @@ def main(argv=None):
     ap.add_argument("--methods", action="store_true", help="only the per-method table on ResNet-20 (step_time_methods)")
     ap.add_argument("--brevitas", action="store_true", help="also time brevitas.graph.quantize (needs brevitas)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--models", default="resnet20,resnet18", help="comma-separated subset of resnet20,resnet18")
+    ap.add_argument("--out", default=None, help="result file stem (default step_time, step_time_quick with --quick)")
+    ap.add_argument("--no-prepare-time", action="store_true", help="skip the prepare_qat wall-time rows")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -122,9 +127,12 @@ def main(argv=None):
         res = bench_methods(get_model("resnet20", 10), torch.randn(b20, 3, 32, 32), torch.randint(0, 10, (b20,)), rounds)
         md = "\n".join(["# Step time per quantizer method: ResNet-20, batch %d, W4A4, eager, CPU" % b20, "",
                         f"Machine: {machine()['cpu']}, {machine()['cores']} cores, torch {machine()['torch']}, "
-                        f"{args.threads} thread(s).", "", "| method | s/step | / FP step | / LSQ step |", "|---|---|---|---|"]
-                       + [f"| {k} | {v['seconds']:.3f} | {v['ratio_to_fp']:.2f}x | {v['ratio_to_lsq']:.2f}x |"
-                          for k, v in res.items()]) + "\n"
+                        f"{args.threads} thread(s); median of {rounds} interleaved rounds.", "",
+                        "| method | s/step | / FP step | / LSQ step | overhead (step − FP) / LSQ's |",
+                        "|---|---|---|---|---|"]
+                       + [f"| {k} | {v['seconds']:.3f} | {v['ratio_to_fp']:.2f}x | {v['ratio_to_lsq']:.2f}x | "
+                          f"{v['overhead_ratio_to_lsq']:.2f}x |" for k, v in sorted(res.items(), key=lambda kv: kv[1]['seconds'])]
+                       ) + "\n"
         write_results("step_time_methods", {"machine": machine(), "batch": b20, "results": res}, md)
         print(md)
         return
@@ -133,13 +141,15 @@ def main(argv=None):
         "resnet18_b%d_%dpx" % (b18, hw18): (torchvision.models.resnet18(num_classes=10),
                                            torch.randn(b18, 3, hw18, hw18), torch.randint(0, 10, (b18,))),
     }
+    wanted = set(args.models.split(","))
+    cases = {k: v for k, v in cases.items() if k.split("_")[0] in wanted}
     results = {}
     for name, (model, x, y) in cases.items():
         log.info("timing %s ...", name)
         results[name] = bench_model(name, model, x, y, compile_=not args.no_compile, rounds=rounds,
                                     brevitas=args.brevitas)
     prep = {}
-    for name, kw, hw in (("resnet50", {}, 224), ("vit_b_16", {}, 224)):
+    for name, kw, hw in () if args.no_prepare_time else (("resnet50", {}, 224), ("vit_b_16", {}, 224)):
         m = getattr(torchvision.models, name)(**kw)
         x = torch.randn(1, 3, hw, hw)
         t0 = time.perf_counter()
@@ -157,7 +167,7 @@ def main(argv=None):
     lines += ["", "| model | prepare_qat wall time (s) |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in prep.items()]
     md = "\n".join(lines) + "\n"
-    write_results("step_time" + ("_quick" if args.quick else ""), payload, md)
+    write_results(args.out or ("step_time" + ("_quick" if args.quick else "")), payload, md)
     print(md)
 
 
