@@ -43,21 +43,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DSQFunction", "dsq_hard", "sum_to", "dot_to"]
+from fxqat.quantizers._zoo_utils import dot_to, sum_to
 
-
-def sum_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t`` summed down to the (broadcastable) shape of ``like``, in ``like``'s dtype."""
-    s = t.sum().reshape(like.shape) if like.numel() == 1 else t.sum_to_size(like.shape)
-    return s.to(like.dtype)
-
-
-def dot_to(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``Σ a·b`` (same-shape, contiguous ``a`` and ``b``) summed down to the shape of ``like``: one dot product
-    when ``like`` has one element."""
-    if like.numel() == 1:
-        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(like.shape).to(like.dtype)
-    return sum_to(a * b, like)
+__all__ = ["DSQFunction", "dsq_hard"]
 
 
 def dsq_hard(x: torch.Tensor, lo: torch.Tensor, up: torch.Tensor, n: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from fxqat.quantizers._dsq_function import dot_to, sum_to
+from fxqat.quantizers._zoo_utils import dot_to, sum_to
 
 __all__ = ["EWGSFunction", "EWGS_MODES"]
 

@@ -102,14 +102,18 @@ def check_choice(owner: str, name: str, value, choices) -> None:
 
 
 def sum_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` down to the (broadcast) shape of ``like``: the gradient of a parameter broadcast against ``t``."""
-    if like.numel() == 1:
-        return t.sum().reshape(like.shape)
-    return t.sum_to_size(like.shape)
+    """``t`` summed down to the (broadcast) shape of ``like``, in ``like``'s dtype: the gradient of a parameter
+    broadcast against ``t``."""
+    s = t.sum().reshape(like.shape) if like.numel() == 1 else t.sum_to_size(like.shape)
+    return s.to(like.dtype)
 
 
 def dot_to(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``Σ a·b`` reduced to the shape of ``like`` (one ``torch.dot`` pass when ``like`` is a single value)."""
+    """``Σ a·b`` (same shape) reduced to the shape of ``like``: one ``torch.dot`` pass when ``like`` has one element.
+
+    A float32 dot product accumulates in float32; where the terms cancel (a difference of two sums), form the
+    difference per element and use :func:`sum_to` (pairwise summation) instead.
+    """
     if like.numel() == 1:
-        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(like.shape)
-    return (a * b).sum_to_size(like.shape)
+        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(like.shape).to(like.dtype)
+    return sum_to(a * b, like)
