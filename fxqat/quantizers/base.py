@@ -33,7 +33,9 @@ from torch.ao.quantization import FakeQuantizeBase
 
 from fxqat.config import QuantSpec
 
-__all__ = ["Quantizer", "NotAffineError", "int_range", "channel_view", "reduce_except", "grad_inside"]
+__all__ = [
+    "Quantizer", "NotAffineError", "int_range", "channel_view", "reduce_except", "grad_inside", "use_function",
+]
 
 
 class NotAffineError(NotImplementedError):
@@ -264,17 +266,32 @@ def _next_float(x: float, up: bool, dtype: torch.dtype) -> float:
     return struct.unpack(ffmt, struct.pack(ifmt, bits))[0]
 
 
-def grad_inside(g: torch.Tensor, v: torch.Tensor, lo: float, hi: float, lo_closed: bool = True) -> torch.Tensor:
-    """``g`` where ``lo ≤ v ≤ hi`` (``lo < v ≤ hi`` with ``lo_closed=False``), 0 elsewhere (and where ``v`` is NaN).
+def grad_inside(g: torch.Tensor, v: torch.Tensor, lo: float, hi: float, lo_closed: bool = False,
+                hi_closed: bool = False) -> torch.Tensor:
+    """``g`` where ``lo < v < hi``, 0 elsewhere (and where ``v`` is NaN); ``lo_closed`` / ``hi_closed`` include the ends.
 
-    The straight-through mask of clipped quantizers in one pass: ``hardtanh_backward`` with bounds moved to the
-    neighbouring floats, which on CPU is an order of magnitude faster than multiplying by a boolean mask
-    (``g * (v == clamp(v))`` converts the mask element by element).
+    The straight-through mask of clipped quantizers in one ``hardtanh_backward`` pass, which on CPU is an order of
+    magnitude faster than multiplying by a boolean mask (``g * (v == clamp(v))`` converts the mask element by
+    element). Open ends by default: the papers' "inside" (LSQ: ``−Q_N < v/s < Q_P``) and what autograd gives for
+    ``torch.clamp`` with number bounds, so a hand-written backward and its plain-ops form agree at the ends too. A
+    closed end moves the bound to the neighbouring float of ``v``'s dtype.
 
     Example:
-        >>> grad_inside(torch.ones(5), torch.tensor([-1.0, 0.0, 0.5, 7.0, 7.5]), 0, 7)
-        tensor([0., 1., 1., 1., 0.])
+        >>> v = torch.tensor([-1.0, 0.0, 0.5, 7.0, 7.5])
+        >>> grad_inside(torch.ones(5), v, 0, 7), grad_inside(torch.ones(5), v, 0, 7, lo_closed=True)
+        (tensor([0., 0., 1., 0., 0.]), tensor([0., 1., 1., 0., 0.]))
     """
     a = _next_float(float(lo), False, v.dtype) if lo_closed else float(lo)
-    b = _next_float(float(hi), True, v.dtype)
+    b = _next_float(float(hi), True, v.dtype) if hi_closed else float(hi)
     return torch.ops.aten.hardtanh_backward(g, v, a, b)
+
+
+def use_function() -> bool:
+    """True in eager mode, False while ``torch.compile`` traces.
+
+    Quantizers run their hand-written ``autograd.Function`` in eager mode (few passes, explicit backward) and the
+    same maths as plain tensor ops under ``torch.compile``, where inductor fuses the plain ops of the forward and of
+    the derived backward into a few loops; it does not fuse into a custom function's backward (measured on
+    ResNet-20, CPU: a compiled LSQ step at 1.08x the compiled FP step with plain ops, 1.9x with the function).
+    """
+    return not torch.compiler.is_compiling()

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from fxqat.quantizers._zoo_utils import StateShapeMixin, act_clip_std, axis_of, check_choice, reduce, set_tensor
-from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, grad_inside
+from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, grad_inside, use_function
 from fxqat.quantizers.lsq import round_ste
 from fxqat.quantizers.registry import register
 
@@ -148,7 +148,10 @@ class DoReFaQuantizer(DoReFaWeightMixin, StateShapeMixin, Quantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "weight":
             return self._quantize_weight(x)
-        return _DoReFaActFunction.apply(x, self.act_range, self._act_levels, -1.0 if self.signed else 0.0)
+        r, n, lo = self.act_range, self._act_levels, -1.0 if self.signed else 0.0
+        if use_function():
+            return _DoReFaActFunction.apply(x, r, n, lo)
+        return round_ste(torch.clamp(x / r, lo, 1.0) * n) / n * r  # torch.compile: plain ops, which inductor fuses
 
     @torch.no_grad()
     def grid(self) -> torch.Tensor:

@@ -53,7 +53,7 @@ from torch import nn
 
 from fxqat.quantizers._dsq_function import DSQFunction, dsq_hard
 from fxqat.quantizers._zoo_utils import StateShapeMixin, act_clip_std, axis_of, check_choice, reduce, set_tensor
-from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view
+from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, use_function
 from fxqat.quantizers.registry import register
 
 __all__ = ["DSQQuantizer", "dsq_soft"]
@@ -142,7 +142,7 @@ class DSQQuantizer(StateShapeMixin, Quantizer):
         hard = not (self.training and self.opts["train_forward"] == "soft")
         if hard and not torch.is_grad_enabled():
             return dsq_hard(x, lo, up, n)
-        if self.opts["impl"] == "function":
+        if self.opts["impl"] == "function" and use_function():  # plain ops under torch.compile
             return DSQFunction.apply(x, lo, up, alpha, n, hard)
         soft = dsq_soft(x, lo, up, alpha, self.bits)
         if not hard:

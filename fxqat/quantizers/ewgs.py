@@ -47,7 +47,7 @@ from torch import nn
 
 from fxqat.quantizers._ewgs_function import EWGSFunction
 from fxqat.quantizers._zoo_utils import StateShapeMixin, act_clip_std, axis_of, check_choice, reduce, set_tensor
-from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view
+from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, use_function
 from fxqat.quantizers.registry import register
 
 __all__ = ["EWGSQuantizer", "ewgs_discretize", "refresh_ewgs_delta"]
@@ -155,7 +155,7 @@ class EWGSQuantizer(StateShapeMixin, Quantizer):
         return o
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        if self._capture or self.opts["impl"] == "autograd":  # twice differentiable (Hessian for δ)
+        if self._capture or self.opts["impl"] == "autograd" or not use_function():  # Hessian for δ; compile
             return self._quantize_autograd(x)
         lo, up = self._bounds(x)
         width = (up - lo).clamp(min=_EPS)

@@ -33,7 +33,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from fxqat.quantizers.base import Quantizer, channel_view, grad_inside, reduce_except
+from fxqat.quantizers.base import Quantizer, channel_view, grad_inside, reduce_except, use_function
 from fxqat.quantizers.registry import register
 
 __all__ = ["LSQQuantizer", "LSQFunction", "round_ste", "scale_grad"]
@@ -80,7 +80,7 @@ class LSQFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         v, q = ctx.saved_tensors
-        gx = grad_inside(g, v, *ctx.qrange)  # STE inside [qmin, qmax], 0 where clipped
+        gx = grad_inside(g, v, *ctx.qrange)  # STE inside (qmin, qmax), 0 where clipped (the paper's ends)
         if ctx.ch_axis is None:
             gs = torch.dot(g.reshape(-1), q.reshape(-1)) - torch.dot(gx.reshape(-1), v.reshape(-1))
             gs = gs.reshape(1)
@@ -144,7 +144,7 @@ class LSQQuantizer(Quantizer):
                     x, self.scale, self.zero_point, self.ch_axis, qmin, qmax, g
                 )
             return torch._fake_quantize_learnable_per_tensor_affine(x, self.scale, self.zero_point, qmin, qmax, g)
-        if self.opts["impl"] == "function":
+        if self.opts["impl"] == "function" and use_function():  # plain ops under torch.compile
             return LSQFunction.apply(x, self.scale.abs(), g, qmin, qmax, self.ch_axis if self.per_channel else None)
         s = scale_grad(self.scale, g).abs()
         if self.per_channel:

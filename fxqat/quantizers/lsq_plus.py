@@ -47,7 +47,7 @@ from fxqat.quantizers._zoo_utils import (
     StateShapeMixin,
     sum_to,
 )
-from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, grad_inside, int_range
+from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, grad_inside, int_range, use_function
 from fxqat.quantizers.lsq import round_ste
 from fxqat.quantizers.registry import register
 
@@ -196,6 +196,8 @@ class LSQPlusQuantizer(StateShapeMixin, Quantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = self.qrange
         s, b = self._sb(x)
+        if not use_function():  # torch.compile: plain ops, which inductor fuses
+            return round_ste(torch.clamp((x - b) / s, qmin, qmax)) * s + b
         return LSQPlusFunction.apply(x, s, b, qmin, qmax)
 
     @torch.no_grad()

@@ -49,12 +49,14 @@ from fxqat.quantizers._zoo_utils import (
     axis_of,
     check_choice,
     dot_to,
+    grad_scaled,
     numel_per_scale,
     reduce,
     set_tensor,
     StateShapeMixin,
 )
-from fxqat.quantizers.base import Quantizer, channel_view, grad_inside
+from fxqat.quantizers.base import Quantizer, channel_view, grad_inside, use_function
+from fxqat.quantizers.lsq import round_ste
 from fxqat.quantizers.registry import register
 
 __all__ = ["NoiseTemperQuantizer", "NoiseTemperFunction"]
@@ -98,7 +100,7 @@ class NoiseTemperFunction(torch.autograd.Function):
         if need[1] or need[2]:
             gv = dot_to(g, v, s)  # Σ g·v (per channel of s)
         if need[1]:
-            gm = grad_inside(g, v, *ctx.qrange)  # inside [Q_N, Q_P]
+            gm = grad_inside(g, v, *ctx.qrange)  # inside (Q_N, Q_P)
             inside = dot_to(gm, v, s)
             gs = dot_to(g, w, s) - inside if rho is None else dot_to(g, w, s) - rho * gv - (1 - rho) * inside
             gs = gs * gf
@@ -168,10 +170,31 @@ class NoiseTemperQuantizer(StateShapeMixin, Quantizer):
             s = channel_view(s, x, self.ch_axis)
         # training: s·(r + ρ(v + u − r)), exactly Q once ρ = 0; evaluation: Q
         noise = self.opts["noise"] if self.training else None
-        y = NoiseTemperFunction.apply(x, s, self.kappa, self._rho_tensor(), self._gf, qmin, qmax, noise)
+        if use_function():
+            y = NoiseTemperFunction.apply(x, s, self.kappa, self._rho_tensor(), self._gf, qmin, qmax, noise)
+        else:  # torch.compile: the same maths as plain ops, which inductor fuses
+            y = self._quantize_plain(x, qmin, qmax, noise)
         if self.training and self.opts["schedule"] == "step":
             self.advance(1)
         return y
+
+    def _quantize_plain(self, x: torch.Tensor, qmin: int, qmax: int, noise) -> torch.Tensor:
+        g = self._gf
+        s = grad_scaled(self.scale, g).abs().clamp(min=_EPS)
+        if self.per_channel:
+            s = channel_view(s, x, self.ch_axis)
+        xd = x.detach()
+        z = torch.clamp(xd / s, qmin, qmax)
+        q = round_ste(z) * s  # LSQ value and step-size gradient; x's gradient comes through κ below
+        if noise is not None:
+            if noise == "uniform":
+                u = torch.rand_like(xd) - 0.5
+            else:
+                err = (torch.round(z) - z).detach().reshape(-1)
+                u = err[torch.randperm(err.numel(), device=err.device)].reshape(x.shape)
+            q = q + self._rho_tensor() * (xd + s * u - q)
+        kx = grad_scaled(self.kappa, g) * x
+        return kx - kx.detach() + q
 
     @torch.no_grad()
     def grid(self) -> torch.Tensor:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from fxqat.quantizers._zoo_utils import StateShapeMixin, act_clip_std, check_choice, reduce
-from fxqat.quantizers.base import NotAffineError, Quantizer, grad_inside
+from fxqat.quantizers.base import NotAffineError, Quantizer, grad_inside, use_function
 from fxqat.quantizers.dorefa import DoReFaWeightMixin
 from fxqat.quantizers.registry import register
 
@@ -73,7 +73,7 @@ class PACTFunction(torch.autograd.Function):
         if ctx.signed:  # inside: −α < x < α; ∂/∂α = Σ g[x ≥ α] − Σ g[x ≤ −α]
             t = hb(g, x + alpha, 0.0, _INF)
         else:  # inside: 0 ≤ x < α; ∂/∂α = Σ g[x ≥ α]
-            t = grad_inside(g, x, 0.0, _INF)
+            t = grad_inside(g, x, 0.0, _INF, lo_closed=True)
         gx = hb(t, x - alpha, -_INF, 0.0)
         ga = None
         if ctx.needs_input_grad[1]:
@@ -129,7 +129,12 @@ class PACTQuantizer(DoReFaWeightMixin, StateShapeMixin, Quantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "weight":
             return self._quantize_weight(x)
-        return PACTFunction.apply(x, self.alpha.abs().clamp(min=_EPS), self._levels, self.signed)
+        a = self.alpha.abs().clamp(min=_EPS)
+        if use_function():
+            return PACTFunction.apply(x, a, self._levels, self.signed)
+        y = pact_clip(x, a, self.signed)  # torch.compile: plain ops, which inductor fuses
+        step = (a / self._levels).detach()
+        return torch.round(y.detach() / step) * step + (y - y.detach())  # value on the grid, gradient of y
 
     def regularization(self) -> torch.Tensor:
         """``alpha_l2 · Σ α²`` (a zero tensor for weight quantizers or when ``alpha_l2 == 0``)."""

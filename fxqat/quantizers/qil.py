@@ -11,10 +11,10 @@ Jung et al., CVPR 2019 (arXiv 1808.05779); methods.md §2. The quantizer is a *t
 
 Backward: STE through ⌊·⌉ only; ``w``, ``c``, ``d`` and ``γ`` get the analytic derivatives of the transformer.
 With ``l = α|x| + β`` (``x`` for unsigned data), ``t = clamp(l, 0, 1)^γ``, ``y = sign(x)·o·⌊t·n⌉/n`` and
-``g_l = g·sign(x)·o·γ·t/clamp(l)`` on ``0 < l ≤ 1`` (0 elsewhere)::
+``g_l = g·sign(x)·o·γ·t/clamp(l)`` on ``0 < l < 1`` (0 elsewhere)::
 
     ∂L/∂x = g_l·α·sign(x)     ∂L/∂c = −α·Σ g_l     ∂L/∂d = −Σ g_l·(l − ½)/d
-    ∂L/∂γ = Σ g·sign(x)·o·t·ln(clamp(l))  (0 < l ≤ 1)     ∂L/∂o = Σ g·sign(x)·⌊t·n⌉/n
+    ∂L/∂γ = Σ g·sign(x)·o·t·ln(clamp(l))  (0 < l < 1)     ∂L/∂o = Σ g·sign(x)·⌊t·n⌉/n
 
 :class:`QILFunction` computes these directly (five passes forward, about six backward for activations); the
 plain-ops :func:`qil_transform` is the reference it is tested against (flat regions with exactly zero gradient,
@@ -58,7 +58,7 @@ from fxqat.quantizers._zoo_utils import (
     set_tensor,
     sum_to,
 )
-from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, grad_inside
+from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, grad_inside, use_function
 from fxqat.quantizers.lsq import round_ste
 from fxqat.quantizers.registry import register
 
@@ -122,7 +122,7 @@ class QILFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         if sgn is not None:
             g = g * sgn
-        ge = grad_inside(g, lin, torch.finfo(lin.dtype).tiny, 1.0)  # 0 < l <= 1 (tc == l)
+        ge = grad_inside(g, lin, 0.0, 1.0)  # 0 < l < 1, as autograd through qil_transform
         glin = ge * o if o.numel() > 1 else ge
         if gamma is not None:
             glin = glin * (t / tc) * gamma
@@ -229,6 +229,8 @@ class QILQuantizer(StateShapeMixin, Quantizer):
         return c, d, o
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if not use_function():  # torch.compile: plain ops, which inductor fuses
+            return self.quantize_reference(x)
         c, d, o = self._params(x)
         gamma = self.gamma if self.kind == "weight" else None
         return QILFunction.apply(x, c, d, gamma, o, self.levels, self.signed)
