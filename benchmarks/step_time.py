@@ -97,6 +97,8 @@ def bench_model(name, model, x, y, compile_=True, rounds=10, brevitas=False):
     if compile_:
         steps["fp_compiled"] = _step_fn(copy.deepcopy(model), x, y, compiled=True)
         cq = fxqat.prepare_qat(model, (x,), cfg)
+        with torch.no_grad():
+            cq.train()(x)  # quantizers initialise on their first tensor: do it eagerly, outside the compiled graph
         steps["fxqat_lsq_compiled"] = _step_fn(cq, x, y, compiled=True)
     t = time_steps(steps, warmup=3, rounds=rounds)
     res = {k: {"seconds": v} for k, v in t.items()}
