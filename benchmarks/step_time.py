@@ -71,12 +71,17 @@ def _brevitas(model, x):
         return None
 
 
-def bench_methods(model, x, y, rounds):
-    """One row per quantizer method (W4A4, eager): QAT step / FP step, and relative to LSQ's ratio (issue #4)."""
+def bench_methods(model, x, y, rounds, compiled=False):
+    """One row per quantizer method (W4A4): QAT step / FP step, and relative to LSQ's (issue #4); ``compiled``: every
+    variant (FP included) under ``torch.compile``, quantizers initialised eagerly first."""
     methods = [m for m in fxqat.available_methods() if m != "grad"]
-    steps = {"fp": _step_fn(copy.deepcopy(model), x, y)}
+    steps = {"fp": _step_fn(copy.deepcopy(model), x, y, compiled=compiled)}
     for m in methods:
-        steps[m] = _step_fn(fxqat.prepare_qat(model, (x,), fxqat.QATConfig(w_bits=4, a_bits=4, method=m)), x, y)
+        qm = fxqat.prepare_qat(model, (x,), fxqat.QATConfig(w_bits=4, a_bits=4, method=m))
+        if compiled:
+            with torch.no_grad():
+                qm.train()(x)
+        steps[m] = _step_fn(qm, x, y, compiled=compiled)
     t = time_steps(steps, warmup=2, rounds=rounds)
     over = t["lsq"] - t["fp"]
     return {k: {"seconds": v, "ratio_to_fp": v / t["fp"], "ratio_to_lsq": v / t["lsq"],
@@ -114,6 +119,7 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--methods", action="store_true", help="only the per-method table on ResNet-20 (step_time_methods)")
+    ap.add_argument("--compile-methods", action="store_true", help="with --methods: every variant under torch.compile")
     ap.add_argument("--brevitas", action="store_true", help="also time brevitas.graph.quantize (needs brevitas)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--models", default="resnet20,resnet18", help="comma-separated subset of resnet20,resnet18")
@@ -126,8 +132,10 @@ def main(argv=None):
     b20, b18, hw18 = (16, 4, 64) if args.quick else (128, 32, 112)
     rounds = 3 if args.quick else args.rounds
     if args.methods:
-        res = bench_methods(get_model("resnet20", 10), torch.randn(b20, 3, 32, 32), torch.randint(0, 10, (b20,)), rounds)
-        md = "\n".join(["# Step time per quantizer method: ResNet-20, batch %d, W4A4, eager, CPU" % b20, "",
+        res = bench_methods(get_model("resnet20", 10), torch.randn(b20, 3, 32, 32), torch.randint(0, 10, (b20,)), rounds,
+                            compiled=args.compile_methods)
+        mode = "torch.compile (each variant relative to the compiled FP step)" if args.compile_methods else "eager"
+        md = "\n".join([f"# Step time per quantizer method: ResNet-20, batch {b20}, W4A4, {mode}, CPU", "",
                         f"Machine: {machine()['cpu']}, {machine()['cores']} cores, torch {machine()['torch']}, "
                         f"{args.threads} thread(s); median of {rounds} interleaved rounds.", "",
                         "| method | s/step | / FP step | / LSQ step | overhead (step − FP) / LSQ's |",
@@ -135,7 +143,8 @@ def main(argv=None):
                        + [f"| {k} | {v['seconds']:.3f} | {v['ratio_to_fp']:.2f}x | {v['ratio_to_lsq']:.2f}x | "
                           f"{v['overhead_ratio_to_lsq']:.2f}x |" for k, v in sorted(res.items(), key=lambda kv: kv[1]['seconds'])]
                        ) + "\n"
-        write_results("step_time_methods", {"machine": machine(), "batch": b20, "results": res}, md)
+        stem = "step_time_methods" + ("_compiled" if args.compile_methods else "")
+        write_results(stem, {"machine": machine(), "batch": b20, "compiled": args.compile_methods, "results": res}, md)
         print(md)
         return
     cases = {
