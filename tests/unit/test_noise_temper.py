@@ -25,10 +25,11 @@ def _hard(q, x):
     return torch.round(torch.clamp(x / s, qmin, qmax)) * s
 
 
-def test_step_zero_is_uniform_noise_of_one_bin():
+@pytest.mark.parametrize("draw", ["int8", "int16", "exact"])
+def test_step_zero_is_uniform_noise_of_one_bin(draw):
     torch.manual_seed(0)
     w = torch.randn(200_000)
-    q = _nt(bits=4)
+    q = _nt(bits=4, uniform_draw=draw)
     y = q(w).detach()
     s = q.scale.item()
     e = y - w
@@ -192,3 +193,14 @@ def test_scale_and_kappa_gradients_at_intermediate_rho(seed, bits, step, per_cha
     expect = per_elem.sum(1) if per_channel else per_elem.sum().reshape(1)
     assert torch.allclose(q.scale.grad, expect, rtol=1e-8, atol=1e-9)  # u recovered through a division by ρ
     assert q.kappa.grad.item() == pytest.approx(float((up * x).sum()), rel=1e-10, abs=1e-10)
+
+
+def test_int8_draw_uses_the_centred_256_levels_of_a_bin():
+    """uniform_draw="int8": e/s = (k + ½)/256, so 256·e/s − ½ is an integer in [−128, 127] (float64 to read it)."""
+    torch.manual_seed(4)
+    w = torch.randn(50_000, dtype=torch.float64)
+    q = _nt(bits=4).double()
+    y = q(w).detach()
+    k = (y - w) / q.scale.item() * 256 - 0.5
+    assert (k - k.round()).abs().max().item() < 1e-6
+    assert k.min().item() >= -128 - 1e-6 and k.max().item() <= 127 + 1e-6
