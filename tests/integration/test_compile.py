@@ -1,4 +1,5 @@
-"""The compiled path: prepared models (plain and hybrid) trace into one dynamo graph and match eager numerics."""
+"""The compiled path: prepared models (plain, hybrid, every quantizer method) trace into one dynamo graph and match
+eager numerics."""
 
 import pytest
 import torch
@@ -8,17 +9,29 @@ import fxqat
 from fxqat.models import get_model
 
 
-@pytest.mark.parametrize("hybrid", [None, fxqat.HybridConfig()])
-def test_no_graph_breaks(hybrid):
+def _assert_one_graph(cfg):
+    """A prepared ResNet-20 (quantizers initialised eagerly: they read their first tensor) traces into one graph."""
     torch.manual_seed(0)
     x = torch.randn(4, 3, 32, 32)
-    qm = fxqat.prepare_qat(get_model("resnet20", 10), (x,), fxqat.QATConfig(w_bits=4, a_bits=4, hybrid=hybrid))
+    qm = fxqat.prepare_qat(get_model("resnet20", 10), (x,), cfg)
     qm.train()
-    qm(x)  # initialise quantizers eagerly (data-dependent)
+    qm(x)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(qm)(x)
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
     assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("hybrid", [None, fxqat.HybridConfig()])
+def test_no_graph_breaks(hybrid):
+    _assert_one_graph(fxqat.QATConfig(w_bits=4, a_bits=4, hybrid=hybrid))
+
+
+@pytest.mark.slow  # dynamo tracing: about 20 s a method on the shared 2-core machine
+@pytest.mark.parametrize("method", [m for m in fxqat.available_methods() if m not in ("grad", "lsq")])
+def test_method_compiles_without_graph_breaks(method):
+    """Flags, gradient factors and the noise-tempering clock are Python mirrors or tensors: one dynamo graph."""
+    _assert_one_graph(fxqat.QATConfig(w_bits=4, a_bits=4, method=method))
 
 
 @pytest.mark.slow

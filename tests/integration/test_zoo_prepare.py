@@ -60,20 +60,3 @@ def test_method_under_block_replacement(method):
     _check_grads(qm)
     qgrads = [p.grad for q in fxqat.quantizers(qm).values() for p in q.parameters() if p.requires_grad]
     assert all(g is not None for g in qgrads)
-
-
-@pytest.mark.slow  # dynamo tracing: about 20 s a method on the shared 2-core machine
-@pytest.mark.parametrize("method", METHODS)
-def test_method_compiles_without_graph_breaks(method):
-    """Flags, gradient factors and the noise-tempering clock are Python mirrors or tensors: one dynamo graph."""
-    from fxqat.models import get_model
-
-    torch.manual_seed(0)
-    x = torch.randn(4, 3, 32, 32)
-    qm = fxqat.prepare_qat(get_model("resnet20", 10), (x,), fxqat.QATConfig(w_bits=4, a_bits=4, method=method))
-    qm.train()
-    qm(x)  # initialise quantizers eagerly (data-dependent)
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(qm)(x)
-    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
-    assert explanation.graph_count == 1
