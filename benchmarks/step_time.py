@@ -3,13 +3,16 @@
 Variants (each a full SGD step: forward, loss, backward, optimizer step):
 
 * ``fp``: the float model;
-* ``fxqat_lsq``: fxqat LSQ W4A4 (default ``impl="ste"``, eager);
+* ``fxqat_lsq``: fxqat LSQ W4A4 (default ``impl="function"``, eager);
 * ``fxqat_lsq_fused``: fxqat LSQ W4A4 with torch's fused learnable fake-quant kernels (eager);
 * ``torch_ao``: torch.ao ``prepare_qat_fx`` with its default QAT qconfig (8-bit, observers + fake-quant);
 * ``fp_compiled`` / ``fxqat_lsq_compiled``: the same under ``torch.compile`` (``--no-compile`` skips them);
 * ``brevitas``: ``brevitas.graph.quantize`` with ``--brevitas`` (needs Brevitas; see ``_brevitas``).
 
-Run: ``python benchmarks/step_time.py [--quick] [--no-compile]``; writes ``benchmarks/results/step_time.{json,md}``.
+Run: ``python benchmarks/step_time.py [--quick] [--no-compile] [--models resnet20] [--out STEM]``; writes
+``benchmarks/results/step_time.{json,md}`` (or ``STEM``). ``--methods`` times one row per quantizer method instead
+(``step_time_methods``), ``--methods --compile-methods`` the same under ``torch.compile``
+(``step_time_methods_compiled``).
 """
 
 from __future__ import annotations
