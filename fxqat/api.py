@@ -22,12 +22,14 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from fxqat.capture.eager_model import convert_eager, eager_blocks, is_eager_model, prepare_eager
+from fxqat.capture.shapes import propagate_shapes
 from fxqat.config import QATConfig
 from fxqat.passes.annotate import QMETA, annotate
 from fxqat.passes.insert_quant import QROLE, OpaqueWeightQuant, insert_quant
 from fxqat.passes.normalize import normalize
 from fxqat.quantizers.base import Quantizer
-from fxqat.trace import trace
+from fxqat.trace import TraceFailure, trace
 
 __all__ = [
     "prepare_qat", "quantizers", "set_quantization", "calibrate", "convert", "trainable_parameters",
@@ -50,80 +52,6 @@ def _as_tuple(example_inputs: Any) -> Tuple:
     return example_inputs
 
 
-def _describe(inputs: Tuple) -> str:
-    return ", ".join(f"Tensor{tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs)
-
-
-class _FailingNode(Exception):
-    def __init__(self, where: str, cause: BaseException) -> None:
-        super().__init__(where)
-        self.where, self.cause = where, cause
-
-
-class _ShapeProp(ShapeProp):
-    """ShapeProp that reports which module or node failed, with the original error."""
-
-    def run_node(self, n: fx.Node) -> Any:
-        try:
-            return super().run_node(n)
-        except Exception as exc:  # noqa: BLE001
-            cause = exc.__cause__ or exc
-            if n.op == "call_module":
-                where = f"module {n.target!r} ({type(self.module.get_submodule(n.target)).__name__})"
-            else:
-                where = f"node {n.name!r} ({n.op} {getattr(n.target, '__name__', n.target)})"
-            raise _FailingNode(where, cause) from cause
-
-
-def _fake_propagate(gm: fx.GraphModule, inputs: Tuple) -> bool:
-    """Shape propagation on fake tensors (no arithmetic: a ViT-B/16 at 224 px takes ~0.3 s instead of seconds).
-
-    Returns False when some node cannot run on fake tensors (e.g. data-dependent code in a leaf module); the caller
-    then propagates real tensors, which also produces the error message for inputs that really do not fit.
-    """
-    try:
-        from torch._subclasses import FakeTensorMode
-
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
-        ShapeProp(gm, fake_mode=mode).propagate(*fake)
-        return True
-    except Exception:  # noqa: BLE001
-        log.debug("fake-tensor shape propagation failed; using real tensors", exc_info=True)
-        return False
-
-
-def _propagate_shapes(gm: fx.GraphModule, inputs: Tuple, model_name: str) -> None:
-    """Run the example inputs through the traced graph once (eval mode, no grad) to record tensor metadata."""
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    required = [n for n in phs if not n.args]
-    if not len(required) <= len(inputs) <= len(phs):
-        raise ValueError(
-            f"the example_inputs ({_describe(inputs)}) do not fit {model_name}: its forward takes "
-            f"{len(required)}..{len(phs)} inputs ({', '.join(n.name for n in phs)}), got {len(inputs)}. "
-            "Pass one tensor per forward argument, e.g. (x,)."
-        )
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            if not _fake_propagate(gm, inputs):
-                _ShapeProp(gm).propagate(*inputs)
-    except _FailingNode as exc:
-        raise ValueError(
-            f"the example_inputs ({_describe(inputs)}) do not fit {model_name}: {exc.where} failed with "
-            f"{type(exc.cause).__name__}: {exc.cause}\n"
-            "Pass a tuple of tensors shaped like one real batch, e.g. (torch.randn(2, 3, 32, 32),)."
-        ) from exc.cause
-    except Exception as exc:  # noqa: BLE001 - e.g. a wrong number of inputs
-        raise ValueError(
-            f"the example_inputs ({_describe(inputs)}) do not fit {model_name}: {type(exc).__name__}: {exc}\n"
-            "Pass a tuple of tensors shaped like one real batch, e.g. (torch.randn(2, 3, 32, 32),)."
-        ) from exc
-    finally:
-        gm.train(was_training)
-
-
 def prepare_fp_graph(
     model: nn.Module,
     example_inputs: Any,
@@ -139,7 +67,7 @@ def prepare_fp_graph(
     work = model if inplace else copy.deepcopy(model)
     gm = trace(work, concrete_args, config.leaf_modules)
     gm = normalize(gm)
-    _propagate_shapes(gm, inputs, type(model).__name__)
+    propagate_shapes(gm, inputs, type(model).__name__)
     gm.train(model.training)
     return gm
 
@@ -150,8 +78,14 @@ def prepare_qat(
     config: Optional[QATConfig] = None,
     inplace: bool = False,
     concrete_args: Optional[Dict[str, Any]] = None,
-) -> fx.GraphModule:
-    """Turn ``model`` into a QAT model: trace, annotate, insert quantizers, and (optionally) build hybrid paths.
+    example_kwargs: Optional[Dict[str, Any]] = None,
+) -> nn.Module:
+    """Turn ``model`` into a QAT model: capture, annotate, insert quantizers, and (optionally) build hybrid paths.
+
+    When the root forward traces, the result is a ``torch.fx.GraphModule``. When it does not (a Hugging Face model,
+    data-dependent Python), capture is hierarchical (docs/capture.md): the result is a copy of ``model`` (same class,
+    same module tree) whose traceable children are graph regions and whose other weight layers are quantized in
+    place; ``model.fxqat_capture`` reports which region is which.
 
     Args:
         model: any ``nn.Module``; it is not modified unless ``inplace=True``.
@@ -159,10 +93,15 @@ def prepare_qat(
         config: a :class:`~fxqat.config.QATConfig` (default: LSQ W4A4, first/last layer at 8 bits).
         inplace: work on ``model`` itself instead of a copy (the result then shares its modules).
         concrete_args: non-tensor arguments to specialise while tracing.
+        example_kwargs: keyword inputs of the example call (e.g. ``{"attention_mask": mask}``); the captured graph
+            regions are specialised to how the model is called with them.
 
     Returns:
-        A ``torch.fx.GraphModule`` whose output has the structure of ``model``'s; with ``config.hybrid`` it returns
+        A module whose output has the structure of ``model``'s; with ``config.hybrid`` it returns
         ``HybridOutput(lp, paths, fp)`` in train mode.
+
+    Raises:
+        ValueError: ``model`` was already prepared (it holds fxqat quantizers).
 
     Example:
         >>> import torch, torch.nn as nn, fxqat
@@ -173,7 +112,22 @@ def prepare_qat(
     config = config or QATConfig()
     if not isinstance(config, QATConfig):
         raise TypeError(f"config must be a fxqat.QATConfig, got {type(config).__name__}.")
-    gm = prepare_fp_graph(model, example_inputs, config, inplace, concrete_args)
+    _check_not_prepared(model)
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise TypeError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}.")
+    try:
+        if example_kwargs:
+            raise TraceFailure("the example call passes keyword arguments")
+        gm = prepare_fp_graph(model, example_inputs, config, inplace, concrete_args)
+    except TraceFailure as exc:
+        reason = _root_reason(exc)
+        log.info("fxqat: the root forward of %s runs eagerly (%s); capturing its children", type(model).__name__,
+                 reason)
+        work = model if inplace else copy.deepcopy(model)
+        fp = copy.deepcopy(model) if config.hybrid is not None and config.hybrid.partner == "frozen" else None
+        qm = prepare_eager(work, _as_tuple(example_inputs), dict(example_kwargs or {}), config, reason, fp)
+        qm.train(model.training)
+        return qm
     annotate(gm, config)
     n_layers = sum(1 for n in gm.graph.nodes if QMETA in n.meta)
     if n_layers == 0:
@@ -191,6 +145,24 @@ def prepare_qat(
         gm = build_hybrid(gm, fp_graph, config.hybrid)
     gm.train(model.training)
     return gm
+
+
+def _check_not_prepared(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fxqat expects a torch.nn.Module, got {type(model).__name__}: pass your model object.")
+    found = next((n for n, m in model.named_modules() if isinstance(m, Quantizer)), None)
+    if found is not None:
+        raise ValueError(
+            f"{type(model).__name__} is already prepared for QAT (it holds the fxqat quantizer {found!r}); preparing "
+            "it again would stack a second set of quantizers. Pass the original FP model to prepare_qat, or call "
+            "fxqat.convert on the prepared one for inference."
+        )
+
+
+def _root_reason(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc
+    text = f"{type(cause).__name__}: {cause}".strip().splitlines()
+    return text[0][:200] if text else type(cause).__name__
 
 
 def find_blocks(
@@ -215,7 +187,12 @@ def find_blocks(
 
     config = config or QATConfig()
     h = config.hybrid or HybridConfig()
-    gm = prepare_fp_graph(model, example_inputs, config, concrete_args=concrete_args)
+    if is_eager_model(model):
+        return eager_blocks(model)
+    try:
+        gm = prepare_fp_graph(model, example_inputs, config, concrete_args=concrete_args)
+    except TraceFailure:
+        return eager_blocks(prepare_qat(model, example_inputs, config.with_(hybrid=None)))
     annotate(gm, config)
     return partition(gm, lambda n: QMETA in n.meta, max_blocks=h.max_blocks, boundaries=h.boundaries)
 
@@ -272,7 +249,11 @@ def convert(qm: fx.GraphModule) -> fx.GraphModule:
 
     Pre-quantized weights are non-persistent buffers, so ``convert(qm).state_dict()`` has exactly the keys of a
     plain ``prepare_qat`` model (and loads into one); loading a state_dict into the converted model refreshes them.
+    An eager-root model (hierarchical capture) keeps its module tree: its weights are replaced by their
+    fake-quantized values and its weight quantizers disabled.
     """
+    if is_eager_model(qm):
+        return convert_eager(qm)
     lp_graph = copy.deepcopy(qm.graph)
     lp = fx.GraphModule(qm, lp_graph, type(qm).__name__ + "LP")
     for m in list(lp.modules()):

@@ -36,10 +36,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["trace", "FxqatTracer", "TraceFailure"]
+__all__ = ["trace", "FxqatTracer", "TraceFailure", "adopt_hierarchy"]
 
 log = logging.getLogger(__name__)
-_MAX_RETRIES = 64
 
 
 class TraceFailure(RuntimeError):
@@ -141,7 +140,7 @@ def _leaf_spec(leaves: Sequence[Union[str, type]]) -> Tuple[Tuple[type, ...], Se
     return types, names
 
 
-def _adopt_hierarchy(gm: fx.GraphModule, root: nn.Module) -> None:
+def adopt_hierarchy(gm: fx.GraphModule, root: nn.Module) -> None:
     """Give ``gm`` the root's own children, parameters and buffers (same objects).
 
     ``fx.GraphModule`` copies only the attributes the graph touches, wrapping them in plain ``nn.Module``
@@ -156,11 +155,15 @@ def _adopt_hierarchy(gm: fx.GraphModule, root: nn.Module) -> None:
         gm.register_buffer(name, b, persistent=name not in root._non_persistent_buffers_set)
 
 
+_adopt_hierarchy = adopt_hierarchy  # old private name, kept while other modules move to the public one
+
+
 def trace(
     model: nn.Module,
     concrete_args: Optional[Dict[str, Any]] = None,
     leaf_modules: Sequence[Union[str, type]] = (),
     dynamic_training: bool = True,
+    tracer_cls: type = FxqatTracer,
 ) -> fx.GraphModule:
     """Symbolically trace ``model``, turning untraceable submodules into leaves.
 
@@ -169,6 +172,7 @@ def trace(
         concrete_args: forwarded to ``torch.fx.Tracer.trace`` (specialise non-tensor arguments).
         leaf_modules: module types or qualified names to keep opaque from the start.
         dynamic_training: read each traced module's ``training`` flag at run time (see the module docstring).
+        tracer_cls: the :class:`FxqatTracer` subclass to use.
 
     Returns:
         A ``GraphModule``; ``gm.meta["fxqat.opaque"]`` lists the modules made leaves automatically.
@@ -182,8 +186,10 @@ def trace(
     auto: List[str] = []
     reasons: Dict[str, str] = {}
     root_specialised = False
-    for _ in range(_MAX_RETRIES):
-        tracer = FxqatTracer(leaf_types, leaf_names | set(auto), dynamic_training, not root_specialised)
+    # every retry makes one more module a leaf: at most one pass per module, so no arbitrary cap is needed
+    max_tries = sum(1 for _ in model.modules()) + 2
+    for _ in range(max_tries):
+        tracer = tracer_cls(leaf_types, leaf_names | set(auto), dynamic_training, not root_specialised)
         try:
             graph = tracer.trace(model, concrete_args)
             break
@@ -205,7 +211,7 @@ def trace(
                 "submodule (which fxqat then keeps as a leaf), or pass concrete_args for non-tensor arguments."
             ) from exc
     else:  # pragma: no cover - guard against pathological models
-        raise TraceFailure(f"fxqat gave up tracing {type(model).__name__} after {_MAX_RETRIES} leaf retries: {auto}")
+        raise TraceFailure(f"fxqat gave up tracing {type(model).__name__} after {max_tries} leaf retries: {auto}")
     if root_specialised:
         log.warning(
             "%s.forward branches on self.training at the top level: the traced graph follows the mode it was traced "
@@ -218,7 +224,7 @@ def trace(
             graph.erase_node(node)
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
-    _adopt_hierarchy(gm, tracer.root)
+    adopt_hierarchy(gm, tracer.root)
     for mod in auto:
         log.warning(
             "fxqat: module %r (%s) could not be traced (%s); it is kept as a leaf: its conv/linear weights are still "

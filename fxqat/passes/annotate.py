@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Collection, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxqat.config import Override, QATConfig, QuantSpec
+from fxqat.layer_registry import weight_layer_entry
+from fxqat.quantizers.base import Quantizer
 
 __all__ = ["LayerQuant", "annotate", "annotated_layers", "layer_style", "QMETA", "WEIGHT_FUNCTIONS"]
 
@@ -120,8 +122,11 @@ def _opaque_weights(mod: nn.Module) -> List[str]:
     found = []
     for name, sub in mod.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(sub, _CONV_LINEAR) and isinstance(getattr(sub, "weight", None), nn.Parameter):
-            found.append(prefix + "weight")
+        if isinstance(sub, Quantizer):  # already quantized (an eager region inside the leaf): nothing to add
+            return []
+        entry = weight_layer_entry(sub)
+        if entry is not None:
+            found.append(prefix + entry.weight)
         elif isinstance(sub, nn.MultiheadAttention):
             for p in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
                 if isinstance(getattr(sub, p, None), nn.Parameter):
@@ -172,15 +177,28 @@ def _is_float_tensor(node: fx.Node) -> bool:
     return hasattr(meta, "dtype") and meta.dtype.is_floating_point
 
 
-def annotate(gm: fx.GraphModule, config: QATConfig) -> fx.GraphModule:
-    """Write ``node.meta["fxqat.qspec"]`` on every layer to quantize (in place; returns ``gm``)."""
+def annotate(
+    gm: fx.GraphModule, config: QATConfig, prefix: str = "", first_last_names: Optional[Collection[str]] = None,
+) -> fx.GraphModule:
+    """Write ``node.meta["fxqat.qspec"]`` on every layer to quantize (in place; returns ``gm``).
+
+    Args:
+        gm: the traced graph (a whole model, or a graph region of one).
+        config: what to quantize.
+        prefix: the qualified name of ``gm`` inside the user's model (``"model.layers.0."``), for overrides.
+        first_last_names: qualified names of the model's first and last layer when ``gm`` is a region of a larger
+            model (None: the first and last layer of ``gm`` itself).
+    """
     layers = [n for n in gm.graph.nodes if layer_style(gm, n) is not None]
-    first_last = {layers[0], layers[-1]} if layers else set()
+    if first_last_names is None:
+        first_last = {layers[0], layers[-1]} if layers else set()
+    else:
+        first_last = {n for n in layers if prefix + _owner(gm, n) in first_last_names}
     for node in layers:
         style = layer_style(gm, node)
         owner = _owner(gm, node)
         mod = gm.get_submodule(owner) if owner and style != "functional" else None
-        ov: Optional[Override] = config.override_for(owner, mod)
+        ov: Optional[Override] = config.override_for(prefix + owner, mod)
         if ov is not None and ov.skip:
             continue
         w_bits = ov.w_bits if ov and ov.w_bits else None

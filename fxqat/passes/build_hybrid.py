@@ -38,6 +38,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxqat.config import HybridConfig, QATConfig
+from fxqat.hybrid_output import HybridOutput
 from fxqat.passes.annotate import QMETA
 from fxqat.passes.extract import OUTPUT, extract, view
 from fxqat.trace import _adopt_hierarchy
@@ -46,24 +47,6 @@ __all__ = ["HybridOutput", "HybridGraphModule", "mark_cuts", "build_hybrid", "CU
 
 log = logging.getLogger(__name__)
 CUT = "fxqat.cut"  # node.meta key: index i of the cut that ends block i
-
-
-class HybridOutput(NamedTuple):
-    """Train-mode output of a hybrid model.
-
-    Attributes:
-        lp: the LP backbone's output.
-        paths: one output per executed mixed-precision path.
-        fp: the FP partner's output (no grad).
-        path_ids: which cut (or, in ``single`` mode, which block) each path belongs to.
-        config: the model's HybridConfig (loss weights for :func:`fxqat.hybrid_loss`).
-    """
-
-    lp: Any
-    paths: List[Any]
-    fp: Any
-    path_ids: Sequence[int] = ()
-    config: Optional[HybridConfig] = None
 
 
 def mark_cuts(gm: fx.GraphModule, config: QATConfig) -> fx.Graph:

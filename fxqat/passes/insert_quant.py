@@ -53,6 +53,12 @@ def _safe(name: str) -> str:
     return re.sub(r"\W", "_", name) or "root"
 
 
+def _tensor_at(module: nn.Module, path: str) -> torch.Tensor:
+    """The tensor at ``path`` (a Parameter, or the plain tensor ``functional_call`` substituted for it)."""
+    owner, _, name = path.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, name)
+
+
 class OpaqueWeightQuant(nn.Module):
     """Calls a leaf module with some of its weights replaced by their quantized values.
 
@@ -80,7 +86,7 @@ class OpaqueWeightQuant(nn.Module):
         """Parameter path -> quantized tensor, as used in the forward pass."""
         if self._frozen is not None:
             return self._frozen
-        return {p: self.quant[_safe(p)](self._module.get_parameter(p)) for p in self.paths}
+        return {p: self.quant[_safe(p)](_tensor_at(self._module, p)) for p in self.paths}
 
     def freeze(self) -> None:
         """Pre-compute the quantized weights (used by ``convert``)."""

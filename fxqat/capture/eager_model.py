@@ -1,0 +1,149 @@
+"""Prepare, partition and convert models whose root forward runs eagerly (hierarchical capture end to end).
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from fxqat.config import QATConfig
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
+    ...     def forward(self, x):
+    ...         for layer in self.layers:
+    ...             x = layer(x) if x.sum() > -1e9 else x
+    ...         return x
+    >>> qm = prepare_eager(Net(), (torch.randn(2, 8),), {}, QATConfig(), "data-dependent")
+    >>> [b.name for b in eager_blocks(qm)]
+    ['layers.0', 'layers.1']
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from fxqat.capture.chain import chain_blocks, find_chain
+from fxqat.capture.eager_hybrid import make_eager_hybrid, remove_hybrid
+from fxqat.capture.hierarchy import CAPTURE_ATTR, CaptureReport, capture_eager
+from fxqat.capture.layers import WEIGHT_QUANT, is_quantized_layer
+from fxqat.capture.record import record_calls
+from fxqat.capture.region import GraphRegion
+from fxqat.config import QATConfig
+from fxqat.graph.blocks import Block
+from fxqat.layer_registry import is_weight_layer
+from fxqat.passes.insert_quant import QROLE
+from fxqat.quantizers.base import Quantizer
+
+__all__ = ["prepare_eager", "eager_blocks", "convert_eager", "is_eager_model", "BLOCKS_ATTR"]
+
+log = logging.getLogger(__name__)
+BLOCKS_ATTR = "fxqat_blocks"
+
+
+def is_eager_model(model: nn.Module) -> bool:
+    """True for a model prepared through hierarchical capture (eager root)."""
+    return isinstance(getattr(model, CAPTURE_ATTR, None), CaptureReport)
+
+
+def _quantized_names(model: nn.Module) -> set:
+    """Qualified names of modules that hold a weight quantizer (eager layers and graph regions)."""
+    names = set()
+    for name, m in model.named_modules():
+        if is_quantized_layer(m):
+            names.add(name)
+        elif isinstance(m, GraphRegion):
+            for node in m.graph.nodes:
+                if node.meta.get(QROLE) == "weight":
+                    names.add(name)
+                    break
+    return names
+
+
+def _partition(model: nn.Module, calls: Dict[str, Any]):
+    chain = find_chain(model, calls, is_weight_layer)
+    if chain is None:
+        return None, [], []
+    quantized = _quantized_names(model)
+
+    def holds_quant(n: str) -> bool:
+        return any(q == n or q.startswith(n + ".") for q in quantized)
+
+    groups, cuts = chain_blocks(model, calls, chain[1], holds_quant)
+    blocks = []
+    for i, (name, mods) in enumerate(groups):
+        entry = "input" if i == 0 else f"{cuts[i - 1].layer}:{cuts[i - 1].kind}"
+        exit_ = f"{cuts[i].layer}:{cuts[i].kind}" if i < len(cuts) else "output"
+        blocks.append(Block(name=name, index=i, nodes=(), entry=entry, exit=exit_, modules=tuple(mods)))
+    return chain, blocks, cuts
+
+
+def prepare_eager(
+    model: nn.Module, args: Tuple, kwargs: Dict[str, Any], config: QATConfig, reason: str,
+    fp_model: Optional[nn.Module] = None,
+) -> nn.Module:
+    """Capture ``model`` in place (eager root), insert quantizers, and build the hybrid model if configured.
+
+    Args:
+        model: a copy of the user's model (modified in place and returned).
+        args, kwargs: one example call.
+        config: what to quantize.
+        reason: why the root forward could not be traced (shown in the capture report).
+        fp_model: another copy of the user's FP model, the frozen partner (``config.hybrid.partner="frozen"``).
+    """
+    fp_model = fp_model if fp_model is not None or config.hybrid is None else copy.deepcopy(model)
+    recorded = record_calls(model, args, kwargs, is_weight_layer)  # before any quantizer exists
+    report = capture_eager(model, args, kwargs, config, reason, recorded)
+    if not report.weight_layers:
+        log.warning("fxqat: %s has no weight layer to quantize; the model is returned unchanged.",
+                    type(model).__name__)
+    chain, blocks, cuts = _partition(model, recorded[0])
+    model.__dict__[BLOCKS_ATTR] = tuple(blocks)
+    if config.hybrid is not None:
+        if chain is None:
+            raise ValueError(
+                f"block replacement needs a chain of layers, but {type(model).__name__}'s eager forward calls no "
+                "ModuleList/Sequential whose children pass one hidden state from one to the next. Use plain QAT "
+                "(hybrid=None) for this model."
+            )
+        make_eager_hybrid(model, fp_model, chain[1], cuts, blocks, config.hybrid)
+    return model
+
+
+def eager_blocks(model: nn.Module) -> List[Block]:
+    """The blocks of a model prepared by :func:`prepare_eager`."""
+    return list(model.__dict__.get(BLOCKS_ATTR, ()))
+
+
+@torch.no_grad()
+def convert_eager(qm: nn.Module) -> nn.Module:
+    """The inference model of an eager-root QAT model: no partner or paths, weights replaced by their fake-quantized
+    values (weight quantizers then disabled), activation quantizers kept, everything frozen in eval mode."""
+    lp = remove_hybrid(copy.deepcopy(qm))
+    lp.__dict__.pop(BLOCKS_ATTR, None)
+    if "fxqat_step" in lp._buffers:
+        del lp._buffers["fxqat_step"]
+    lp.eval()
+    for m in lp.modules():
+        if is_quantized_layer(m):
+            entry = type(m)._fxqat_entry
+            w = getattr(m, entry.weight)
+            q = getattr(m, WEIGHT_QUANT)
+            wq = entry.to_out_in(q(entry.to_out_in(w))) if entry.to_out_in else q(w)
+            w.copy_(wq)
+            q.enable_fake_quant(False)
+        elif isinstance(m, GraphRegion):
+            for node in m.graph.nodes:
+                if node.meta.get(QROLE) == "weight" and node.args and getattr(node.args[0], "op", "") == "get_attr":
+                    q = m.get_submodule(node.target)
+                    w = m.get_parameter(node.args[0].target)
+                    w.copy_(q(w))
+                    q.enable_fake_quant(False)
+    for p in lp.parameters():
+        p.requires_grad_(False)
+    for q in lp.modules():
+        if isinstance(q, Quantizer):
+            q.eval()
+    return lp

@@ -1,0 +1,237 @@
+"""Hierarchical capture of a model whose root forward torch.fx cannot trace.
+
+The root stays an **eager region**: its Python runs as written. Each child that holds weight layers is then captured
+on its own, from the call it received on the example inputs (recorded with forward pre-hooks):
+
+1. it becomes a **graph region** (:class:`~fxqat.capture.region.GraphRegion`) when its forward traces with that call
+   bound to its signature; the region goes through the usual passes (normalize, annotate, insert_quant), so its
+   activations, functional layers and residual structure are seen;
+2. otherwise it stays eager and its own children are captured the same way, recursively;
+3. a weight layer reached in an eager region is quantized in place (:func:`fxqat.capture.layers.quantize_layer`).
+
+The first and last weight layer (in call order) follow ``QATConfig.first_last`` and overrides match qualified names
+in the user's model, exactly as in a whole-model graph. What was captured how is returned as a
+:class:`CaptureReport` (also stored as ``model.fxqat_capture``).
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from fxqat.config import QATConfig
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.body = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    ...         self.head = nn.Linear(4, 2)
+    ...     def forward(self, x):
+    ...         if x.sum() > 0:  # data-dependent: the root cannot be traced
+    ...             x = -x
+    ...         return self.head(self.body(x))
+    >>> net = Net()
+    >>> report = capture_eager(net, (torch.randn(2, 4),), {}, QATConfig(), "data-dependent control flow")
+    >>> [(r.name, r.kind) for r in report.regions]
+    [('', 'eager'), ('body', 'graph')]
+    >>> report.regions[0].weight_layers, report.graph_share
+    (('head',), 0.6666666666666666)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from fxqat.capture.layers import quantize_layer
+from fxqat.capture.record import Call, record_calls
+from fxqat.capture.region import GraphRegion, Unbindable, trace_region
+from fxqat.capture.shapes import propagate_shapes
+from fxqat.config import QATConfig
+from fxqat.layer_registry import is_weight_layer
+from fxqat.passes.annotate import annotate
+from fxqat.passes.insert_quant import insert_quant
+from fxqat.passes.normalize import normalize
+
+__all__ = ["Region", "CaptureReport", "capture_eager", "CAPTURE_ATTR"]
+
+log = logging.getLogger(__name__)
+CAPTURE_ATTR = "fxqat_capture"
+
+
+@dataclass(frozen=True)
+class Region:
+    """One captured region.
+
+    Attributes:
+        name: qualified module name (``""`` = the root).
+        kind: ``"graph"`` (traced) or ``"eager"`` (runs as written).
+        reason: why an eager region could not be traced (first line of the error), or ``""``.
+        weight_layers: qualified names of the weight layers directly owned by this region (eager: its own weight
+            layer children; graph: every weight layer inside it).
+    """
+
+    name: str
+    kind: str
+    reason: str
+    weight_layers: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CaptureReport:
+    """What :func:`capture_eager` did: the regions in module order and the weight layers it found."""
+
+    regions: Tuple[Region, ...]
+    weight_layers: Tuple[str, ...]
+    uncalled: Tuple[str, ...] = ()
+
+    @property
+    def graph_share(self) -> float:
+        """The share of weight layers that sit in graph regions."""
+        n = len(self.weight_layers)
+        in_graph = sum(len(r.weight_layers) for r in self.regions if r.kind == "graph")
+        return in_graph / n if n else 1.0
+
+    def to_markdown(self) -> str:
+        """A table of regions, kinds, weight layers and reasons."""
+        lines = ["| region | kind | weight layers | why eager |", "|---|---|---:|---|"]
+        for r in self.regions:
+            reason = r.reason.replace("|", "/")
+            lines.append(f"| `{r.name or '<root>'}` | {r.kind} | {len(r.weight_layers)} | {reason} |")
+        lines.append(f"\n{len(self.weight_layers)} weight layers, {self.graph_share:.0%} in graph regions.")
+        if self.uncalled:
+            lines.append(f"Not called on the example inputs (left in FP): {', '.join(self.uncalled)}.")
+        return "\n".join(lines)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _holds_weight_layer(m: nn.Module) -> bool:
+    return any(is_weight_layer(s) for s in m.modules())
+
+
+def _first_reason(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+class _Capturer:
+    def __init__(self, config: QATConfig, calls: Dict[str, Call], order: List[str]) -> None:
+        self.config = config
+        self.calls = calls
+        self.order = order
+        self.first_last = {order[0], order[-1]} if order else set()
+        self.regions: List[Region] = []
+        self.uncalled: List[str] = []
+
+    # ---------------------------------------------------------------- eager weight layers
+    def quantize_eager_layer(self, module: nn.Module, name: str) -> bool:
+        cfg = self.config
+        ov = cfg.override_for(name, module)
+        if ov is not None and ov.skip:
+            return False
+        w_bits = ov.w_bits if ov and ov.w_bits else None
+        a_bits = ov.a_bits if ov and ov.a_bits else None
+        if name in self.first_last and not (ov and (ov.w_bits or ov.a_bits)):
+            if cfg.first_last is None:
+                return False
+            w_bits = a_bits = cfg.first_last
+        method = ov.method if ov else None
+        wspec = cfg.spec_for("weight", bits=w_bits, method=method)
+        aspec = None
+        if cfg.a_bits is not None or a_bits is not None:
+            if ov is not None and ov.act_signed is not None:
+                signed: Optional[bool] = ov.act_signed
+            else:
+                signed = None if cfg.act_signed == "auto" else bool(cfg.act_signed)
+            aspec = cfg.spec_for("act", bits=a_bits, method=method, signed=signed)
+        quantize_layer(module, wspec, aspec, name)
+        return True
+
+    # ---------------------------------------------------------------- graph regions
+    def try_region(self, child: nn.Module, name: str) -> Optional[GraphRegion]:
+        call = self.calls[name]
+        leaves = tuple(x for x in self.config.leaf_modules if isinstance(x, type))
+        leaves += tuple(x[len(name) + 1:] for x in self.config.leaf_modules
+                        if isinstance(x, str) and x.startswith(name + "."))
+        region = trace_region(child, call.args, call.kwargs, name, leaves)
+        region = normalize(region)
+        propagate_shapes(region, tuple(call.tensors), name)
+        for leaf_name in region.meta.get("fxqat.opaque", ()):  # untraceable inside the region: capture it eagerly
+            self.capture_leaf(region.get_submodule(leaf_name), _join(name, leaf_name))
+        annotate(region, self.config, prefix=name + ".", first_last_names=self.first_last)
+        insert_quant(region, self.config)
+        region.train(child.training)
+        return region
+
+    def capture_leaf(self, leaf: nn.Module, name: str) -> None:
+        """A module kept as a leaf inside a graph region: an eager region of its own, captured recursively."""
+        if is_weight_layer(leaf):
+            return  # the region quantizes it as a layer
+        index = len(self.regions)
+        self.regions.append(Region(name, "eager", "untraceable inside its graph region", ()))
+        own = self.capture_children(leaf, name)
+        self.regions[index] = Region(name, "eager", "untraceable inside its graph region", own)
+
+    # ---------------------------------------------------------------- recursion
+    def capture_children(self, parent: nn.Module, prefix: str) -> Tuple[str, ...]:
+        own: List[str] = []
+        for cname, child in list(parent.named_children()):
+            name = _join(prefix, cname)
+            if not _holds_weight_layer(child):
+                continue
+            if is_weight_layer(child):
+                if name not in self.calls:
+                    self.uncalled.append(name)
+                elif self.quantize_eager_layer(child, name):
+                    own.append(name)
+                continue
+            if name not in self.calls:  # a container (ModuleList, ModuleDict) whose children are called directly
+                own += self.capture_children(child, name)
+                continue
+            reason = self.calls[name].unbindable_reason
+            if not reason:
+                try:
+                    region = self.try_region(child, name)
+                except Exception as exc:  # noqa: BLE001 - any failure keeps the module eager
+                    reason = _first_reason(exc)
+                    log.debug("fxqat: %s stays eager (%s)", name, reason, exc_info=True)
+                else:
+                    setattr(parent, cname, region)
+                    eager_inside = tuple(_join(name, x) + "." for x in region.meta.get("fxqat.opaque", ()))
+                    layers = tuple(q for q in (_join(name, n) for n, m in child.named_modules() if is_weight_layer(m))
+                                   if not q.startswith(eager_inside))
+                    self.regions.append(Region(name, "graph", "", layers))
+                    continue
+            index = len(self.regions)
+            self.regions.append(Region(name, "eager", reason, ()))
+            own_child = self.capture_children(child, name)
+            self.regions[index] = Region(name, "eager", reason, own_child)
+        return tuple(own)
+
+
+def capture_eager(
+    model: nn.Module, args: Tuple, kwargs: Dict[str, Any], config: QATConfig, root_reason: str,
+    calls: Optional[Tuple[Dict[str, Call], List[str]]] = None,
+) -> CaptureReport:
+    """Capture ``model`` (in place) with an eager root; returns the :class:`CaptureReport`.
+
+    Args:
+        model: the module to capture (already a copy of the user's model).
+        args, kwargs: one example call, e.g. ``(input_ids,), {}``.
+        config: what to quantize.
+        root_reason: why the root could not be traced (for the report).
+        calls: the output of :func:`~fxqat.capture.record.record_calls` on ``model`` if already recorded.
+    """
+    calls, order = calls if calls is not None else record_calls(model, args, kwargs, is_weight_layer)
+    cap = _Capturer(config, calls, order)
+    cap.regions.append(Region("", "eager", root_reason, ()))
+    own = cap.capture_children(model, "")
+    cap.regions[0] = Region("", "eager", root_reason, own)
+    report = CaptureReport(tuple(cap.regions), tuple(order), tuple(cap.uncalled))
+    for r in report.regions:
+        if r.kind == "eager" and r.name:
+            log.info("fxqat: %s runs eagerly (%s); its weight layers are quantized in place", r.name, r.reason)
+    setattr(model, CAPTURE_ATTR, report)
+    return report

@@ -1,0 +1,99 @@
+"""Record how every submodule is called on the example inputs (arguments, call order), with forward pre-hooks.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> calls, order = record_calls(net, (torch.randn(3, 4),), {}, lambda m: isinstance(m, nn.Linear))
+    >>> order, calls["2"].args[0].shape, calls["2"].n_calls
+    (['0', '2'], torch.Size([3, 4]), 1)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from fxqat.capture.region import Binding, Unbindable, bind_call
+
+__all__ = ["Call", "record_calls"]
+
+
+@dataclass
+class Call:
+    """The first call a module received, and whether all its calls bind to one graph signature.
+
+    Attributes:
+        args, kwargs: the first call's arguments (tensors are the example's own).
+        tensors: the flat tensor inputs of that call.
+        binding: its :class:`~fxqat.capture.region.Binding` (None when unbindable).
+        unbindable_reason: why no single graph signature fits every call ("" when one does).
+        n_calls: how many times the module was called.
+        seq: the position of the first call among all module calls.
+        output: the first call's output.
+    """
+
+    args: Tuple
+    kwargs: Dict[str, Any]
+    tensors: List[torch.Tensor] = field(default_factory=list)
+    binding: Any = None
+    unbindable_reason: str = ""
+    n_calls: int = 0
+    seq: int = -1
+    output: Any = None
+
+
+def record_calls(
+    model: nn.Module, args: Tuple, kwargs: Dict[str, Any], is_layer: Callable[[nn.Module], bool],
+) -> Tuple[Dict[str, Call], List[str]]:
+    """Run ``model(*args, **kwargs)`` once (no grad, RNG state restored) and record every submodule's calls.
+
+    Returns:
+        ``{qualified name: Call}`` and the qualified names of the modules satisfying ``is_layer`` in the order of
+        their first call.
+    """
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    calls: Dict[str, Call] = {}
+    order: List[str] = []
+
+    def pre_hook(mod: nn.Module, a: Tuple, k: Dict[str, Any]) -> None:
+        name = names.get(id(mod))
+        if name is None or name == "":
+            return
+        call = calls.get(name)
+        if call is None:
+            call = calls[name] = Call(tuple(a), dict(k), seq=len(calls))
+            try:
+                call.binding, call.tensors = bind_call(a, k, name)
+            except Unbindable as exc:
+                call.unbindable_reason = str(exc)
+            if call.binding is not None and not call.tensors:
+                call.unbindable_reason = "called without tensor arguments"
+            if is_layer(mod):
+                order.append(name)
+        elif call.binding is not None and not call.unbindable_reason:
+            try:
+                again: Binding = bind_call(a, k, name)[0]
+            except Unbindable as exc:
+                call.unbindable_reason = str(exc)
+            else:
+                if again.spec != call.binding.spec or again.constants != call.binding.constants:
+                    call.unbindable_reason = "called with differently shaped or specialised arguments"
+        call.n_calls += 1
+
+    def hook(mod: nn.Module, a: Tuple, out: Any) -> None:
+        call = calls.get(names.get(id(mod), ""))
+        if call is not None and call.n_calls == 1 and call.output is None:
+            call.output = out
+
+    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in model.modules()]
+    handles += [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls, order

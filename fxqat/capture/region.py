@@ -1,0 +1,218 @@
+"""Graph regions: a submodule traced with its signature bound to the call it received on the example inputs.
+
+A transformer layer is called as ``layer(hidden, attention_mask=None, position_embeddings=(cos, sin),
+use_cache=False)``: keyword arguments, ``None``/bool flags, tuples of tensors, often through a decorated ``forward``.
+:func:`trace_region` flattens that recorded call: every tensor becomes a graph input, every other value (``None``,
+bools, numbers, strings, dtypes) a constant the graph is specialised to. The result is a :class:`GraphRegion`, a
+``GraphModule`` over the module's own children (same names, same parameters) that is called exactly like the
+original module and checks, on each call, that the constants still hold (a clear error otherwise).
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> class Layer(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc = nn.Linear(4, 4)
+    ...     def forward(self, x, scale=None, pair=None, **kwargs):
+    ...         a, b = pair
+    ...         return self.fc(x) * a + b if scale is None else x
+    >>> layer, x, pair = Layer(), torch.randn(2, 4), (torch.ones(1), torch.zeros(1))
+    >>> region = trace_region(layer, (x,), {"pair": pair}, "layer")
+    >>> bool(torch.equal(region(x, pair=pair), layer(x, pair=pair)))
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+from dataclasses import dataclass
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from fxqat.trace import FxqatTracer, TraceFailure, adopt_hierarchy, trace
+
+__all__ = ["GraphRegion", "Binding", "trace_region", "Unbindable", "bind_call"]
+
+_INNER = "fxqat_inner"
+_CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device, enum.Enum)
+
+
+class Unbindable(ValueError):
+    """The recorded call has an argument that cannot become a graph input or a constant."""
+
+
+@dataclass(frozen=True)
+class Binding:
+    """How a call's ``(args, kwargs)`` map onto a graph region's flat tensor inputs.
+
+    Attributes:
+        spec: the pytree structure of ``(args, sorted kwargs)``.
+        constants: ``(leaf index, value)`` for every non-tensor leaf the graph was specialised to.
+        tensors: leaf indices of the tensor inputs, in placeholder order.
+    """
+
+    spec: Any
+    constants: Tuple[Tuple[int, Any], ...]
+    tensors: Tuple[int, ...]
+
+    def flatten(self, args: Tuple, kwargs: Dict[str, Any], where: str) -> List[torch.Tensor]:
+        """The flat tensor inputs of one call; ``ValueError`` naming ``where`` when the call does not match."""
+        leaves, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
+        if spec != self.spec:
+            raise ValueError(
+                f"module {where!r} was captured as a graph for calls shaped like the example inputs, but it is now "
+                f"called with a different argument structure ({_describe(spec)} instead of {_describe(self.spec)}). "
+                "Prepare the model with example inputs called the way you train it (e.g. the same use_cache and "
+                "attention_mask arguments), or keep this module eager with QATConfig(leaf_modules=...)."
+            )
+        for i, value in self.constants:
+            if not _same_constant(leaves[i], value):
+                raise ValueError(
+                    f"module {where!r} was captured with an argument fixed to {value!r}, but it is now called with "
+                    f"{leaves[i]!r}. Prepare the model with example inputs that use the same setting."
+                )
+        return [leaves[i] for i in self.tensors]
+
+
+def _describe(spec: Any) -> str:
+    return str(spec).replace("\n", " ")[:160]
+
+
+def _same_constant(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and a == b
+
+
+def bind_call(args: Tuple, kwargs: Dict[str, Any], where: str) -> Tuple[Binding, List[torch.Tensor]]:
+    """The :class:`Binding` of a recorded call and its tensors; :class:`Unbindable` for non-constant objects."""
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
+    consts, tensors = [], []
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            tensors.append(i)
+        elif isinstance(leaf, _CONSTANT_TYPES):
+            consts.append((i, leaf))
+        else:
+            raise Unbindable(f"argument of type {type(leaf).__name__} (not a tensor or a constant)")
+    return Binding(spec, tuple(consts), tuple(tensors)), [leaves[i] for i in tensors]
+
+
+class _Shim(nn.Module):
+    """Root traced for a region: rebuilds the call from flat tensors and runs the module's own ``forward``."""
+
+    def __init__(self, inner: nn.Module, binding: Binding, n_leaves: int) -> None:
+        super().__init__()
+        self.add_module(_INNER, inner)
+        self.binding, self.n_leaves = binding, n_leaves
+
+    def forward(self, *flat):
+        leaves: List[Any] = [None] * self.n_leaves
+        for i, v in self.binding.constants:
+            leaves[i] = v
+        for i, t in zip(self.binding.tensors, flat):
+            leaves[i] = t
+        args, kwargs = pytree.tree_unflatten(leaves, self.binding.spec)
+        inner = getattr(self, _INNER)
+        return type(inner).forward(inner, *args, **kwargs)
+
+
+class _RegionTracer(FxqatTracer):
+    """Also makes the inner module's own ``training`` flag a run-time value (its forward is entered directly)."""
+
+    def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> Any:
+        out = super().create_args_for_root(root_fn, is_module, concrete_args)
+        inner = getattr(self.root, _INNER)
+        self._inner_flag = self._proxy_training(inner, _INNER)
+        return out
+
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        self._inner_flag = None
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            if self._inner_flag is not None:
+                object.__setattr__(getattr(root, _INNER), "training", self._inner_flag)
+
+
+class GraphRegion(fx.GraphModule):
+    """A traced submodule called like the original (see the module docstring).
+
+    ``graph`` takes the flat tensors of the call; ``forward(*args, **kwargs)`` binds a call to them.
+    """
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, binding: Binding, name: str, class_name: str) -> None:
+        super().__init__(root, graph, class_name)
+        adopt_hierarchy(self, root)
+        self.fxqat_binding = binding
+        self.fxqat_region = name
+
+    def recompile(self):
+        out = super().recompile()
+        cls = type(self)
+        if "forward" in cls.__dict__:  # the generated code takes the flat tensors; forward binds a call to them
+            cls.flat_forward = cls.__dict__["forward"]
+            delattr(cls, "forward")
+        return out
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "GraphRegion":
+        res = super().__deepcopy__(memo)
+        res.fxqat_binding, res.fxqat_region = self.fxqat_binding, self.fxqat_region
+        for name, child in self._modules.items():  # children the graph does not reference (kept, like the original)
+            if name not in res._modules:
+                res.add_module(name, copy.deepcopy(child, memo))
+        for name, p in self._parameters.items():
+            if name not in res._parameters:
+                res.register_parameter(name, copy.deepcopy(p, memo))
+        for name, b in self._buffers.items():
+            if name not in res._buffers:
+                res.register_buffer(name, copy.deepcopy(b, memo), persistent=name not in self._non_persistent_buffers_set)
+        res.train(self.training)
+        return res
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.flat_forward(*self.fxqat_binding.flatten(args, kwargs, self.fxqat_region))
+
+
+def _strip_inner(graph: fx.Graph) -> None:
+    prefix = _INNER + "."
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module") and isinstance(node.target, str):
+            if node.target == _INNER:
+                raise Unbindable("the module calls itself")
+            if node.target.startswith(prefix):
+                node.target = node.target[len(prefix):]
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {
+                k: (v[0][len(prefix):] if v[0].startswith(prefix) else v[0], v[1]) for k, v in stack.items()
+            }
+
+
+def trace_region(
+    module: nn.Module, args: Tuple, kwargs: Dict[str, Any], name: str, leaf_modules: Sequence = (),
+) -> GraphRegion:
+    """Trace ``module`` for calls shaped like ``module(*args, **kwargs)``.
+
+    Raises:
+        Unbindable: an argument is neither a tensor nor a constant.
+        TraceFailure: the module's own code cannot be traced.
+    """
+    binding, tensors = bind_call(args, kwargs, name)
+    n_leaves = len(binding.constants) + len(binding.tensors)
+    shim = _Shim(module, binding, n_leaves)
+    inner_leaves = tuple(f"{_INNER}.{x}" if isinstance(x, str) else x for x in leaf_modules)
+    try:
+        gm = trace(shim, tuple(fx.PH for _ in tensors), inner_leaves, tracer_cls=_RegionTracer)
+    except TraceFailure as exc:
+        raise TraceFailure(str(exc).replace(f"{_Shim.__name__} (the root module)", f"{name} ({type(module).__name__})")
+                           .replace(_INNER + ".", "")) from exc.__cause__
+    graph = gm.graph
+    _strip_inner(graph)
+    region = GraphRegion(module, graph, binding, name, type(module).__name__)
+    region.meta["fxqat.opaque"] = tuple(x[len(_INNER) + 1:] for x in gm.meta.get("fxqat.opaque", ()))
+    region.train(module.training)
+    return region
