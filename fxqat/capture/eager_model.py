@@ -62,10 +62,9 @@ def _quantized_names(model: nn.Module) -> set:
     return names
 
 
-def _partition(model: nn.Module, calls: Dict[str, Any]):
-    chain = find_chain(model, calls, is_weight_layer)
+def _partition(model: nn.Module, calls: Dict[str, Any], chain: Optional[Tuple[str, Tuple[str, ...]]]):
     if chain is None:
-        return None, [], []
+        return [], []
     quantized = _quantized_names(model)
 
     def holds_quant(n: str) -> bool:
@@ -77,7 +76,7 @@ def _partition(model: nn.Module, calls: Dict[str, Any]):
         entry = "input" if i == 0 else f"{cuts[i - 1].layer}:{cuts[i - 1].kind}"
         exit_ = f"{cuts[i].layer}:{cuts[i].kind}" if i < len(cuts) else "output"
         blocks.append(Block(name=name, index=i, nodes=(), entry=entry, exit=exit_, modules=tuple(mods)))
-    return chain, blocks, cuts
+    return blocks, cuts
 
 
 def prepare_eager(
@@ -95,11 +94,12 @@ def prepare_eager(
     """
     fp_model = fp_model if fp_model is not None or config.hybrid is None else copy.deepcopy(model)
     recorded = record_calls(model, args, kwargs, is_weight_layer)  # before any quantizer exists
-    report = capture_eager(model, args, kwargs, config, reason, recorded)
+    chain = find_chain(model, recorded[0], is_weight_layer)
+    report = capture_eager(model, args, kwargs, config, reason, recorded, chain[1] if chain else ())
     if not report.weight_layers:
         log.warning("fxqat: %s has no weight layer to quantize; the model is returned unchanged.",
                     type(model).__name__)
-    chain, blocks, cuts = _partition(model, recorded[0])
+    blocks, cuts = _partition(model, recorded[0], chain)
     model.__dict__[BLOCKS_ATTR] = tuple(blocks)
     if config.hybrid is not None:
         if chain is None:

@@ -47,7 +47,8 @@ from fxqat.capture.record import Call, record_calls
 from fxqat.capture.region import GraphRegion, Unbindable, trace_region
 from fxqat.capture.shapes import propagate_shapes
 from fxqat.config import QATConfig
-from fxqat.layer_registry import is_weight_layer
+from fxqat.layer_registry import is_weight_layer, registered_types
+from fxqat.quantizers.base import Quantizer
 from fxqat.passes.annotate import annotate
 from fxqat.passes.insert_quant import insert_quant
 from fxqat.passes.normalize import normalize
@@ -150,70 +151,87 @@ class _Capturer:
         return True
 
     # ---------------------------------------------------------------- graph regions
-    def try_region(self, child: nn.Module, name: str) -> Optional[GraphRegion]:
+    def try_region(self, child: nn.Module, name: str) -> Tuple[GraphRegion, Tuple[str, ...]]:
+        """``child`` traced as a graph region, and the names of its leaves captured on their own."""
         call = self.calls[name]
-        leaves = tuple(x for x in self.config.leaf_modules if isinstance(x, type))
-        leaves += tuple(x[len(name) + 1:] for x in self.config.leaf_modules
+        leaves = tuple(x for x in self.config.leaf_modules if isinstance(x, type)) + _foreign_layer_types()
+        leaves += tuple(x[len(name) + 1:] for x in (*self.config.leaf_modules, *self.force_leaves)
                         if isinstance(x, str) and x.startswith(name + "."))
-        region = trace_region(child, call.args, call.kwargs, name, leaves)
+        region = trace_region(child, call.args, call.kwargs, name, leaves, call.output)
         region = normalize(region)
         propagate_shapes(region, tuple(call.tensors), name)
-        for leaf_name in region.meta.get("fxqat.opaque", ()):  # untraceable inside the region: capture it eagerly
-            self.capture_leaf(region.get_submodule(leaf_name), _join(name, leaf_name))
+        called = {str(n.target) for n in region.graph.nodes if n.op == "call_module"}
+        inner = []
+        for leaf_name in sorted(called):  # leaves the tracer did not enter: captured on their own
+            leaf = region.get_submodule(leaf_name)
+            full = _join(name, leaf_name)
+            foreign = is_weight_layer(leaf) and isinstance(leaf, _foreign_layer_types())
+            if foreign or (not is_weight_layer(leaf) and _holds_weight_layer(leaf) and full in self.calls):
+                parent_name, _, cname = leaf_name.rpartition(".")
+                self.capture_module(region.get_submodule(parent_name), cname, leaf, full)
+                inner.append(full)
         annotate(region, self.config, prefix=name + ".", first_last_names=self.first_last)
         insert_quant(region, self.config)
         region.train(child.training)
-        return region
-
-    def capture_leaf(self, leaf: nn.Module, name: str) -> None:
-        """A module kept as a leaf inside a graph region: an eager region of its own, captured recursively."""
-        if is_weight_layer(leaf):
-            return  # the region quantizes it as a layer
-        index = len(self.regions)
-        self.regions.append(Region(name, "eager", "untraceable inside its graph region", ()))
-        own = self.capture_children(leaf, name)
-        self.regions[index] = Region(name, "eager", "untraceable inside its graph region", own)
+        return region, tuple(inner)
 
     # ---------------------------------------------------------------- recursion
     def capture_children(self, parent: nn.Module, prefix: str) -> Tuple[str, ...]:
+        """Capture every child of the eager module ``parent``; returns the weight layers quantized in place."""
         own: List[str] = []
         for cname, child in list(parent.named_children()):
-            name = _join(prefix, cname)
-            if not _holds_weight_layer(child):
-                continue
-            if is_weight_layer(child):
-                if name not in self.calls:
-                    self.uncalled.append(name)
-                elif self.quantize_eager_layer(child, name):
-                    own.append(name)
-                continue
-            if name not in self.calls:  # a container (ModuleList, ModuleDict) whose children are called directly
-                own += self.capture_children(child, name)
-                continue
-            reason = self.calls[name].unbindable_reason
-            if not reason:
-                try:
-                    region = self.try_region(child, name)
-                except Exception as exc:  # noqa: BLE001 - any failure keeps the module eager
-                    reason = _first_reason(exc)
-                    log.debug("fxqat: %s stays eager (%s)", name, reason, exc_info=True)
-                else:
-                    setattr(parent, cname, region)
-                    eager_inside = tuple(_join(name, x) + "." for x in region.meta.get("fxqat.opaque", ()))
-                    layers = tuple(q for q in (_join(name, n) for n, m in child.named_modules() if is_weight_layer(m))
-                                   if not q.startswith(eager_inside))
-                    self.regions.append(Region(name, "graph", "", layers))
-                    continue
-            index = len(self.regions)
-            self.regions.append(Region(name, "eager", reason, ()))
-            own_child = self.capture_children(child, name)
-            self.regions[index] = Region(name, "eager", reason, own_child)
+            own += self.capture_module(parent, cname, child, _join(prefix, cname))
         return tuple(own)
+
+    def capture_module(self, parent: nn.Module, cname: str, child: nn.Module, name: str) -> Tuple[str, ...]:
+        """Capture one module (replacing it in ``parent`` when it becomes a graph region); returns the weight layers
+        quantized in place directly under the calling eager region."""
+        if not _holds_weight_layer(child) or _holds_quantizer(child):
+            return ()
+        if is_weight_layer(child):
+            if name not in self.calls:
+                self.uncalled.append(name)
+                return ()
+            return (name,) if self.quantize_eager_layer(child, name) else ()
+        if name not in self.calls:  # a container (ModuleList, ModuleDict) whose children are called directly
+            return self.capture_children(child, name)
+        reason = self.calls[name].unbindable_reason
+        if not reason:
+            index = len(self.regions)
+            try:
+                region, inner = self.try_region(child, name)
+            except Exception as exc:  # noqa: BLE001 - any failure keeps the module eager
+                reason = _first_reason(exc)
+                del self.regions[index:]
+                log.debug("fxqat: %s stays eager (%s)", name, reason, exc_info=True)
+            else:
+                setattr(parent, cname, region)
+                skip = tuple(x + "." for x in inner)
+                layers = tuple(q for q in (_join(name, n) for n, m in child.named_modules() if is_weight_layer(m))
+                               if q not in inner and not q.startswith(skip))
+                self.regions.insert(index, Region(name, "graph", "", layers))
+                return ()
+        index = len(self.regions)
+        self.regions.append(Region(name, "eager", reason, ()))
+        own = self.capture_children(child, name)
+        self.regions[index] = Region(name, "eager", reason, own)
+        return ()
+
+
+def _holds_quantizer(m: nn.Module) -> bool:
+    return any(isinstance(s, Quantizer) for s in m.modules())
+
+
+def _foreign_layer_types() -> Tuple[type, ...]:
+    """Registered weight layers outside torch.nn (transformers' Conv1D): the tracer keeps them as leaves so that they
+    are quantized in place, in their own weight layout."""
+    return tuple(t for t in registered_types() if not t.__module__.startswith("torch.nn"))
 
 
 def capture_eager(
     model: nn.Module, args: Tuple, kwargs: Dict[str, Any], config: QATConfig, root_reason: str,
     calls: Optional[Tuple[Dict[str, Call], List[str]]] = None,
+    force_leaves: Tuple[str, ...] = (),
 ) -> CaptureReport:
     """Capture ``model`` (in place) with an eager root; returns the :class:`CaptureReport`.
 
@@ -223,9 +241,12 @@ def capture_eager(
         config: what to quantize.
         root_reason: why the root could not be traced (for the report).
         calls: the output of :func:`~fxqat.capture.record.record_calls` on ``model`` if already recorded.
+        force_leaves: qualified names of modules that must stay modules of their own (e.g. the layers of a block
+            chain, so that block replacement can record and replay them) even inside a traceable parent.
     """
     calls, order = calls if calls is not None else record_calls(model, args, kwargs, is_weight_layer)
     cap = _Capturer(config, calls, order)
+    cap.force_leaves = tuple(force_leaves)
     cap.regions.append(Region("", "eager", root_reason, ()))
     own = cap.capture_children(model, "")
     cap.regions[0] = Region("", "eager", root_reason, own)

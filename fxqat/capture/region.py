@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import enum
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -149,6 +149,7 @@ class GraphRegion(fx.GraphModule):
         adopt_hierarchy(self, root)
         self.fxqat_binding = binding
         self.fxqat_region = name
+        self.fxqat_output_type: Optional[type] = None
 
     def recompile(self):
         out = super().recompile()
@@ -161,6 +162,7 @@ class GraphRegion(fx.GraphModule):
     def __deepcopy__(self, memo: Dict[int, Any]) -> "GraphRegion":
         res = super().__deepcopy__(memo)
         res.fxqat_binding, res.fxqat_region = self.fxqat_binding, self.fxqat_region
+        res.fxqat_output_type = self.fxqat_output_type
         for name, child in self._modules.items():  # children the graph does not reference (kept, like the original)
             if name not in res._modules:
                 res.add_module(name, copy.deepcopy(child, memo))
@@ -174,7 +176,10 @@ class GraphRegion(fx.GraphModule):
         return res
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.flat_forward(*self.fxqat_binding.flatten(args, kwargs, self.fxqat_region))
+        out = self.flat_forward(*self.fxqat_binding.flatten(args, kwargs, self.fxqat_region))
+        if self.fxqat_output_type is not None and type(out) is dict:  # torch.fx returns dict subclasses as dicts
+            return self.fxqat_output_type(**out)
+        return out
 
 
 def _strip_inner(graph: fx.Graph) -> None:
@@ -194,8 +199,12 @@ def _strip_inner(graph: fx.Graph) -> None:
 
 def trace_region(
     module: nn.Module, args: Tuple, kwargs: Dict[str, Any], name: str, leaf_modules: Sequence = (),
+    example_output: Any = None,
 ) -> GraphRegion:
     """Trace ``module`` for calls shaped like ``module(*args, **kwargs)``.
+
+    ``example_output`` (the output of that call) restores a dict subclass (a transformers ``ModelOutput``) that
+    torch.fx would return as a plain dict.
 
     Raises:
         Unbindable: an argument is neither a tensor nor a constant.
@@ -214,5 +223,7 @@ def trace_region(
     _strip_inner(graph)
     region = GraphRegion(module, graph, binding, name, type(module).__name__)
     region.meta["fxqat.opaque"] = tuple(x[len(_INNER) + 1:] for x in gm.meta.get("fxqat.opaque", ()))
+    if isinstance(example_output, dict) and type(example_output) is not dict:
+        region.fxqat_output_type = type(example_output)
     region.train(module.training)
     return region
