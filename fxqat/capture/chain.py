@@ -12,8 +12,10 @@ Example:
     >>> from fxqat.capture.record import record_calls
     >>> net = nn.Sequential(nn.Linear(4, 4), nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)]), nn.Linear(4, 2))
     >>> calls, _ = record_calls(net, (torch.randn(2, 4),), {}, lambda m: isinstance(m, nn.Linear))
-    >>> find_chain(net, calls, lambda m: isinstance(m, nn.Linear))
-    ('1', ('1.0', '1.1', '1.2'))
+    >>> find_chain(net, calls, lambda m: isinstance(m, nn.Linear))  # the root Sequential is the longest chain
+    ('', ('0', '1', '2'))
+    >>> find_chain(net[1], record_calls(net[1], (torch.randn(2, 4),), {}, lambda m: True)[0], lambda m: True)
+    ('', ('0', '1', '2'))
 """
 
 from __future__ import annotations

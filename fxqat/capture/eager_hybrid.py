@@ -19,11 +19,11 @@ Example:
     >>> class Net(nn.Module):
     ...     def __init__(self):
     ...         super().__init__()
-    ...         self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+    ...         self.layers = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(3)])
     ...         self.head = nn.Linear(8, 2)
     ...     def forward(self, x):
     ...         for layer in self.layers:
-    ...             x = layer(x).relu() if x.sum() > -1e9 else x  # data-dependent: eager root
+    ...             x = layer(x) if x.sum() > -1e9 else x  # data-dependent: eager root
     ...         return {"logits": self.head(x)}
     >>> qm = fxqat.prepare_qat(Net(), (torch.randn(4, 8),), fxqat.QATConfig(hybrid=fxqat.HybridConfig()))
     >>> out = qm(torch.randn(4, 8))
@@ -47,27 +47,43 @@ from fxqat.graph.blocks import Block
 from fxqat.hybrid_output import HybridOutput
 from fxqat.quantizers.base import Quantizer
 
-__all__ = ["EagerHybrid", "make_eager_hybrid", "remove_hybrid", "Replay", "record_output_hook", "record_input_hook"]
+__all__ = ["EagerHybrid", "make_eager_hybrid", "remove_hybrid", "ReplayMixin", "make_replayable", "record_output_hook",
+           "record_input_hook"]
 
 
-class Replay(nn.Module):
-    """Wraps one chain layer of the partner: runs it, or returns a replayed output, or feeds it a replayed input."""
+class ReplayMixin:
+    """Mixed into a partner's chain layer (its class is swapped, so ``isinstance`` still holds): the layer runs as
+    usual, or returns a replayed output without running, or runs on a replayed first input."""
 
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.output: Any = None
-        self.input: Optional[torch.Tensor] = None
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D401 - nn.Module.forward
+        out, inp = self.__dict__.get("_fxqat_replay_out"), self.__dict__.get("_fxqat_replay_in")
+        if out is not None:
+            return out
+        if inp is not None:
+            if args:
+                args = (inp, *args[1:])
+            else:
+                kwargs = {**kwargs, next(iter(kwargs)): inp}
+        return super().forward(*args, **kwargs)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.output is not None:
-            return self.output
-        if self.input is not None:
-            args = (self.input, *args[1:]) if args else args
-            if not args:
-                key = next(iter(kwargs))
-                kwargs = {**kwargs, key: self.input}
-        return self.inner(*args, **kwargs)
+    def set_replay(self, output: Any = None, first_input: Optional[torch.Tensor] = None) -> None:
+        """Replay ``output`` (skip the layer) or feed ``first_input``; both None: run normally."""
+        self.__dict__["_fxqat_replay_out"] = output
+        self.__dict__["_fxqat_replay_in"] = first_input
+
+
+_REPLAY_CLASSES: Dict[type, type] = {}
+
+
+def make_replayable(module: nn.Module) -> ReplayMixin:
+    """Swap ``module``'s class for a replayable subclass of it (in place)."""
+    cls = type(module)
+    sub = _REPLAY_CLASSES.get(cls)
+    if sub is None:
+        sub = _REPLAY_CLASSES[cls] = type(cls.__name__, (ReplayMixin, cls), {"__module__": cls.__module__})
+    module.__class__ = sub
+    module.set_replay()
+    return module
 
 
 _RECORDER = "_fxqat_recorder"
@@ -112,13 +128,8 @@ class EagerHybrid:
         self.hybrid, self.shared = hybrid, shared
         self.layers, self.cuts, self.blocks = list(layers), list(cuts), list(blocks)
         self.partner = partner
-        self.replays: Dict[str, Replay] = {}
-        for name in self.layers:
-            parent_name, _, child = name.rpartition(".")
-            parent = partner.get_submodule(parent_name)
-            rep = Replay(parent.get_submodule(child))
-            setattr(parent, child, rep)
-            self.replays[name] = rep
+        self.replays: Dict[str, ReplayMixin] = {name: make_replayable(partner.get_submodule(name))
+                                                   for name in self.layers}
         self.record: Optional[Dict[str, Any]] = None
         for name in self.layers:  # the recorder is found through the module, so deep copies record into their own
             layer = model.get_submodule(name)
@@ -156,13 +167,13 @@ class EagerHybrid:
         try:
             for j, name in enumerate(self.layers):
                 if cut.kind == "out" and j <= stop:
-                    self.replays[name].output = record[name]
+                    self.replays[name].set_replay(output=record[name])
                 elif cut.kind == "in" and j == stop:
-                    self.replays[name].input = record["<input>"]
+                    self.replays[name].set_replay(first_input=record["<input>"])
             return self._partner_call(model, args, kwargs)
         finally:
             for rep in self.replays.values():
-                rep.output, rep.input = None, None
+                rep.set_replay()
 
     def run(self, model: nn.Module, lp_forward, args: Tuple, kwargs: Dict[str, Any]) -> HybridOutput:
         step = int(model.fxqat_step)

@@ -47,7 +47,7 @@ from fxqat.capture.record import Call, record_calls
 from fxqat.capture.region import GraphRegion, Unbindable, trace_region
 from fxqat.capture.shapes import propagate_shapes
 from fxqat.config import QATConfig
-from fxqat.layer_registry import is_weight_layer, registered_types
+from fxqat.layer_registry import is_weight_layer, registered_types, weight_layer_entry
 from fxqat.quantizers.base import Quantizer
 from fxqat.passes.annotate import annotate
 from fxqat.passes.insert_quant import insert_quant
@@ -125,6 +125,8 @@ class _Capturer:
         self.first_last = {order[0], order[-1]} if order else set()
         self.regions: List[Region] = []
         self.uncalled: List[str] = []
+        self.param_quant: Dict[int, Quantizer] = {}  # id(weight Parameter) -> its one weight quantizer
+        self.force_leaves: Tuple[str, ...] = ()
 
     # ---------------------------------------------------------------- eager weight layers
     def quantize_eager_layer(self, module: nn.Module, name: str) -> bool:
@@ -147,7 +149,9 @@ class _Capturer:
             else:
                 signed = None if cfg.act_signed == "auto" else bool(cfg.act_signed)
             aspec = cfg.spec_for("act", bits=a_bits, method=method, signed=signed)
-        quantize_layer(module, wspec, aspec, name)
+        weight = getattr(module, weight_layer_entry(module).weight)
+        shared = self.param_quant.get(id(weight))
+        self.param_quant[id(weight)] = quantize_layer(module, wspec, aspec, name, shared)
         return True
 
     # ---------------------------------------------------------------- graph regions

@@ -10,7 +10,7 @@ Example:
     >>> from fxqat.config import QATConfig
     >>> lin = nn.Linear(8, 4)
     >>> cfg = QATConfig(w_bits=2)
-    >>> quantize_layer(lin, cfg.spec_for("weight"), None, "fc")
+    >>> wq = quantize_layer(lin, cfg.spec_for("weight"), None, "fc")
     >>> isinstance(lin, nn.Linear), type(lin).__name__
     (True, 'QuantLinear')
     >>> lin.eval()(torch.randn(3, 8)).shape
@@ -79,8 +79,14 @@ def _quant_class(cls: type, entry: WeightLayer) -> type:
     return sub
 
 
-def quantize_layer(module: nn.Module, wspec: QuantSpec, aspec: Optional[QuantSpec], name: str) -> None:
+def quantize_layer(
+    module: nn.Module, wspec: QuantSpec, aspec: Optional[QuantSpec], name: str,
+    weight_quantizer: Optional[Quantizer] = None,
+) -> Quantizer:
     """Quantize the weight layer ``module`` (called ``name``) in place: weight with ``wspec``, input with ``aspec``.
+
+    ``weight_quantizer`` reuses an existing quantizer (a Parameter shared by several layers has one quantizer).
+    Returns the weight quantizer.
 
     Raises:
         TypeError: ``module`` is not a registered weight layer, or already quantized.
@@ -91,11 +97,14 @@ def quantize_layer(module: nn.Module, wspec: QuantSpec, aspec: Optional[QuantSpe
                         "with fxqat.capture.register_weight_layer.")
     if is_quantized_layer(module):
         raise TypeError(f"module {name!r} ({type(module).__name__}) is already quantized.")
-    wq = make_quantizer(wspec)
-    wq.weight_target = f"{name}.{entry.weight}" if name else entry.weight
+    wq = weight_quantizer
+    if wq is None:
+        wq = make_quantizer(wspec)
+        wq.weight_target = f"{name}.{entry.weight}" if name else entry.weight
     module.add_module(WEIGHT_QUANT, wq)
     module.add_module(ACT_QUANT, make_quantizer(aspec) if aspec is not None else None)
     module.__class__ = _quant_class(type(module), entry)
+    return wq
 
 
 def layer_spec_axes(module: nn.Module) -> Tuple[int, ...]:

@@ -182,6 +182,30 @@ class GraphRegion(fx.GraphModule):
         return out
 
 
+class _InitStop(nn.Module):
+    """Ends ``__init__`` chains at ``nn.Module`` so that a region class can also subclass the user's module class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        nn.Module.__init__(self)
+
+
+_REGION_CLASSES: Dict[type, type] = {}
+
+
+def _region_class(cls: type) -> type:
+    """``GraphRegion`` that is also an instance of ``cls`` (``isinstance`` checks and wrap policies keep working)."""
+    if not isinstance(cls, type) or issubclass(cls, fx.GraphModule):
+        return GraphRegion
+    sub = _REGION_CLASSES.get(cls)
+    if sub is None:
+        try:
+            sub = type(cls.__name__, (GraphRegion, _InitStop, cls), {"__module__": cls.__module__})
+        except TypeError:  # an incompatible layout or metaclass: fall back to a plain region
+            sub = GraphRegion
+        _REGION_CLASSES[cls] = sub
+    return sub
+
+
 def _strip_inner(graph: fx.Graph) -> None:
     prefix = _INNER + "."
     for node in graph.nodes:
@@ -221,7 +245,10 @@ def trace_region(
                            .replace(_INNER + ".", "")) from exc.__cause__
     graph = gm.graph
     _strip_inner(graph)
-    region = GraphRegion(module, graph, binding, name, type(module).__name__)
+    region = _region_class(type(module))(module, graph, binding, name, type(module).__name__)
+    for key, value in module.__dict__.items():  # plain attributes (config, layer_idx, ...) for the class's methods
+        if not key.startswith("_") and key not in region.__dict__ and key != "training":
+            region.__dict__[key] = value
     region.meta["fxqat.opaque"] = tuple(x[len(_INNER) + 1:] for x in gm.meta.get("fxqat.opaque", ()))
     if isinstance(example_output, dict) and type(example_output) is not dict:
         region.fxqat_output_type = type(example_output)
