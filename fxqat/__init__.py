@@ -19,7 +19,10 @@ from fxqat.api import (
     set_quantization,
     trainable_parameters,
 )
+from fxqat.capture.eager_model import capture_report
+from fxqat.capture.hierarchy import CaptureReport
 from fxqat.export.torch_ao import to_qconfig_mapping
+from fxqat.layer_registry import register_weight_layer
 from fxqat.graph.blocks import Block
 from fxqat.passes.build_hybrid import HybridOutput
 from fxqat.training.losses import distillation_loss, hybrid_loss, kd_loss
@@ -35,5 +38,5 @@ __all__ = [
     "prepare_qat", "convert", "quantizers", "set_quantization", "calibrate", "trainable_parameters", "find_blocks",
     "Block", "HybridOutput", "hybrid_loss", "distillation_loss", "kd_loss",
     "QATConfig", "HybridConfig", "QuantSpec", "Override", "Quantizer", "NotAffineError", "available_methods",
-    "trace", "TraceFailure", "to_qconfig_mapping",
+    "trace", "TraceFailure", "to_qconfig_mapping", "capture_report", "CaptureReport", "register_weight_layer",
 ]

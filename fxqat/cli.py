@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
     i = sub.add_parser("inspect", help="blocks and quantizers of a model (table), optionally the partition PNG")
-    i.add_argument("model")
+    i.add_argument("model", help="a model name, or hf:<model_type> for a tiny transformers model (e.g. hf:llama)")
     i.add_argument("--input-shape", default=None, help="C,H,W of one input (default: from the model family)")
     i.add_argument("--bits", type=parse_bits, default=(4, 4))
     i.add_argument("--png", default=None, help="write the block partition as a PNG")
@@ -242,12 +242,22 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
     from fxqat.models import MODELS
 
-    try:
-        shape = tuple(int(s) for s in a.input_shape.split(",")) if a.input_shape else _default_shape(a.model)
-    except ValueError as e:
-        raise UsageError(f"--input-shape {a.input_shape!r}: write C,H,W, e.g. 3,32,32") from e
-    model = _model(a.model, 10 if a.model in MODELS else 1000, shape).eval()
-    x = torch.randn(1, *shape)
+    if a.model.startswith("hf:"):  # a tiny transformers model of that type, random weights
+        from fxqat.models.hf import tiny_hf_model
+
+        try:
+            model, x = tiny_hf_model(a.model[3:])
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+        shape = tuple(x.shape[1:])
+    else:
+        try:
+            shape = tuple(int(s) for s in a.input_shape.split(",")) if a.input_shape else _default_shape(a.model)
+        except ValueError as e:
+            raise UsageError(f"--input-shape {a.input_shape!r}: write C,H,W, e.g. 3,32,32") from e
+        model = _model(a.model, 10 if a.model in MODELS else 1000, shape)
+        x = torch.randn(1, *shape)
+    model = model.eval()
     find_blocks = getattr(fxqat, "find_blocks", None)
     if find_blocks is not None:
         blocks = find_blocks(model, (x,))
@@ -262,6 +272,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         log.warning("fxqat.find_blocks is not available in this version; blocks not shown")
     w, b = a.bits
     qm = fxqat.prepare_qat(model, (x,), fxqat.QATConfig(w_bits=w, a_bits=b))
+    print("\ncapture: graph regions are traced by torch.fx, eager regions run as written")
+    print(fxqat.capture_report(qm).to_markdown())
     qs = fxqat.quantizers(qm)
     print(f"\n{len(qs)} quantizers (W{w}A{b}, first/last layer 8 bits)")
     print(f"{'quantizer':<40} {'kind':<7} {'bits':>4}  method")

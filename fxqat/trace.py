@@ -164,6 +164,7 @@ def trace(
     leaf_modules: Sequence[Union[str, type]] = (),
     dynamic_training: bool = True,
     tracer_cls: type = FxqatTracer,
+    warn: bool = True,
 ) -> fx.GraphModule:
     """Symbolically trace ``model``, turning untraceable submodules into leaves.
 
@@ -173,6 +174,7 @@ def trace(
         leaf_modules: module types or qualified names to keep opaque from the start.
         dynamic_training: read each traced module's ``training`` flag at run time (see the module docstring).
         tracer_cls: the :class:`FxqatTracer` subclass to use.
+        warn: log each module made a leaf as a warning (else at debug level, for callers that report them).
 
     Returns:
         A ``GraphModule``; ``gm.meta["fxqat.opaque"]`` lists the modules made leaves automatically.
@@ -226,9 +228,10 @@ def trace(
     gm = fx.GraphModule(tracer.root, graph, name)
     adopt_hierarchy(gm, tracer.root)
     for mod in auto:
-        log.warning(
+        log.log(logging.WARNING if warn else logging.DEBUG,
             "fxqat: module %r (%s) could not be traced (%s); it is kept as a leaf: its conv/linear weights are still "
             "quantized, activations inside it are not.", mod, type(model.get_submodule(mod)).__name__, reasons[mod]
         )
     gm.meta["fxqat.opaque"] = tuple(auto)
+    gm.meta["fxqat.opaque_reasons"] = {m: reasons[m] for m in auto}
     return gm

@@ -27,7 +27,7 @@ from torch import nn
 
 from fxqat.capture.chain import chain_blocks, find_chain
 from fxqat.capture.eager_hybrid import make_eager_hybrid, remove_hybrid
-from fxqat.capture.hierarchy import CAPTURE_ATTR, CaptureReport, capture_eager
+from fxqat.capture.hierarchy import CAPTURE_ATTR, CaptureReport, Region, capture_eager
 from fxqat.capture.layers import WEIGHT_QUANT, is_quantized_layer
 from fxqat.capture.record import record_calls
 from fxqat.capture.region import GraphRegion
@@ -37,7 +37,7 @@ from fxqat.layer_registry import is_weight_layer
 from fxqat.passes.insert_quant import QROLE
 from fxqat.quantizers.base import Quantizer
 
-__all__ = ["prepare_eager", "eager_blocks", "convert_eager", "is_eager_model", "BLOCKS_ATTR"]
+__all__ = ["prepare_eager", "eager_blocks", "convert_eager", "is_eager_model", "capture_report", "BLOCKS_ATTR"]
 
 log = logging.getLogger(__name__)
 BLOCKS_ATTR = "fxqat_blocks"
@@ -46,6 +46,31 @@ BLOCKS_ATTR = "fxqat_blocks"
 def is_eager_model(model: nn.Module) -> bool:
     """True for a model prepared through hierarchical capture (eager root)."""
     return isinstance(getattr(model, CAPTURE_ATTR, None), CaptureReport)
+
+
+def capture_report(qm: nn.Module) -> CaptureReport:
+    """Graph and eager regions of a prepared model, why each eager region is eager, and the graph share.
+
+    A model whose root traced is one graph region, with the submodules the tracer kept as leaves as eager regions.
+
+    Example:
+        >>> import torch, torch.nn as nn, fxqat
+        >>> qm = fxqat.prepare_qat(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), (torch.randn(2, 4),))
+        >>> r = fxqat.capture_report(qm); [(x.name, x.kind) for x in r.regions], r.graph_share
+        ([('', 'graph')], 1.0)
+    """
+    report = getattr(qm, CAPTURE_ATTR, None)
+    if isinstance(report, CaptureReport):
+        return report
+    meta = getattr(qm, "meta", {}) or {}
+    opaque = tuple(meta.get("fxqat.opaque", ()))
+    reasons = meta.get("fxqat.opaque_reasons", {})
+    layers = tuple(n for n, m in qm.named_modules() if is_weight_layer(m) and not n.startswith("fxqat_partner"))
+    inside = {o: tuple(n for n in layers if n == o or n.startswith(o + ".")) for o in opaque}
+    eager = {n for v in inside.values() for n in v}
+    regions = [Region("", "graph", "", tuple(n for n in layers if n not in eager))]
+    regions += [Region(o, "eager", reasons.get(o, "not traceable"), inside[o]) for o in opaque]
+    return CaptureReport(tuple(regions), layers)
 
 
 def _quantized_names(model: nn.Module) -> set:

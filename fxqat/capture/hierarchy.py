@@ -173,7 +173,8 @@ class _Capturer:
             if foreign or (not is_weight_layer(leaf) and _holds_weight_layer(leaf) and full in self.calls):
                 parent_name, _, cname = leaf_name.rpartition(".")
                 self.capture_module(region.get_submodule(parent_name), cname, leaf, full)
-                inner.append(full)
+                if not foreign:  # a foreign weight layer is quantized in place but belongs to this graph region
+                    inner.append(full)
         annotate(region, self.config, prefix=name + ".", first_last_names=self.first_last)
         insert_quant(region, self.config)
         region.train(child.training)

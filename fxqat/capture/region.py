@@ -239,7 +239,7 @@ def trace_region(
     shim = _Shim(module, binding, n_leaves)
     inner_leaves = tuple(f"{_INNER}.{x}" if isinstance(x, str) else x for x in leaf_modules)
     try:
-        gm = trace(shim, tuple(fx.PH for _ in tensors), inner_leaves, tracer_cls=_RegionTracer)
+        gm = trace(shim, tuple(fx.PH for _ in tensors), inner_leaves, tracer_cls=_RegionTracer, warn=False)
     except TraceFailure as exc:
         raise TraceFailure(str(exc).replace(f"{_Shim.__name__} (the root module)", f"{name} ({type(module).__name__})")
                            .replace(_INNER + ".", "")) from exc.__cause__

@@ -7,7 +7,6 @@ Example:
     >>> import torch
     >>> from fxqat.passes.build_hybrid import HybridOutput
     >>> from fxqat.config import HybridConfig
-from fxqat.hybrid_output import HybridOutput
     >>> logits = torch.tensor([[2.0, 0.0]])
     >>> out = HybridOutput(lp=logits, paths=[logits], fp=logits, path_ids=(0,), config=HybridConfig())
     >>> total, parts = hybrid_loss(out, torch.tensor([0]))

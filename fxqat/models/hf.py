@@ -1,0 +1,45 @@
+"""Tiny Hugging Face transformers models with random weights, built from configs (no hub download).
+
+Example:
+    >>> model, ids = tiny_hf_model("llama")  # doctest: +SKIP
+    >>> type(model).__name__, tuple(ids.shape)  # doctest: +SKIP
+    ('LlamaForCausalLM', (1, 16))
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["tiny_hf_model"]
+
+_SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=128)
+
+
+def tiny_hf_model(model_type: str, seq_len: int = 16, seed: int = 0) -> Tuple[nn.Module, torch.Tensor]:
+    """A causal LM (or the base model when the type has no causal-LM head) of ``model_type`` with tiny sizes.
+
+    Raises:
+        ValueError: transformers is not installed or does not know ``model_type``.
+    """
+    try:
+        import transformers
+    except ImportError as e:
+        raise ValueError("hf: models need the optional extra: pip install 'fxqat[hf]'") from e
+    try:
+        cfg = transformers.AutoConfig.for_model(model_type, use_cache=False)
+    except ValueError as e:
+        raise ValueError(f"transformers does not know the model type {model_type!r}: {e}") from e
+    for key, value in _SIZES.items():
+        if hasattr(cfg, key):
+            setattr(cfg, key, value)
+    torch.manual_seed(seed)
+    try:
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    except ValueError:
+        model = transformers.AutoModel.from_config(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(seed))
+    return model, ids

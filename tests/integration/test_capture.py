@@ -1,0 +1,208 @@
+"""Regression tests for hierarchical capture and the defects of issue #8 (one weight quantizer per Parameter,
+idempotence, hooks in train mode, partner semantics, conversion, reports)."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxqat
+
+
+class DataDepRoot(nn.Module):
+    """An eager root (data-dependent branch) over a ModuleList chain and a head."""
+
+    def __init__(self, n=3, d=8):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(d, d), nn.ReLU()) for _ in range(n)])
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        if x.sum() > 1e9:
+            x = -x
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x), x
+
+
+class TwiceLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.fc(x)))
+
+
+class TiedEager(nn.Module):
+    """Two Linear modules sharing one weight Parameter, called from eager code."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4, bias=False)
+        self.b = nn.Linear(4, 4, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        if x.sum() > 1e9:
+            return x
+        return self.b(torch.relu(self.a(x)))
+
+
+def _weight_quantizers(qm):
+    return [q for q in fxqat.quantizers(qm).values() if q.kind == "weight"]
+
+
+def test_linear_called_twice_has_one_weight_quantizer_graph_and_eager():
+    x = torch.randn(2, 4)
+    assert len(_weight_quantizers(fxqat.prepare_qat(TwiceLinear(), (x,)))) == 1
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = TwiceLinear()
+
+        def forward(self, x):
+            return self.inner(x) if x.sum() < 1e9 else x
+
+    assert len(_weight_quantizers(fxqat.prepare_qat(Root(), (x,)))) == 1
+
+
+def test_tied_parameter_has_one_weight_quantizer():
+    qm = fxqat.prepare_qat(TiedEager(), (torch.randn(2, 4),))
+    qs = _weight_quantizers(qm)
+    assert len(qs) == 1
+    assert qm.a.fxqat_wq is qm.b.fxqat_wq
+
+
+@pytest.mark.parametrize("model", [nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), DataDepRoot(2, 4)])
+def test_preparing_a_prepared_model_is_refused(model):
+    x = torch.randn(2, 4)
+    qm = fxqat.prepare_qat(model, (x,))
+    n = len(fxqat.quantizers(qm))
+    with pytest.raises(ValueError, match="already prepared"):
+        fxqat.prepare_qat(qm, (x,))
+    assert len(fxqat.quantizers(qm)) == n
+
+
+def test_eager_root_outputs_tuple_structure_and_report():
+    model, x = DataDepRoot(), torch.randn(3, 8)
+    qm = fxqat.prepare_qat(model, (x,), fxqat.QATConfig(w_bits=4, a_bits=4))
+    fxqat.set_quantization(qm, False)
+    ref, out = model(x), qm(x)
+    assert isinstance(out, tuple) and len(out) == 2
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    report = fxqat.capture_report(qm)
+    kinds = {r.name: r.kind for r in report.regions}
+    assert kinds[""] == "eager" and kinds["layers.0"] == "graph"
+    assert "TraceError" in report.regions[0].reason or "control flow" in report.regions[0].reason
+    assert report.graph_share == pytest.approx(3 / 4)  # 3 of 4 weight layers in graph regions, the head eager
+    assert "| `layers.0` | graph | 1 |" in report.to_markdown()
+
+
+def test_hooks_run_in_train_and_eval_mode_on_eager_hybrid():
+    qm = fxqat.prepare_qat(DataDepRoot(), (torch.randn(2, 8),), fxqat.QATConfig(hybrid=fxqat.HybridConfig()))
+    calls = {"pre": 0, "post": 0}
+    qm.register_forward_pre_hook(lambda m, a: calls.__setitem__("pre", calls["pre"] + 1))
+    qm.register_forward_hook(lambda m, a, o: calls.__setitem__("post", calls["post"] + 1))
+    qm.train()
+    out = qm(torch.randn(2, 8))
+    assert isinstance(out, fxqat.HybridOutput)
+    qm.eval()
+    qm(torch.randn(2, 8))
+    assert calls == {"pre": 2, "post": 2}
+
+
+def _grad_blocks(qm, loss):
+    qm.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    got = set()
+    for name, p in qm.named_parameters():
+        if p.grad is not None and p.grad.abs().sum() > 0 and not name.startswith("fxqat_partner"):
+            if name.startswith("layers."):
+                got.add(int(name.split(".")[1]))
+            elif name.startswith("head."):
+                got.add("head")
+    return got
+
+
+@pytest.mark.parametrize("partner", ["frozen", "shared"])
+def test_path_loss_reaches_lp_blocks_up_to_its_cut_only(partner):
+    torch.manual_seed(0)
+    cfg = fxqat.QATConfig(w_bits=2, a_bits=2, hybrid=fxqat.HybridConfig(partner=partner))
+    qm = fxqat.prepare_qat(DataDepRoot(), (torch.randn(4, 8),), cfg)
+    qm.train()
+    out = qm(torch.randn(4, 8))
+    assert [b.name for b in fxqat.find_blocks(qm, (torch.randn(4, 8),))] == ["layers.0", "layers.1", "layers.2",
+                                                                           "suffix"]
+    for i, path in enumerate(out.paths):  # cuts after layers.0, layers.1, layers.2
+        assert _grad_blocks(qm, path[0].sum()) == set(range(i + 1))
+    assert _grad_blocks(qm, out.lp[0].sum()) == {0, 1, 2, "head"}
+
+
+def test_frozen_partner_is_never_updated():
+    torch.manual_seed(0)
+    model = DataDepRoot()
+    qm = fxqat.prepare_qat(model, (torch.randn(4, 8),), fxqat.QATConfig(hybrid=fxqat.HybridConfig()))
+    partner = {k: v.clone() for k, v in qm.fxqat_partner.state_dict().items()}
+    opt = torch.optim.AdamW(fxqat.trainable_parameters(qm), lr=1e-2)
+    qm.train()
+    for _ in range(3):
+        out = qm(torch.randn(4, 8))
+        loss, _ = fxqat.hybrid_loss(tuple_first(out), torch.zeros(4, dtype=torch.long))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = qm.fxqat_partner.state_dict()
+    assert all(torch.equal(partner[k], after[k]) for k in partner)
+    assert all(not p.requires_grad for p in qm.fxqat_partner.parameters())
+    assert int(qm.fxqat_step) == 3
+
+
+def tuple_first(out):
+    """A HybridOutput whose parts are the first element of each tuple output (the logits)."""
+    return fxqat.HybridOutput(lp=out.lp[0], paths=[p[0] for p in out.paths], fp=out.fp[0], path_ids=out.path_ids,
+                              config=out.config)
+
+
+def test_convert_eager_model_matches_eval_and_drops_the_partner():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    qm = fxqat.prepare_qat(DataDepRoot(), (x,), fxqat.QATConfig(w_bits=3, a_bits=4, hybrid=fxqat.HybridConfig()))
+    qm.train()
+    qm(x)  # initialise the quantizers on a batch
+    qm.eval()
+    ref = qm(x)[0]
+    lp = fxqat.convert(qm)
+    assert not hasattr(lp, "fxqat_partner") and not isinstance(lp(x), fxqat.HybridOutput)
+    torch.testing.assert_close(lp(x)[0], ref, rtol=0, atol=1e-6)  # weights pre-quantized: same values, same ops
+    w = lp.layers[1][0].weight
+    assert torch.unique(w).numel() <= 2 ** 3
+
+
+def test_graph_region_called_differently_names_the_module():
+    model, x = DataDepRoot(), torch.randn(2, 8)
+    qm = fxqat.prepare_qat(model, (x,))
+    with pytest.raises(ValueError, match="layers.0"):
+        qm.layers[0](x, torch.ones(1))
+
+
+def test_leaf_fallback_has_no_retry_cap():
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn(x) if x.sum() > 0 else x
+
+    class Many(nn.Module):  # 80 failing leaves: more than the old cap of 64 retries
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.blocks = nn.Sequential(*[Untraceable() for _ in range(80)])
+
+        def forward(self, x):
+            return self.blocks(self.fc(x))
+
+    gm = fxqat.trace(Many())
+    assert len(gm.meta["fxqat.opaque"]) == 80
