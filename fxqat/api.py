@@ -26,7 +26,8 @@ from fxqat.capture.eager_model import convert_eager, eager_blocks, is_eager_mode
 from fxqat.capture.shapes import propagate_shapes
 from fxqat.config import QATConfig
 from fxqat.passes.annotate import QMETA, annotate
-from fxqat.passes.insert_quant import QROLE, OpaqueWeightQuant, insert_quant
+from fxqat.capture.layers import is_quantized_layer
+from fxqat.passes.insert_quant import CONTAINER, QROLE, OpaqueWeightQuant, insert_quant
 from fxqat.passes.normalize import normalize
 from fxqat.quantizers.base import Quantizer
 from fxqat.trace import TraceFailure, trace
@@ -150,10 +151,11 @@ def prepare_qat(
 def _check_not_prepared(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"fxqat expects a torch.nn.Module, got {type(model).__name__}: pass your model object.")
-    found = next((n for n, m in model.named_modules() if isinstance(m, Quantizer)), None)
+    found = next((n for n, m in model.named_modules()  # quantizers fxqat inserted (a user's own quantizer is fine)
+                  if is_quantized_layer(m) or is_eager_model(m) or hasattr(m, CONTAINER)), None)
     if found is not None:
         raise ValueError(
-            f"{type(model).__name__} is already prepared for QAT (it holds the fxqat quantizer {found!r}); preparing "
+            f"{type(model).__name__} is already prepared for QAT (fxqat quantizers at {found or '<root>'!r}); preparing "
             "it again would stack a second set of quantizers. Pass the original FP model to prepare_qat, or call "
             "fxqat.convert on the prepared one for inference."
         )
