@@ -66,6 +66,9 @@ _PASS_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgP
                  nn.Dropout, nn.Identity)
 
 
+_NOT_LAYERS = {getattr, operator.getitem, len}
+
+
 @dataclass(frozen=True)
 class LayerQuant:
     """The quantization decision for one layer node.
@@ -108,6 +111,8 @@ def _weight_positions(gm: fx.GraphModule, node: fx.Node) -> List[int]:
     """
     if node.target in WEIGHT_FUNCTIONS:
         return [WEIGHT_FUNCTIONS[node.target]]
+    if node.target in _NOT_LAYERS:  # reads a weight's attribute (``w.device``, ``w.shape``): not a layer
+        return []
     found = []
     for i, a in enumerate(node.args):
         if isinstance(a, fx.Node) and a.op == "get_attr" and str(a.target).endswith(".weight"):

@@ -206,3 +206,33 @@ def test_leaf_fallback_has_no_retry_cap():
 
     gm = fxqat.trace(Many())
     assert len(gm.meta["fxqat.opaque"]) == 80
+
+
+def test_reading_a_weight_attribute_is_not_a_second_layer():
+    """edgenext's positional encoding reads ``self.proj.weight.device`` before calling ``self.proj``."""
+
+    class PosEnc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            pos = torch.ones(x.shape, device=self.proj.weight.device, dtype=self.proj.weight.dtype)
+            return x + self.proj(pos)
+
+    qm = fxqat.prepare_qat(PosEnc(), (torch.randn(1, 4, 3, 3),))
+    assert len(_weight_quantizers(qm)) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dpn68", "mobileone_s0", "edgenext_xx_small"])
+def test_timm_models_that_used_to_fail_prepare_with_one_quantizer_per_layer(name):
+    timm = pytest.importorskip("timm")
+    from fxqat.layer_registry import is_weight_layer
+
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    qm = fxqat.prepare_qat(model, (torch.randn(1, 3, 64, 64),))
+    assert len(_weight_quantizers(qm)) == sum(is_weight_layer(m) for m in model.modules())
+    fxqat.set_quantization(qm, False)
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(qm.eval()(x), model(x))
