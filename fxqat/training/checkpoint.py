@@ -194,7 +194,7 @@ def load_checkpoint(path: PathLike, required: tuple = (), trusted: bool = False)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as e:
-        if not trusted and "weights_only" in str(e).lower().replace(" ", "_"):
+        if not trusted and "unsupported global" in str(e).lower():
             raise CheckpointError(_unsafe_message(path, e)) from e
         raise CheckpointError(_corrupt_message(path, e)) from e
     except Exception as e:
