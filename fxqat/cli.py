@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run folder: checkpoint.pt, metrics.json, curves.png, model.pt")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--stop-after", type=int, default=None, help="stop after N steps of this call (resumable)")
+    t.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow arbitrary unpickling of --resume/--fp-ckpt files (only for files you trust: it can run "
+                        "code); fxqat's own checkpoints never need it")
+    t.add_argument("--nonfinite", choices=["skip", "stop", "raise"], default="skip",
+                   help="a step with a non-finite loss/gradient: skip it (no update, counted), stop, or raise")
+    t.add_argument("--max-nonfinite", type=int, default=5, help="stop after N consecutive non-finite steps")
+    t.add_argument("--checkpoint-every", type=int, default=None,
+                   help="also write checkpoint.pt every N steps (default: at epoch ends and the last step)")
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
@@ -110,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--input-shape", default=None, help="C,H,W of one input (default: from the model family)")
     i.add_argument("--bits", type=parse_bits, default=(4, 4))
     i.add_argument("--png", default=None, help="write the block partition as a PNG")
+    i.add_argument("--health", action="store_true",
+                   help="also show each quantizer's scale range and status (ok, collapsed, exploded, non-finite)")
+    i.add_argument("--checkpoint", default=None,
+                   help="load this model.pt/checkpoint.pt of the same model first (implies --health)")
+    i.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary unpickling of --checkpoint")
 
     b = sub.add_parser("bench", help="run benchmarks/step_time.py and benchmarks/hybrid_cost.py")
     b.add_argument("--quick", action="store_true", help="smoke-run budget (passed to each script)")
@@ -140,10 +153,10 @@ def _model(name: str, num_classes: int, in_shape):
         raise UsageError(f"--model {name!r} cannot be built for {num_classes} classes: {e}") from e
 
 
-def _load_fp(model, path: str) -> None:
+def _load_fp(model, path: str, trusted: bool = False) -> None:
     from fxqat.training.checkpoint import load_checkpoint
 
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path, trusted=trusted)
     state = ck.get("model", ck)
     try:
         model.load_state_dict(state)
@@ -162,7 +175,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     out = Path(a.out)
     run = {k: v for k, v in vars(a).items()
-           if k not in ("resume", "stop_after", "progress", "quiet", "command", "threads")}
+           if k not in ("resume", "stop_after", "progress", "quiet", "command", "threads", "trust_checkpoint",
+                        "nonfinite", "max_nonfinite", "checkpoint_every")}
     if a.resume and (out / "run.json").exists():
         old = json.loads((out / "run.json").read_text())
         diff = [k for k in ("model", "data", "method", "bits", "hybrid", "paths", "kd", "batch_size", "seed")
@@ -181,15 +195,16 @@ def cmd_train(a: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(json.dumps(run, indent=1, default=str), out / "run.json")
     cfg = TrainConfig(epochs=a.epochs, steps=a.steps, lr=a.lr, quant_lr=a.quant_lr, optimizer=a.optimizer,
-                      weight_decay=a.weight_decay, seed=a.seed, progress=a.progress)
+                      weight_decay=a.weight_decay, seed=a.seed, progress=a.progress, nonfinite=a.nonfinite,
+                      max_nonfinite=a.max_nonfinite, checkpoint_every=a.checkpoint_every)
     info = {"model": a.model, "data": a.data, "data_source": tr.source, "world_size": world}
     if a.method == "fp":
         hist = fit(model, loader, cfg, test_loader=test, out_dir=out, resume=a.resume, desc="fp",
-                   run_info=info, stop_after=a.stop_after)
+                   run_info=info, stop_after=a.stop_after, trusted=a.trust_checkpoint)
         final_model = model
     else:
         if a.fp_ckpt:
-            _load_fp(model, a.fp_ckpt)
+            _load_fp(model, a.fp_ckpt, a.trust_checkpoint)
         elif a.fp_steps != 0:
             fp_cfg = TrainConfig(epochs=a.fp_epochs, steps=a.fp_steps, lr=a.fp_lr, seed=a.seed, progress=a.progress)
             key = {"model": a.model, "data": a.data, "batch_size": a.batch_size, "n_train": len(tr),
@@ -209,7 +224,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         qm = fxqat.prepare_qat(model, (x0,), qcfg)
         hist = train_qat(qm, loader, cfg, test_loader=test, out_dir=out, resume=a.resume, teacher=teacher,
                          desc=f"{a.method} W{w}A{b}{' hybrid' if a.hybrid else ''}", run_info=info,
-                         stop_after=a.stop_after)
+                         stop_after=a.stop_after, trusted=a.trust_checkpoint)
         final_model = qm
     if ddp.is_main() and hist["status"] == "complete":
         atomic_save({"model": final_model.state_dict(), "run": run, "final": hist["final"]}, out / "model.pt")
@@ -218,6 +233,9 @@ def cmd_train(a: argparse.Namespace) -> int:
             f"{a.method} W{a.bits[0]}A{a.bits[1]}{' +KD' if a.kd else ''}{' +hybrid' if a.hybrid else ''}"
         print(f"{a.model} {a.data} {what}: "
               f"top-1 {f['test_top1']:.2f}%  steps {f['step']}  time {f['time_s']:.1f}s  -> {out}")
+    elif hist["status"] == "diverged":
+        ddp.cleanup()
+        raise FloatingPointError(hist["error"])
     elif ddp.is_main():
         print(f"stopped at step {hist['steps'][-1]['step'] if hist['steps'] else 0}; continue with --resume")
     ddp.cleanup()
@@ -279,12 +297,32 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     print(f"{'quantizer':<40} {'kind':<7} {'bits':>4}  method")
     for name, q in qs.items():
         print(f"{name:<40} {q.kind:<7} {q.bits:>4}  {getattr(q, 'method', '?')}")
+    if a.health or a.checkpoint:
+        _print_health(qm, a.checkpoint, a.trust_checkpoint)
     if a.png:
         from fxqat.training.report import plot_blocks
 
         plot_blocks(a.model, blocks, a.png)
         print(f"\npartition written to {a.png}")
     return 0
+
+
+def _print_health(qm, checkpoint: Optional[str], trusted: bool) -> None:
+    from fxqat.training.checkpoint import load_checkpoint
+    from fxqat.training.health import format_health, quantizer_health, rows_with_problems
+
+    if checkpoint:
+        ck = load_checkpoint(checkpoint, trusted=trusted)
+        try:
+            qm.load_state_dict(ck.get("model", ck))
+        except RuntimeError as e:
+            raise UsageError(f"--checkpoint {checkpoint} does not fit {type(qm).__name__} as inspect builds it "
+                             f"(same model, --bits and --input-shape as the run?): {e}") from e
+    rows = quantizer_health(qm)
+    bad = rows_with_problems(rows)
+    print(f"\nquantizer health{f' of {checkpoint}' if checkpoint else ''}: {len(rows) - len(bad)} ok, "
+          f"{len(bad)} not ({', '.join(sorted({r['status'] for r in bad})) or 'none'})")
+    print(format_health(rows))
 
 
 # ------------------------------------------------------------------------------------------------------ bench

@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxqat.training import distributed as ddp
+from fxqat.training.health import NonFiniteGuard
 from fxqat.training.checkpoint import (
     CheckpointError, atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state, to_json,
 )
@@ -55,6 +56,7 @@ __all__ = [
 from fxqat.training.losses import kd_loss  # noqa: E402  (one definition, re-exported)
 
 log = logging.getLogger(__name__)
+NONFINITE_POLICIES = ("skip", "stop", "raise")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,12 @@ class TrainConfig:
         seed: seeds torch's generator at the start of a fresh run.
         progress: tqdm bar (None = only when stderr is a TTY).
         plot: write ``curves.png`` at the end.
+        nonfinite: what a step with a non-finite loss or gradient does: ``"skip"`` (no update: parameters, buffers
+            and optimizer state stay as before the step; the step is counted in ``history["nonfinite_steps"]``),
+            ``"stop"`` (end the run, status ``"diverged"``, last good checkpoint kept) or ``"raise"``
+            (``FloatingPointError``).
+        max_nonfinite: with ``"skip"``, this many consecutive non-finite steps stop the run as ``"stop"`` does.
+        checkpoint_every: also write ``checkpoint.pt`` every this many steps (None = at epoch ends and the last step).
     """
 
     epochs: int = 1
@@ -91,6 +99,9 @@ class TrainConfig:
     seed: int = 0
     progress: Optional[bool] = None
     plot: bool = True
+    nonfinite: str = "skip"
+    max_nonfinite: int = 5
+    checkpoint_every: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adam"):
@@ -99,6 +110,13 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.schedule={self.schedule!r}: use 'cosine' or 'constant'.")
         if self.steps is not None and self.steps < 1 or self.epochs < 1:
             raise ValueError("TrainConfig: epochs and steps must be >= 1.")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"TrainConfig.nonfinite={self.nonfinite!r}: use one of {NONFINITE_POLICIES}.")
+        if isinstance(self.max_nonfinite, bool) or not isinstance(self.max_nonfinite, int) or self.max_nonfinite < 1:
+            raise ValueError(f"TrainConfig.max_nonfinite={self.max_nonfinite!r}: use an integer >= 1 (e.g. 5).")
+        if self.checkpoint_every is not None and (not isinstance(self.checkpoint_every, int)
+                                                  or self.checkpoint_every < 1):
+            raise ValueError(f"TrainConfig.checkpoint_every={self.checkpoint_every!r}: use None or an integer >= 1.")
 
 
 def _hybrid_api():
@@ -213,7 +231,7 @@ def _progress(cfg: TrainConfig, total: int, initial: int, desc: str):
 def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, out_dir=None, resume: bool = False,
         teacher: Optional[nn.Module] = None, params: Optional[Iterable] = None, desc: str = "train",
         run_info: Optional[Dict[str, Any]] = None, stop_after: Optional[int] = None,
-        find_unused_parameters: Optional[bool] = None) -> Dict[str, Any]:
+        find_unused_parameters: Optional[bool] = None, trusted: bool = False) -> Dict[str, Any]:
     """Train ``model`` in place; returns the history (``epochs``, ``steps``, ``final``) also written to metrics.json.
 
     Args:
@@ -230,9 +248,17 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
             run had been killed; the schedule still spans the whole run, so ``resume`` continues it exactly.
         find_unused_parameters: passed to DDP (None = only for hybrid models, whose sampled paths can leave some
             blocks without gradient).
+        trusted: load the resume checkpoint with arbitrary unpickling (only for files you trust; fxqat's own
+            checkpoints never need it).
+
+    Returns:
+        The history; ``status`` is ``"complete"``, ``"interrupted"`` (``stop_after``) or ``"diverged"`` (non-finite
+        steps under ``cfg.nonfinite``, see :class:`TrainConfig`; ``history["error"]`` says where). Skipped
+        non-finite steps are listed in ``history["nonfinite_steps"]``.
 
     Raises:
         CheckpointError: ``resume`` with a corrupt checkpoint.
+        FloatingPointError: a non-finite step with ``cfg.nonfinite == "raise"``.
     """
     per_epoch = len(train_loader)
     if per_epoch == 0:
@@ -242,11 +268,12 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
     main = ddp.is_main()
     opt, sched = _optimizer(param_groups(model, cfg, params), cfg, total)
     hist: Dict[str, Any] = {"status": "running", "run": run_info or {}, "config": asdict(cfg), "epochs": [],
-                            "steps": []}
+                            "steps": [], "nonfinite_steps": []}
     step, epoch, batch, acc, elapsed = 0, 0, 0, {"loss": 0.0, "correct": 0, "n": 0}, 0.0
     ckpt_path = out / "checkpoint.pt" if out is not None else None
     if resume and ckpt_path is not None and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path, required=("model", "optimizer", "scheduler", "rng", "pos", "history"))
+        ck = load_checkpoint(ckpt_path, required=("model", "optimizer", "scheduler", "rng", "pos", "history"),
+                             trusted=trusted)
         try:
             ddp.unwrap(model).load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
@@ -257,6 +284,7 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
         step, epoch, batch, acc, elapsed = (ck["pos"][k] for k in ("step", "epoch", "batch", "acc", "elapsed"))
         hist = ck["history"]
         hist["status"] = "running"
+        hist.setdefault("nonfinite_steps", [])
         hist["epochs"] = [e for e in hist["epochs"] if not e.get("partial")]
         log.info("fxqat: resumed %s at step %d (epoch %d, batch %d)", ckpt_path, step, epoch, batch)
     elif resume:
@@ -287,25 +315,53 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
         log.info("fxqat %s: epoch %d step %d loss %.4f train %.2f%% test %s", desc, epoch, step, rec["train_loss"],
                  rec["train_top1"], f"{rec['test_top1']:.2f}%" if "test_top1" in rec else "-")
 
-    while step < stop_at:
+    trainable = [p for g in opt.param_groups for p in g["params"]]
+    guard = NonFiniteGuard(model, cfg.nonfinite, cfg.max_nonfinite, desc)
+
+    def save() -> bool:
+        """Write checkpoint.pt + metrics.json (rank 0); refuse a state with non-finite parameters."""
+        if out is None or not main:
+            return True
+        if not all(bool(torch.isfinite(p).all()) for p in trainable):
+            hist["status"], hist["error"] = "diverged", (
+                f"fit({desc}): parameters are non-finite at step {step}; {ckpt_path} (the last good state) was kept.")
+            return False
+        pos = {"step": step, "epoch": epoch, "batch": batch, "acc": dict(acc),
+               "elapsed": elapsed + time.perf_counter() - t0}
+        atomic_save({"model": ddp.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "rng": rng_state(), "pos": pos, "history": hist}, ckpt_path)
+        atomic_write_text(to_json(hist), out / "metrics.json")
+        return True
+
+    while step < stop_at and hist["status"] == "running":
         train_loader.set_epoch(epoch, batch)
         for x, y in train_loader:
             t_logits = None
             if teacher is not None:
                 with torch.no_grad():
                     t_logits = teacher(x)
+            guard.before_step()
             o = net(x)
             loss, parts, logits = compute_loss(o, y, t_logits, cfg.kd_weight, cfg.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
-            opt.step()
+            lv = float(loss.detach())
+            verdict = guard.check(step + 1, lv, trainable)
+            if verdict == "ok":
+                if cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                opt.step()
             sched.step()
             step, batch = step + 1, batch + 1
-            lv = float(loss.detach())
-            if not math.isfinite(lv):
-                raise FloatingPointError(f"fit({desc}): loss is {lv} at step {step}; lower --lr or check the data.")
+            if verdict != "ok":
+                hist["nonfinite_steps"].append(step)
+                if verdict == "stop":
+                    hist["status"], hist["error"] = "diverged", guard.message
+                    break
+                bar.update(1)
+                if step >= stop_at:
+                    break
+                continue
             acc["loss"] += lv * len(y)
             acc["n"] += len(y)
             acc["correct"] += int((logits.detach().argmax(1) == y).sum())
@@ -317,17 +373,21 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
             bar.set_postfix(loss=f"{lv:.3f}", epoch=epoch)
             if step >= stop_at:
                 break
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batch < per_epoch and not save():
+                break
+        if hist["status"] != "running":
+            break
         finished_epoch = batch >= per_epoch
         end_epoch(partial=not finished_epoch)
         if finished_epoch:
             epoch, batch, acc = epoch + 1, 0, {"loss": 0.0, "correct": 0, "n": 0}
-        if out is not None and main:
-            pos = {"step": step, "epoch": epoch, "batch": batch, "acc": acc,
-                   "elapsed": elapsed + time.perf_counter() - t0}
-            atomic_save({"model": ddp.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "rng": rng_state(), "pos": pos, "history": hist}, ckpt_path)
-            atomic_write_text(to_json(hist), out / "metrics.json")
+        save()
     bar.close()
+    if hist["status"] == "diverged":
+        log.error("%s", hist["error"])
+        if out is not None and main:
+            atomic_write_text(to_json(hist), out / "metrics.json")
+        return hist
     if step < total:
         hist["status"] = "interrupted"
         if out is not None and main:
@@ -369,7 +429,8 @@ def train_fp(model: nn.Module, train_loader, cfg: TrainConfig, *, key: Dict[str,
     import json
 
     ident = {**key, **asdict(cfg)}
-    ident.pop("progress", None), ident.pop("plot", None)
+    for k in ("progress", "plot", "nonfinite", "max_nonfinite", "checkpoint_every"):  # do not change the result
+        ident.pop(k, None)
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
     name = "-".join(str(key.get(k, "x")) for k in ("model", "data"))
     path = fp_cache_dir() / f"{name}-e{cfg.epochs}-st{cfg.steps or 0}-s{cfg.seed}-{digest}.pt"
@@ -393,7 +454,8 @@ def train_fp(model: nn.Module, train_loader, cfg: TrainConfig, *, key: Dict[str,
 
 def train_qat(qm: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, out_dir=None,
               resume: bool = False, teacher: Optional[nn.Module] = None, desc: str = "qat",
-              run_info: Optional[Dict[str, Any]] = None, stop_after: Optional[int] = None) -> Dict[str, Any]:
+              run_info: Optional[Dict[str, Any]] = None, stop_after: Optional[int] = None,
+              trusted: bool = False) -> Dict[str, Any]:
     """QAT of a prepared model: calibrate the quantizers on the first training batch, then :func:`fit` over
     ``fxqat.trainable_parameters(qm)`` (the FP partner of a hybrid model stays frozen).
 
@@ -407,4 +469,4 @@ def train_qat(qm: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None
     get = getattr(fxqat, "trainable_parameters", None)
     params = list(get(qm)) if get is not None else None
     return fit(qm, train_loader, cfg, test_loader=test_loader, out_dir=out_dir, resume=resume, teacher=teacher,
-               params=params, desc=desc, run_info=run_info, stop_after=stop_after)
+               params=params, desc=desc, run_info=run_info, stop_after=stop_after, trusted=trusted)
