@@ -39,7 +39,7 @@ from torch import nn
 
 from fxqat.config import HybridConfig, QATConfig
 from fxqat.passes.annotate import QMETA
-from fxqat.passes.extract import OUTPUT, extract, view
+from fxqat.graph.subgraph import OUTPUT, extract, view
 from fxqat.trace import _adopt_hierarchy
 
 __all__ = ["HybridOutput", "HybridGraphModule", "mark_cuts", "build_hybrid", "CUT"]
