@@ -154,6 +154,10 @@ class HybridConfig:
         seed: seed of the generator that samples paths.
         max_blocks: merge neighbouring blocks until at most this many remain (None = no limit).
         boundaries: module names whose outputs end a block (overrides automatic cut selection when given).
+        shared_suffix_grad: with ``partner="shared"`` only: ``False`` (default) runs the FP suffix of each path on
+            detached views of the latent weights (same storage, no copy), so a loss on path i reaches LP blocks
+            ``<= i`` only, as with a frozen partner; ``True`` lets it also train the weights of the blocks after i
+            through their FP use (the earlier behaviour, kept as an option).
 
     Example:
         >>> HybridConfig(paths=2).paths
@@ -170,8 +174,14 @@ class HybridConfig:
     seed: int = 0
     max_blocks: Optional[int] = None
     boundaries: Tuple[str, ...] = ()
+    shared_suffix_grad: bool = False
 
     def __post_init__(self) -> None:
+        if self.shared_suffix_grad and self.partner != "shared":
+            raise ValueError(
+                f"HybridConfig.shared_suffix_grad=True needs partner='shared' (got partner={self.partner!r}): a frozen "
+                "partner has no trainable weights; drop shared_suffix_grad or write partner='shared'."
+            )
         if self.paths != "all" and (isinstance(self.paths, bool) or not isinstance(self.paths, int) or self.paths < 1):
             raise ValueError(f"HybridConfig.paths={self.paths!r}: use 'all' or a positive int k of paths per step.")
         if self.partner not in ("frozen", "shared"):

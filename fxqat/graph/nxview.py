@@ -15,6 +15,10 @@ Nodes are classified by reachability:
 * **dead** nodes are reachable from a placeholder but no output depends on them (``torch._assert`` calls, unused
   ``x.size()``).
 
+*Constant inputs* (:func:`is_constant_input`: a placeholder with a non-tensor default, such as ``attn_mask=None`` or
+``is_causal=False``, that shape propagation did not see as a tensor) get no edge from :data:`SOURCE`: they are
+configuration, not data, so their readers (every attention block of a timm ViT) are free to be cut between.
+
 Each view node carries the attributes ``op`` (fx opcode, or ``"source"``/``"sink"``), ``target`` (``str`` of the fx
 target) and ``order`` (position in ``graph.nodes``; -1 for the source, ``len(graph.nodes)`` for the sink).
 
@@ -37,12 +41,33 @@ from typing import Set, Union
 import networkx as nx
 import torch.fx as fx
 
-__all__ = ["SOURCE", "SINK", "to_networkx", "path_nodes", "free_nodes", "dead_nodes"]
+__all__ = ["SOURCE", "SINK", "to_networkx", "path_nodes", "free_nodes", "dead_nodes", "is_constant_input"]
 
 log = logging.getLogger(__name__)
 
 SOURCE = "__source__"
 SINK = "__sink__"
+
+
+def is_constant_input(node: fx.Node) -> bool:
+    """Whether ``node`` is a placeholder that carries configuration rather than data.
+
+    True for a placeholder whose default value (``node.args[0]``) is ``None``, a ``bool``, a number or a string and
+    that holds no ``tensor_meta`` (shape propagation records it only for inputs that were tensors). timm's
+    ``VisionTransformer.forward(x, attn_mask=None, is_causal=False)`` traces to two such placeholders, both read by
+    every block. Callers of sub-graphs that read one (:func:`fxqat.graph.subgraph.extract`) get it as a keyword
+    input with the same default.
+
+    Example:
+        >>> from torch import fx
+        >>> def f(x, mask=None, causal=False):
+        ...     return x + 1
+        >>> [is_constant_input(n) for n in fx.symbolic_trace(f).graph.nodes if n.op == "placeholder"]
+        [False, True, True]
+    """
+    if node.op != "placeholder" or not node.args or "tensor_meta" in node.meta:
+        return False
+    return node.args[0] is None or isinstance(node.args[0], (bool, int, float, str))
 
 
 def to_networkx(graph: Union[fx.Graph, fx.GraphModule]) -> nx.DiGraph:
@@ -77,7 +102,7 @@ def to_networkx(graph: Union[fx.Graph, fx.GraphModule]) -> nx.DiGraph:
         view.add_node(node.name, op=node.op, target=str(node.target), order=count)
         for arg in node.all_input_nodes:
             view.add_edge(arg.name, node.name)
-        if node.op == "placeholder":
+        if node.op == "placeholder" and not is_constant_input(node):
             view.add_edge(SOURCE, node.name)
         elif node.op == "output":
             view.add_edge(node.name, SINK)

@@ -9,8 +9,8 @@ So ``suffix_module(gm, blocks, i)(prefix_module(gm, blocks, i)(x))`` reproduces 
 operations run in the same order on the same tensors. Both modules share ``gm``'s submodules and ``Parameter``
 objects (``GraphModule(gm, graph)`` copies references, not values), so training either trains ``gm``.
 
-Both are built by :func:`fxqat.passes.extract.extract` (the sub-graph that computes some outputs from some inputs)
-and :func:`fxqat.passes.extract.view` (a GraphModule on ``gm``'s own submodules), the same mechanism the hybrid
+Both are built by :func:`fxqat.graph.subgraph.extract` (the sub-graph that computes some outputs from some inputs)
+and :func:`fxqat.graph.subgraph.view` (a GraphModule on ``gm``'s own submodules), the same mechanism the hybrid
 FP/LP graph uses for its paths.
 
 Notes:
@@ -42,7 +42,7 @@ from typing import Sequence
 import torch.fx as fx
 
 from fxqat.graph.blocks import Block
-from fxqat.passes.extract import OUTPUT, extract, view
+from fxqat.graph.subgraph import OUTPUT, extract, view
 
 __all__ = ["prefix_module", "suffix_module"]
 

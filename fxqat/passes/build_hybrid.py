@@ -11,9 +11,12 @@ With ``QATConfig(hybrid=HybridConfig(...))`` the prepared model is a :class:`Hyb
 
 ``fp`` is the partner's output (no grad). ``partner="frozen"`` keeps a frozen copy (``requires_grad=False``, always in
 eval mode, under ``fxqat_partner``); ``partner="shared"`` runs the LP latent weights without quantizers (no extra
-weight memory; BatchNorm running statistics are not updated by FP passes). With ``paths=k``, k paths are sampled per
-step from a generator seeded by ``(seed, step)``: identical on every DDP rank and after a resume; unselected paths are
-not executed. In eval mode the call returns the LP output only. Under ``torch.compile`` prefer ``paths="all"``: each
+weight memory; BatchNorm running statistics are not updated by FP passes; the FP suffixes read the weights detached,
+so a path-i loss trains blocks <= i only, unless ``HybridConfig.shared_suffix_grad=True``). With ``paths=k``, k paths
+are sampled per step from a generator seeded by ``(seed, step)``: identical on every DDP rank and after a resume;
+unselected paths are not executed. In eval mode the call returns the LP output only
+(:meth:`HybridGraphModule.lp_forward`, the generated code). Both modes go through ``nn.Module.__call__``, so forward
+hooks and pre-hooks registered on the prepared model run in both. Under ``torch.compile`` prefer ``paths="all"``: each
 sampled set of paths is a different graph (one recompilation per set).
 
 Example:
@@ -40,7 +43,7 @@ from torch import nn
 from fxqat.config import HybridConfig, QATConfig
 from fxqat.hybrid_output import HybridOutput
 from fxqat.passes.annotate import QMETA
-from fxqat.passes.extract import OUTPUT, extract, view
+from fxqat.graph.subgraph import OUTPUT, extract, view
 from fxqat.trace import _adopt_hierarchy
 
 __all__ = ["HybridOutput", "HybridGraphModule", "mark_cuts", "build_hybrid", "CUT"]
@@ -171,9 +174,33 @@ class HybridGraphModule(fx.GraphModule):
             return _frozen_bn_stats(self.modules())
         return contextlib.nullcontext()
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def recompile(self):
+        """Recompiles the LP graph as :meth:`lp_forward`; ``forward`` stays the train/eval dispatch below.
+
+        ``GraphModule.recompile`` writes the generated code as ``forward`` on the instance's own class; it is moved
+        to ``lp_forward`` so that ``nn.Module.__call__`` (and with it forward hooks and pre-hooks) runs
+        :meth:`forward` in both modes.
+        """
+        result = super().recompile()
+        cls = type(self)
+        if cls is not HybridGraphModule and "forward" in vars(cls):
+            cls.lp_forward = cls.forward
+            del cls.forward
+        return result
+
+    def _fp_suffix(self, i: int, h: Any) -> Any:
+        """FP blocks after cut i on ``h``; with a shared partner, on detached latent weights unless configured."""
+        suffix = self._views[f"fp_suffix{i}"]
+        with self._fp_context():
+            if self.fxqat_hybrid.partner != "shared" or self.fxqat_hybrid.shared_suffix_grad:
+                return suffix(h)
+            params = {name: p.detach() for name, p in suffix.named_parameters()}  # same storage: no copy
+            return torch.func.functional_call(suffix, params, (h,), strict=False)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Eval mode: the LP output (:meth:`lp_forward`). Train mode: a :class:`HybridOutput` (module docstring)."""
         if not self.training:
-            return super().__call__(*args, **kwargs)
+            return self.lp_forward(*args, **kwargs)
         h = self.fxqat_hybrid
         if self._step is None:  # Python mirror of the fxqat_step buffer: no tensor read in the traced forward
             self._step = int(self.fxqat_step)
@@ -186,8 +213,7 @@ class HybridGraphModule(fx.GraphModule):
             lp, *cuts = v["lp_cuts"](*args, **kwargs)
             with torch.no_grad(), self._fp_context():
                 fp = v["fp"](*args, **kwargs)
-            with self._fp_context():
-                paths = [v[f"fp_suffix{i}"](cuts[i]) for i in ids]
+            paths = [self._fp_suffix(i, cuts[i]) for i in ids]
         else:
             lp = v["lp_cuts"](*args, **kwargs)[0]
             with torch.no_grad(), self._fp_context():
@@ -198,8 +224,7 @@ class HybridGraphModule(fx.GraphModule):
                 for k in ids:
                     hk = v[f"lp_block{k}"](*(args if k == 0 else (fcuts[k - 1],)), **(kwargs if k == 0 else {}))
                     if k < self.n_blocks - 1:
-                        with self._fp_context():
-                            hk = v[f"fp_suffix{k}"](hk)
+                        hk = self._fp_suffix(k, hk)
                     paths.append(hk)
         return HybridOutput(lp=lp, paths=paths, fp=fp, path_ids=tuple(ids), config=h)
 

@@ -22,7 +22,11 @@ def _assert_one_graph(cfg):
     assert explanation.graph_count == 1
 
 
-@pytest.mark.parametrize("hybrid", [None, fxqat.HybridConfig()])
+# shared partner: dynamo traces torch.func.functional_call (detached suffix weights) per path, ~50 s on 2 cores
+SHARED = pytest.param(fxqat.HybridConfig(partner="shared"), marks=pytest.mark.slow, id="shared")
+
+
+@pytest.mark.parametrize("hybrid", [None, fxqat.HybridConfig(), SHARED])
 def test_no_graph_breaks(hybrid):
     _assert_one_graph(fxqat.QATConfig(w_bits=4, a_bits=4, hybrid=hybrid))
 

@@ -238,3 +238,52 @@ def test_deepcopy_keeps_the_partner_and_the_paths():
     q2.eval()
     assert isinstance(q2.train()(x), fxqat.HybridOutput)
     assert not any(a is b for a, b in zip(q2.parameters(), qm.parameters()))
+
+
+def _mlp4(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                         nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("mode", ["lp_prefix", "single"])
+def test_shared_partner_path_loss_reaches_blocks_up_to_i_only(mode):
+    net, x = _mlp4(), torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    layers = ["0", "2", "4", "6"]  # one Linear a block: stem, 2, 4, head
+    outs = {}
+    for suffix_grad in (False, True):
+        cfg = fxqat.QATConfig(w_bits=2, a_bits=2,
+                              hybrid=fxqat.HybridConfig(partner="shared", mode=mode, shared_suffix_grad=suffix_grad))
+        qm = fxqat.prepare_qat(net, (x,), cfg).train()
+        qm(x)  # initialise the quantizers
+        assert [b.modules[0] for b in qm.meta["fxqat.blocks"]] == layers
+        outs[suffix_grad] = out = qm(x)
+        for i, path in enumerate(out.paths):
+            params = [qm.get_submodule(m).weight for m in layers]
+            grads = torch.autograd.grad(path.square().sum(), params, retain_graph=True, allow_unused=True)
+            reached = [m for m, g in zip(layers, grads) if g is not None and g.abs().sum() > 0]
+            lo = i if mode == "single" else 0  # single: path k = FP prefix (no grad), LP block k, FP suffix
+            assert reached == (layers[lo:] if suffix_grad else layers[lo:i + 1]), (i, suffix_grad)
+    for a, b in zip(outs[False].paths, outs[True].paths):
+        assert torch.equal(a, b)  # detached weights are the same storage: identical values
+
+
+def test_shared_suffix_grad_needs_a_shared_partner():
+    with pytest.raises(ValueError, match="shared_suffix_grad=True needs partner='shared'"):
+        fxqat.HybridConfig(shared_suffix_grad=True)
+
+
+@pytest.mark.parametrize("partner", ["frozen", "shared"])
+def test_forward_hooks_on_the_prepared_model_run_in_train_and_eval(partner):
+    net, x = _mlp4(), torch.randn(16, 4)
+    qm = fxqat.prepare_qat(net, (x,), fxqat.QATConfig(hybrid=fxqat.HybridConfig(partner=partner)))
+    calls = []
+    qm.register_forward_pre_hook(lambda m, args: calls.append(("pre", args[0] is x)))
+    qm.register_forward_hook(lambda m, args, out: calls.append(("post", type(out).__name__)))
+    out = qm.train()(x)
+    assert isinstance(out, fxqat.HybridOutput) and calls == [("pre", True), ("post", "HybridOutput")]
+    calls.clear()
+    lp = qm.eval()(x)
+    assert calls == [("pre", True), ("post", "Tensor")]
+    assert torch.equal(lp, out.lp)  # no BatchNorm, quantizers initialised by the train call: same LP output
+    assert torch.equal(qm.lp_forward(x), lp)

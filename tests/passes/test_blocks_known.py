@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import fx, nn
 
+import fxqat
 import fxqat.graph
 from fxqat.models.resnet_cifar import resnet20
 from fxqat.graph import blocks as blocks_mod
@@ -217,3 +218,69 @@ def test_two_inputs_are_read_by_the_first_block_and_the_prefix_keeps_the_signatu
     prefix = prefix_module(gm, blocks, 0)
     assert [n.name for n in prefix.graph.nodes if n.op == "placeholder"] == ["x", "bias"]
     assert torch.equal(suffix_module(gm, blocks, 0)(prefix(x, bias)), gm(x, bias))
+
+
+class _MaskedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, mask=None, causal=False):
+        h = self.fc(x)
+        if mask is not None:  # never taken when traced with the default
+            h = h * mask
+        return x + (torch.tanh(h) if causal else torch.relu(h))
+
+
+class _MaskedStack(nn.Module):
+    """timm ViT's pattern: ``forward(x, attn_mask=None, is_causal=False)`` hands both to every block."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.blocks = nn.ModuleList(_MaskedBlock() for _ in range(3))
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = b(x, attn_mask, is_causal)
+        return self.head(x)
+
+
+class _KeepBlocks(fx.Tracer):
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, _MaskedBlock) or super().is_leaf_module(m, qualname)
+
+
+def test_constant_inputs_read_by_every_block_do_not_block_the_cuts():
+    torch.manual_seed(0)
+    model = _MaskedStack()
+    gm = fx.GraphModule(model, _KeepBlocks().trace(model))
+    ph = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    assert [nxview.is_constant_input(n) for n in ph.values()] == [False, True, True]
+    blocks = partition(gm)
+    assert [(b.name, b.exit) for b in blocks] == [("stem", "stem"), ("blocks.0", "blocks_0"),
+                                                  ("blocks.1", "blocks_1"), ("blocks.2", "blocks_2"),
+                                                  ("head", "head")]
+    x = torch.randn(5, 3)
+    for i in range(len(blocks) - 1):
+        suffix = suffix_module(gm, blocks, i)
+        reads = ["attn_mask", "is_causal"] if i < 3 else []  # a _MaskedBlock runs after block i
+        assert [n.name for n in suffix.graph.nodes if n.op == "placeholder"][1:] == reads
+        assert torch.equal(suffix(prefix_module(gm, blocks, i)(x)), gm(x))  # the defaults: same ops, bit-exact
+        causal = {"is_causal": True} if reads else {}
+        assert torch.equal(suffix(prefix_module(gm, blocks, i)(x, None, True), **causal), gm(x, None, True))
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224"])
+def test_timm_vit_and_deit_cut_at_every_residual_add(name):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(name, pretrained=False, img_size=32).eval()
+    blocks = fxqat.find_blocks(model, (torch.randn(1, 3, 32, 32),))
+    assert len(blocks) == 1 + 2 * 12 + 1  # attn_mask / is_causal inputs used to keep all 12 blocks in one
+    assert blocks[0].modules[0] == "patch_embed.proj" and blocks[-1].modules[-1] == "head"
+    for layer in range(12):
+        attn, mlp = blocks[1 + 2 * layer], blocks[2 + 2 * layer]
+        assert (attn.name, mlp.name) == (f"blocks.{layer}.attn", f"blocks.{layer}.mlp")
+        assert attn.modules[0] == f"blocks.{layer}.attn" and mlp.modules[-1] == f"blocks.{layer}.drop_path2"
+        assert attn.exit.startswith("add") and mlp.exit.startswith("add")
