@@ -17,15 +17,23 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
-__all__ = ["QuantSpec", "Override", "HybridConfig", "QATConfig", "Kind"]
+__all__ = ["QuantSpec", "Override", "HybridConfig", "QATConfig", "Kind", "GRANULARITIES", "PRESETS"]
 
 Kind = Literal["weight", "act", "grad"]
 _KINDS = ("weight", "act", "grad")
+#: granularity -> the tensor kinds it applies to
+GRANULARITIES = {
+    "per_tensor": _KINDS,
+    "per_channel": ("weight",),
+    "per_group": ("weight",),
+    "per_token": ("act",),
+}
 
 
 def _check_bits(owner: str, name: str, value: Any, allow_none: bool = False) -> None:
@@ -48,6 +56,29 @@ def _check_method(owner: str, name: str, value: Optional[str]) -> None:
         raise ValueError(f"{owner}.{name}={value!r} is not a known quantizer method; choose one of {sorted(known)}.")
 
 
+def _check_group_size(owner: str, group_size: Any, required: bool) -> None:
+    if group_size is None:
+        if required:
+            raise ValueError(f"{owner}: granularity='per_group' needs group_size (e.g. group_size=32).")
+        return
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"{owner}.group_size={group_size!r}: use a positive integer (e.g. group_size=32).")
+    if not required:
+        raise ValueError(f"{owner}.group_size={group_size!r} is only used with granularity='per_group'.")
+
+
+def _check_granularity_support(method: str, granularity: str, kind: str) -> None:
+    from fxqat.quantizers.registry import get_method  # late import: the registry imports config
+
+    supported = getattr(get_method(method), "granularities", ("per_tensor", "per_channel"))
+    if granularity not in supported:
+        hint = " (per-token activations are dynamic: use method='dynamic')" if granularity == "per_token" else ""
+        raise ValueError(
+            f"QuantSpec: method {method!r} does not support granularity={granularity!r} for kind={kind!r}; "
+            f"it supports {list(supported)}{hint}."
+        )
+
+
 def _freeze_options(options: Any) -> Tuple[Tuple[str, Any], ...]:
     if options is None:
         return ()
@@ -65,13 +96,21 @@ class QuantSpec:
         method: registered quantizer name (``fxqat.available_methods()``).
         kind: ``"weight"``, ``"act"`` or ``"grad"``.
         signed: signed grid (``True``), unsigned (``False``) or decided from the data on the first batch (``None``).
-        per_channel: one scale per output channel (weights only).
-        ch_axis: the channel axis for ``per_channel``.
+        per_channel: one scale per output channel (weights only); kept for compatibility, the same as
+            ``granularity="per_channel"``.
+        ch_axis: the output-channel axis (``per_channel`` and ``per_group``).
         options: method-specific keyword arguments, e.g. ``{"grad_scale": False}``; stored as sorted pairs.
+        granularity: ``"per_tensor"``, ``"per_channel"`` (weights), ``"per_group"`` (weights: one scale per
+            ``group_size`` consecutive input elements of each output channel; the non-channel dims of a conv weight
+            are flattened first) or ``"per_token"`` (activations: dynamic, asymmetric, scale and zero point computed
+            per row of the last dim on every call; method ``"dynamic"``). None: from ``per_channel``.
+        group_size: elements per group (``per_group`` only).
 
     Example:
-        >>> QuantSpec(bits=4, kind="weight", per_channel=True).options_dict()
-        {}
+        >>> QuantSpec(bits=4, kind="weight", per_channel=True).granularity
+        'per_channel'
+        >>> QuantSpec(bits=4, kind="weight", granularity="per_group", group_size=32).per_channel
+        False
     """
 
     bits: int = 4
@@ -81,6 +120,8 @@ class QuantSpec:
     per_channel: bool = False
     ch_axis: int = 0
     options: Tuple[Tuple[str, Any], ...] = ()
+    granularity: Optional[str] = None
+    group_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check_bits("QuantSpec", "bits", self.bits)
@@ -91,8 +132,23 @@ class QuantSpec:
                 f"QuantSpec(kind={self.kind!r}, per_channel=True): per-channel scales are for weights only; "
                 "set per_channel=False for activations and gradients."
             )
+        gran = self.granularity
+        if gran is None:
+            gran = "per_channel" if self.per_channel else "per_tensor"
+        if gran not in GRANULARITIES:
+            raise ValueError(f"QuantSpec.granularity={gran!r}: use one of {sorted(GRANULARITIES)}.")
+        if self.per_channel and gran != "per_channel":
+            raise ValueError(f"QuantSpec(per_channel=True, granularity={gran!r}): give one of the two, not both.")
+        if self.kind not in GRANULARITIES[gran]:
+            raise ValueError(
+                f"QuantSpec.granularity={gran!r} is for {GRANULARITIES[gran]} tensors, not kind={self.kind!r}."
+            )
+        object.__setattr__(self, "granularity", gran)
+        object.__setattr__(self, "per_channel", gran == "per_channel")
+        _check_group_size("QuantSpec", self.group_size, gran == "per_group")
         object.__setattr__(self, "options", _freeze_options(self.options))
         _check_method("QuantSpec", "method", self.method)
+        _check_granularity_support(self.method, gran, self.kind)
 
     def options_dict(self) -> dict:
         """The method-specific options as a plain dict."""
@@ -104,7 +160,9 @@ class Override:
     """A per-module exception to the global settings.
 
     Attributes:
-        match: a glob on the module's qualified name (``"layer1.*"``, ``"fc"``) or a module type (``nn.Linear``).
+        match: a glob on the module's qualified name (``"layer1.*"``, ``"fc"``), a regular expression on it (a
+            string starting ``"re:"``, e.g. ``"re:layers\\.[0-3]\\..*_proj"``, or a compiled ``re.Pattern``; it must
+            match the whole name, ``re.fullmatch``) or a module type (``nn.Linear``).
         w_bits: weight bits for matching modules (None = keep the global value).
         a_bits: activation bits for the matching modules' inputs (None = keep the global value).
         method: quantizer method (None = keep the global value).
@@ -114,9 +172,11 @@ class Override:
     Example:
         >>> Override("fc", skip=True).matches("fc", nn.Linear(2, 2))
         True
+        >>> Override(r"re:layers\\.[0-9]+\\.mlp").matches("layers.12.mlp", None)
+        True
     """
 
-    match: Union[str, type]
+    match: Union[str, type, "re.Pattern[str]"]
     w_bits: Optional[int] = None
     a_bits: Optional[int] = None
     method: Optional[str] = None
@@ -124,14 +184,26 @@ class Override:
     act_signed: Optional[bool] = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.match, (str, type)):
-            raise ValueError(f"Override.match={self.match!r}: give a module-name glob (str) or a module type.")
+        if not isinstance(self.match, (str, type, re.Pattern)):
+            raise ValueError(
+                f"Override.match={self.match!r}: give a module-name glob (str), a regex ('re:...' or re.compile(...)) "
+                "or a module type."
+            )
+        if isinstance(self.match, str) and self.match.startswith("re:"):
+            try:
+                re.compile(self.match[3:])
+            except re.error as e:
+                raise ValueError(f"Override.match={self.match!r}: not a valid regular expression ({e}).") from None
         _check_bits("Override", "w_bits", self.w_bits, allow_none=True)
         _check_bits("Override", "a_bits", self.a_bits, allow_none=True)
         _check_method("Override", "method", self.method)
 
     def matches(self, name: str, module: Optional[nn.Module]) -> bool:
         """Whether this override applies to the module called ``name``."""
+        if isinstance(self.match, re.Pattern):
+            return self.match.fullmatch(name) is not None
+        if isinstance(self.match, str) and self.match.startswith("re:"):
+            return re.fullmatch(self.match[3:], name) is not None
         if isinstance(self.match, str):
             return fnmatch.fnmatchcase(name, self.match)
         return module is not None and isinstance(module, self.match)
@@ -205,13 +277,17 @@ class QATConfig:
 
     Attributes:
         w_bits: weight bits.
-        a_bits: activation bits (inputs of quantized layers).
+        a_bits: activation bits (inputs of quantized layers), or None for weight-only quantization (no activation
+            quantizer anywhere; an ``Override.a_bits`` then has no effect).
         g_bits: bits of the gradient w.r.t. each quantized layer's output (None = gradients not quantized).
         method: quantizer method for weights and activations (``"lsq"``, ``"qil"``, ...).
         w_method: weight method if it differs from ``method``.
         a_method: activation method if it differs from ``method``.
-        per_channel: per-output-channel weight scales.
-        first_last: bits for the first and last quantized layer (weights and their input), or None to keep them FP.
+        per_channel: per-output-channel weight scales (the same as ``w_granularity="per_channel"``).
+        first_last: bits for the first and last quantized layer (weights, their input and, with ``g_bits``, their
+            output gradient), or None to keep them FP (no quantizer at all, gradient included).
+        first_last_layers: which of the two the ``first_last`` policy covers: ``("first", "last")`` (default),
+            ``("last",)``, ``("first",)`` or ``()`` (every layer quantized like the others).
         act_signed: ``"auto"`` (unsigned after ReLU-like producers, otherwise decided from the first batch) or a bool.
         overrides: per-module exceptions, first match wins.
         hybrid: block replacement settings, or None for plain QAT.
@@ -219,6 +295,12 @@ class QATConfig:
         a_options: method options for activation quantizers.
         g_options: options of the gradient quantizers (see ``fxqat.quantizers.grad``).
         leaf_modules: module types or qualified names the tracer must not enter.
+        w_granularity: ``"per_tensor"``, ``"per_channel"`` or ``"per_group"``; None = from ``per_channel``.
+        group_size: elements per weight group with ``w_granularity="per_group"``.
+        a_granularity: ``"per_tensor"`` (static, learned range) or ``"per_token"`` (dynamic per-token asymmetric,
+            always method ``"dynamic"``, whatever ``method``/``a_method`` say).
+
+    Presets (:meth:`preset`) build the usual LLM recipes.
 
     Example:
         >>> QATConfig(w_bits=2, a_bits=2, hybrid=HybridConfig(paths=2)).hybrid.paths
@@ -226,7 +308,7 @@ class QATConfig:
     """
 
     w_bits: int = 4
-    a_bits: int = 4
+    a_bits: Optional[int] = 4
     g_bits: Optional[int] = None
     method: str = "lsq"
     w_method: Optional[str] = None
@@ -240,10 +322,14 @@ class QATConfig:
     a_options: Tuple[Tuple[str, Any], ...] = field(default=())
     g_options: Tuple[Tuple[str, Any], ...] = field(default=())
     leaf_modules: Tuple[Union[str, type], ...] = ()
+    w_granularity: Optional[str] = None
+    group_size: Optional[int] = None
+    a_granularity: str = "per_tensor"
+    first_last_layers: Tuple[str, ...] = ("first", "last")
 
     def __post_init__(self) -> None:
         _check_bits("QATConfig", "w_bits", self.w_bits)
-        _check_bits("QATConfig", "a_bits", self.a_bits)
+        _check_bits("QATConfig", "a_bits", self.a_bits, allow_none=True)
         _check_bits("QATConfig", "g_bits", self.g_bits, allow_none=True)
         _check_bits("QATConfig", "first_last", self.first_last, allow_none=True)
         for name in ("method", "w_method", "a_method"):
@@ -260,6 +346,55 @@ class QATConfig:
         for name in ("w_options", "a_options", "g_options"):
             object.__setattr__(self, name, _freeze_options(getattr(self, name)))
         object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
+        object.__setattr__(self, "first_last_layers", tuple(self.first_last_layers))
+        if not set(self.first_last_layers) <= {"first", "last"}:
+            raise ValueError(
+                f"QATConfig.first_last_layers={self.first_last_layers!r}: use a subset of ('first', 'last')."
+            )
+        if self.w_granularity not in (None, "per_tensor", "per_channel", "per_group"):
+            raise ValueError(
+                f"QATConfig.w_granularity={self.w_granularity!r}: use 'per_tensor', 'per_channel' or 'per_group'."
+            )
+        if self.a_granularity not in ("per_tensor", "per_token"):
+            raise ValueError(f"QATConfig.a_granularity={self.a_granularity!r}: use 'per_tensor' or 'per_token'.")
+        if self.per_channel and self.w_granularity not in (None, "per_channel"):
+            raise ValueError(
+                f"QATConfig(per_channel=True, w_granularity={self.w_granularity!r}): give one of the two, not both."
+            )
+        _check_group_size("QATConfig", self.group_size, self.w_granularity == "per_group")
+        self.spec_for("weight")  # the global specs are valid (method supports the granularity, ...)
+        if self.a_bits is not None:
+            self.spec_for("act")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "QATConfig":
+        """A named LLM recipe, with any field changed by keyword (``group_size=`` included, default 32).
+
+        * ``"int4_weight_only"``, ``"int3_weight_only"``, ``"int2_weight_only"``: symmetric signed per-group weights
+          (``w_granularity="per_group"``, ``group_size=32``), activations not quantized (``a_bits=None``).
+        * ``"8da4w"``: int4 symmetric per-group weights and int8 dynamic per-token asymmetric activations
+          (``a_granularity="per_token"``, method ``"dynamic"``), torchao's 8da4w fake-quantization.
+
+        First and last layer: every preset sets ``first_last=None, first_last_layers=("last",)``: the *last*
+        quantized layer in graph order (an LM's ``lm_head``) stays in FP, the first one (e.g. layer 0's attention
+        projection) is quantized like every other layer. Embeddings are never quantized. Change it with
+        ``first_last_layers=()`` (quantize the last layer too), ``first_last=8`` (8 bits instead of FP) or
+        ``Override``s.
+
+        Example:
+            >>> c = QATConfig.preset("8da4w", group_size=64)
+            >>> (c.w_bits, c.a_bits, c.w_granularity, c.group_size, c.a_granularity, c.first_last)
+            (4, 8, 'per_group', 64, 'per_token', None)
+            >>> QATConfig.preset("int2_weight_only").a_bits is None
+            True
+        """
+        if name not in PRESETS:
+            raise ValueError(f"QATConfig.preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+        fields = {
+            "w_granularity": "per_group", "group_size": 32, "first_last": None, "first_last_layers": ("last",),
+            **PRESETS[name], **overrides,
+        }
+        return cls(**fields)
 
     def with_(self, **changes: Any) -> "QATConfig":
         """A copy with some fields changed (validated again)."""
@@ -281,20 +416,33 @@ class QATConfig:
     ) -> QuantSpec:
         """The QuantSpec of one tensor of ``kind`` under this config (bits/method default to the global ones)."""
         if kind == "weight":
+            gran = self.w_granularity or ("per_channel" if self.per_channel else "per_tensor")
             return QuantSpec(
                 bits=bits or self.w_bits,
                 method=method or self.w_method or self.method,
                 kind="weight",
                 signed=True,
-                per_channel=self.per_channel,
+                granularity=gran,
+                group_size=self.group_size if gran == "per_group" else None,
                 options=self.w_options,
             )
         if kind == "act":
+            if self.a_granularity == "per_token":
+                return QuantSpec(bits=bits or self.a_bits or 8, method="dynamic", kind="act", granularity="per_token")
             return QuantSpec(
-                bits=bits or self.a_bits,
+                bits=bits or self.a_bits or 8,
                 method=method or self.a_method or self.method,
                 kind="act",
                 signed=signed,
                 options=self.a_options,
             )
         return QuantSpec(bits=bits or self.g_bits or 8, method="grad", kind="grad", signed=True, options=self.g_options)
+
+
+#: preset name -> QATConfig fields (see :meth:`QATConfig.preset`)
+PRESETS = {
+    "int4_weight_only": {"w_bits": 4, "a_bits": None},
+    "int3_weight_only": {"w_bits": 3, "a_bits": None},
+    "int2_weight_only": {"w_bits": 2, "a_bits": None},
+    "8da4w": {"w_bits": 4, "a_bits": 8, "a_granularity": "per_token"},
+}

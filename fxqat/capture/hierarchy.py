@@ -122,7 +122,8 @@ class _Capturer:
         self.config = config
         self.calls = calls
         self.order = order
-        self.first_last = {order[0], order[-1]} if order else set()
+        ends = ((0, "first"), (-1, "last"))
+        self.first_last = {order[i] for i, end in ends if end in config.first_last_layers} if order else set()
         self.regions: List[Region] = []
         self.uncalled: List[str] = []
         self.param_quant: Dict[int, Quantizer] = {}  # id(weight Parameter) -> its one weight quantizer

@@ -12,8 +12,10 @@ A *quantized layer* is one of
   the tracer could not enter): those weights are quantized by substitution, the module's own code still runs.
 
 The weights of each layer and the activation it reads (its first argument) get :class:`~fxqat.config.QuantSpec`s.
-First/last policy: the first and last quantized layer in topological order use ``config.first_last`` bits (or stay
-FP when it is None). Overrides match the layer's owning module name. The signedness of an activation comes from
+First/last policy: the first and last quantized layer in topological order (those named by
+``config.first_last_layers``) use ``config.first_last`` bits (or stay FP when it is None). With
+``config.a_bits=None`` no activation is quantized (weight-only). Per-group weights are checked here: a weight
+whose input size is not a multiple of ``group_size`` raises a ValueError naming the layer. Overrides match the layer's owning module name. The signedness of an activation comes from
 its producer: outputs of ReLU-like functions (through pooling, reshapes and dropout) are unsigned, others are
 decided from the first batch (``config.act_signed="auto"``).
 
@@ -79,12 +81,37 @@ class LayerQuant:
         weights: ``(where, spec)`` pairs; ``where`` is the weight's argument position (functional), ``"weight"``
             (module) or a parameter path inside the opaque module.
         act: the spec of the layer's input activation, or None to leave it in FP.
+        first_last: the layer got its bits from the ``first_last`` policy (its gradient quantizer follows it).
     """
 
     style: str
     owner: str
     weights: Tuple[Tuple[Union[int, str], QuantSpec], ...]
     act: Optional[QuantSpec]
+    first_last: bool = False
+
+
+def _check_groups(gm: fx.GraphModule, owner: str, where, spec: QuantSpec, style: str, node: fx.Node) -> None:
+    """Raise a ValueError naming the layer when its weight does not split into ``spec.group_size`` groups."""
+    if spec.granularity != "per_group":
+        return
+    path = f"{owner}.{where}" if style == "module" or style == "opaque" else None
+    if style == "functional" and isinstance(where, int) and where < len(node.args):
+        w = node.args[where]
+        path = str(w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+    try:
+        weight = gm.get_parameter(path) if path else None
+    except AttributeError:
+        weight = None
+    if weight is None:
+        return
+    n_in = weight.movedim(spec.ch_axis, 0)[0].numel()
+    if n_in % spec.group_size:
+        raise ValueError(
+            f"layer {owner or node.name!r}: weight {path} of shape {tuple(weight.shape)} has {n_in} input elements "
+            f"per output channel, not divisible by group_size={spec.group_size}; change group_size or add "
+            f"fxqat.Override({owner!r}, skip=True) (or a per-channel override) for this layer."
+        )
 
 
 def layer_style(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
@@ -196,7 +223,9 @@ def annotate(
     """
     layers = [n for n in gm.graph.nodes if layer_style(gm, n) is not None]
     if first_last_names is None:
-        first_last = {layers[0], layers[-1]} if layers else set()
+        first_last = set()
+        if layers:
+            first_last = {layers[i] for i, end in ((0, "first"), (-1, "last")) if end in config.first_last_layers}
     else:
         first_last = {n for n in layers if prefix + _owner(gm, n) in first_last_names}
     for node in layers:
@@ -208,7 +237,8 @@ def annotate(
             continue
         w_bits = ov.w_bits if ov and ov.w_bits else None
         a_bits = ov.a_bits if ov and ov.a_bits else None
-        if node in first_last and not (ov and (ov.w_bits or ov.a_bits)):
+        by_policy = node in first_last and not (ov and (ov.w_bits or ov.a_bits))
+        if by_policy:
             if config.first_last is None:
                 continue
             w_bits = a_bits = config.first_last
@@ -219,23 +249,31 @@ def annotate(
             where = ["weight"]
         else:
             where = list(_opaque_weights(gm.get_submodule(node.target)))
-        wspec = config.spec_for("weight", bits=w_bits, method=method)
+        try:
+            wspec = config.spec_for("weight", bits=w_bits, method=method)
+        except ValueError as e:
+            raise ValueError(f"layer {owner or node.name!r}: {e}") from None
         if isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) or node.target in (
             F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
         ):
             wspec = QuantSpec(**{**wspec.__dict__, "ch_axis": 1})  # ConvTranspose weights are (in, out/groups, ...)
+        for w in where:
+            _check_groups(gm, owner, w, wspec, style, node)
         weights = tuple((w, wspec) for w in where)
         act = None
         x = node.args[0] if node.args else None
-        if isinstance(x, fx.Node) and _is_float_tensor(x):
+        if config.a_bits is not None and isinstance(x, fx.Node) and _is_float_tensor(x):
             if ov is not None and ov.act_signed is not None:
                 signed: Optional[bool] = ov.act_signed
             elif config.act_signed != "auto":
                 signed = bool(config.act_signed)
             else:
                 signed = False if _producer_unsigned(gm, x) else None
-            act = config.spec_for("act", bits=a_bits, method=method, signed=signed)
-        node.meta[QMETA] = LayerQuant(style=style, owner=owner, weights=weights, act=act)
+            try:
+                act = config.spec_for("act", bits=a_bits, method=method, signed=signed)
+            except ValueError as e:
+                raise ValueError(f"layer {owner or node.name!r}: {e}") from None
+        node.meta[QMETA] = LayerQuant(style=style, owner=owner, weights=weights, act=act, first_last=by_policy)
     return gm
 
 

@@ -9,7 +9,8 @@
   through :class:`OpaqueWeightQuant`, which substitutes quantized weights with ``torch.func.functional_call`` and
   otherwise runs the module's own ``forward``.
 * **Activations.** One quantizer per distinct (tensor, spec), shared by every consumer that reads it.
-* **Gradients.** With ``config.g_bits``, an identity-forward gradient quantizer on each quantized layer's output.
+* **Gradients.** With ``config.g_bits``, an identity-forward gradient quantizer on each quantized layer's output;
+  layers under the ``first_last`` policy get ``config.first_last`` bits there (and none when they stay FP).
 
 Quantizers live under ``gm.fxqat_quant`` (``w_*``, ``a_*``, ``g_*``, ``o_*`` for opaque wrappers).
 
@@ -172,7 +173,7 @@ def insert_quant(gm: fx.GraphModule, config: QATConfig) -> fx.GraphModule:
     layers: List[Tuple[fx.Node, LayerQuant]] = [(n, n.meta[QMETA]) for n in g.nodes if QMETA in n.meta]
     wq_cache: Dict = {}
     act_cache: Dict = {}
-    outputs: List[fx.Node] = []
+    outputs: List[Tuple[fx.Node, LayerQuant]] = []
     for node, lq in layers:
         # ---- activation (first argument), one quantizer per distinct (tensor, spec)
         if lq.act is not None:
@@ -209,10 +210,10 @@ def insert_quant(gm: fx.GraphModule, config: QATConfig) -> fx.GraphModule:
             qs = {p: _quantizer(spec, f"{node.target}.{p}") for p, spec in lq.weights}
             node.target = namer.add(f"o_{_safe(node.target)}", OpaqueWeightQuant(mod, qs, str(node.target)))
             node.meta["fxqat.module"] = lq.owner
-        outputs.append(node)
+        outputs.append((node, lq))
     if config.g_bits is not None:
-        spec = config.spec_for("grad")
-        for node in outputs:
+        for node, lq in outputs:
+            spec = config.spec_for("grad", bits=config.first_last if lq.first_last else None)
             users = list(node.users)
             with g.inserting_after(node):
                 qname = namer.add(f"g_{_safe(node.meta.get('fxqat.module', node.name))}", _quantizer(spec, None))

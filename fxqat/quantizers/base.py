@@ -35,6 +35,7 @@ from fxqat.config import QuantSpec
 
 __all__ = [
     "Quantizer", "NotAffineError", "int_range", "channel_view", "reduce_except", "grad_inside", "use_function",
+    "to_groups", "from_groups",
 ]
 
 
@@ -45,10 +46,18 @@ class NotAffineError(NotImplementedError):
 def int_range(bits: int, signed: bool) -> Tuple[int, int]:
     """Integer limits (qmin, qmax) of a ``bits``-bit grid.
 
+    A signed 1-bit grid would be ``(−1, 0)``, i.e. the levels {−s, 0}, which cannot represent a positive weight;
+    it is refused here (binary weights: use method ``"dorefa"``, whose k = 1 rule is sign(w)·E|w|, or 2 bits).
+
     Example:
         >>> int_range(4, True), int_range(4, False)
         ((-8, 7), (0, 15))
     """
+    if signed and bits == 1:
+        raise ValueError(
+            "int_range(bits=1, signed=True) would be the grid {-1, 0} (no positive level); use bits >= 2, an "
+            "unsigned 1-bit grid, or method='dorefa' whose 1-bit weights are sign(w)*mean|w|."
+        )
     if signed:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
@@ -88,8 +97,16 @@ class Quantizer(FakeQuantizeBase):
     #: torch.ao reads this on observers and fake-quantizers: fxqat quantizers are static (never dynamic).
     is_dynamic: bool = False
 
+    #: granularities this method implements; per-group runs the per-channel code on the grouped view (to_groups)
+    granularities: Tuple[str, ...] = ("per_tensor", "per_channel", "per_group")
+
     def __init__(self, spec: QuantSpec, **kwargs: Any) -> None:
         super().__init__()
+        if spec.granularity not in self.granularities:
+            raise ValueError(
+                f"{type(self).__name__}: method {self.method!r} does not support granularity={spec.granularity!r}; "
+                f"it supports {list(self.granularities)}."
+            )
         unknown = set(spec.options_dict()) - set(self.default_options)
         if unknown:
             raise ValueError(
@@ -99,8 +116,11 @@ class Quantizer(FakeQuantizeBase):
         self.spec = spec
         self.bits = spec.bits
         self.kind = spec.kind
-        self.per_channel = spec.per_channel
-        self.ch_axis = spec.ch_axis
+        self.granularity = spec.granularity
+        self.group_size = spec.group_size
+        # per-group: the subclass sees the [C·G, group_size] view and treats each row as a channel (axis 0)
+        self.per_channel = spec.per_channel or spec.granularity == "per_group"
+        self.ch_axis = 0 if spec.granularity == "per_group" else spec.ch_axis
         self.opts: Dict[str, Any] = {**self.default_options, **spec.options_dict()}
         # -1 = decide from data on the first batch, 0 = unsigned, 1 = signed
         self.register_buffer("signed_flag", torch.tensor([-1 if spec.signed is None else int(spec.signed)]))
@@ -155,6 +175,11 @@ class Quantizer(FakeQuantizeBase):
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
         """Initialise parameters from ``x`` (called automatically on the first forward)."""
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"{type(self).__name__} ({self.kind}, method {self.method!r}): the first tensor seen, used to "
+                "initialise the range, holds NaN or inf values; check the model/data or initialise on a finite batch."
+            )
         if int(self.signed_flag[0]) < 0:
             self.signed_flag.fill_(int(bool((x.detach() < 0).any())))
             _all_reduce(self.signed_flag, "max")  # signed on one rank -> signed everywhere
@@ -175,6 +200,12 @@ class Quantizer(FakeQuantizeBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fq_on:
             return x
+        if self.granularity == "per_group":
+            axis = self.spec.ch_axis
+            xg = to_groups(x, axis, self.group_size)
+            if not self._init_done:
+                self.initialize(xg)
+            return from_groups(self.quantize(xg), x.shape, axis)
         if not self._init_done:
             self.initialize(x)
         return self.quantize(x)
@@ -217,11 +248,45 @@ class Quantizer(FakeQuantizeBase):
     def extra_repr(self) -> str:
         sign = {-1: "auto", 0: "unsigned", 1: "signed"}[int(self.signed_flag[0])]
         gran = f"per_channel(axis={self.ch_axis})" if self.per_channel else "per_tensor"
+        if self.granularity in ("per_group", "per_token"):
+            gran = self.granularity + (f"(group_size={self.group_size})" if self.group_size else "")
         return f"method={self.method}, kind={self.kind}, bits={self.bits}, {sign}, {gran}"
 
     @classmethod
     def from_spec(cls, spec: QuantSpec) -> "Quantizer":
         return cls(spec)
+
+
+def to_groups(x: torch.Tensor, axis: int, group_size: int) -> torch.Tensor:
+    """``x`` as ``[C·G, group_size]``: channel ``axis`` first, the other dims flattened, cut into groups of
+    ``group_size`` consecutive elements (row-major (channel, group) order).
+
+    Example:
+        >>> to_groups(torch.arange(8.0).reshape(2, 4), 0, 2)
+        tensor([[0., 1.],
+                [2., 3.],
+                [4., 5.],
+                [6., 7.]])
+    """
+    if x.dim() < 2:
+        raise ValueError(f"per-group quantization needs a weight with >= 2 dims, got shape {tuple(x.shape)}.")
+    moved = x.movedim(axis, 0) if axis != 0 else x
+    n_in = moved[0].numel()
+    if n_in % group_size:
+        raise ValueError(
+            f"per-group quantization: weight of shape {tuple(x.shape)} has {n_in} input elements per channel, not "
+            f"divisible by group_size={group_size}; choose a divisor (or an Override for this layer)."
+        )
+    return moved.reshape(-1, group_size)
+
+
+def from_groups(y: torch.Tensor, shape: torch.Size, axis: int) -> torch.Tensor:
+    """Inverse of :func:`to_groups` for a tensor of the original ``shape``."""
+    if axis == 0:
+        return y.reshape(shape)
+    moved = list(shape)
+    moved.insert(0, moved.pop(axis))
+    return y.reshape(moved).movedim(0, axis)
 
 
 def channel_view(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:

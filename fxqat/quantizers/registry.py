@@ -27,6 +27,7 @@ _BUILTIN_MODULES = (
     "fxqat.quantizers.dsq",
     "fxqat.quantizers.noise_temper",
     "fxqat.quantizers.grad",
+    "fxqat.quantizers.dynamic",
 )
 _loaded = False
 

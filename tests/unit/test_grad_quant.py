@@ -332,7 +332,9 @@ def test_gamma_is_saved_and_restored_by_the_state_dict():
     for _ in range(3):
         qm(torch.randn(8, 1, 12, 12)).square().sum().backward()
     before = gammas(qm)
-    assert all(g < 1.0 for g in before.values())  # initialised and updated
+    bits = {n: q.bits for n, q in fxqat.quantizers(qm).items() if q.kind == "grad"}
+    # initialised and updated (the 8-bit gradient quantizers of the first/last layers may keep gamma = 1)
+    assert all(g < 1.0 for n, g in before.items() if bits.get(n, 4) == 4)
     sd = qm.state_dict()
     assert any(k.endswith(".gamma") for k in sd) and any(k.endswith(".clip_fraction") for k in sd)
     fresh, _ = _prepared(4, seed=1)
