@@ -56,7 +56,7 @@ def test_gradient_quantization_and_talr_with_block_replacement(method, batches):
     # lp_prefix: the LP backbone runs once per step, so each gradient quantizer sees exactly one backward per step
     assert all(int(q.n_backward) == steps for q in gqs.values())
     for q in gqs.values():  # initialised on the first backward, then one ±ε update per later backward
-        assert q.is_initialized and 0.001 <= float(q.gamma) < 1.0
+        assert q.is_initialized and 0.001 <= float(q.gamma) <= 1.0  # gamma is clamped to [eps, 1]
     assert all(u >= 0.0 for u in opt.talr().values())
     assert all(0.0 <= r <= 1.0 for r in opt.rates().values()) and any(r > 0 for r in opt.rates().values())
     for layer in opt.layers:
