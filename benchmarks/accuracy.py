@@ -38,14 +38,15 @@ import fxqat  # noqa: E402
 from _common import machine, write_results  # noqa: E402
 from fxqat import data as fdata  # noqa: E402
 from fxqat.models import get_model  # noqa: E402
-from fxqat.training.loop import TrainConfig, train_fp, train_qat  # noqa: E402
+from fxqat.training.loop import TrainConfig  # noqa: E402
+from fxqat.training.recipes import train_fp, train_qat  # noqa: E402
 
 log = logging.getLogger("accuracy")
 
 
 @dataclass(frozen=True)
 class Profile:
-    fp_steps: int              # FP pre-training steps (cached by fxqat.training.loop.train_fp)
+    fp_steps: int              # FP pre-training steps (cached by fxqat.training.recipes.train_fp)
     fp_lr: float               # FP SGD lr (cosine to 0)
     qat_steps: int             # steps of every QAT arm
     qat_lr: float              # QAT SGD lr (cosine to 0), weights and quantizer step sizes

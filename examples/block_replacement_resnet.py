@@ -17,7 +17,8 @@ import torch
 import fxqat
 from fxqat.data import BatchLoader, cifar10
 from fxqat.models import get_model
-from fxqat.training.loop import TrainConfig, evaluate, train_fp, train_qat
+from fxqat.training.loop import TrainConfig, evaluate
+from fxqat.training.recipes import train_fp, train_qat
 
 
 @dataclass(frozen=True)

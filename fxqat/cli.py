@@ -171,7 +171,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     from fxqat import data
     from fxqat.training import distributed as ddp
     from fxqat.training.checkpoint import atomic_save, atomic_write_text
-    from fxqat.training.loop import TrainConfig, fit, train_fp, train_qat
+    from fxqat.training.loop import TrainConfig, fit
+    from fxqat.training.recipes import train_fp, train_qat
 
     out = Path(a.out)
     run = {k: v for k, v in vars(a).items()

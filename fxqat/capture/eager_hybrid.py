@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import random
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -44,7 +43,7 @@ from torch import nn
 from fxqat.capture.chain import ChainCut
 from fxqat.config import HybridConfig
 from fxqat.graph.blocks import Block
-from fxqat.hybrid_output import HybridOutput
+from fxqat.hybrid_output import HybridOutput, select_paths
 from fxqat.quantizers.base import Quantizer
 
 __all__ = ["EagerHybrid", "make_eager_hybrid", "remove_hybrid", "ReplayMixin", "make_replayable", "record_output_hook",
@@ -142,11 +141,8 @@ class EagerHybrid:
         return len(self.cuts)
 
     def select_paths(self, step: int) -> List[int]:
-        k = self.hybrid.paths
-        if k == "all" or k >= self.n_paths:
-            return list(range(self.n_paths))
-        rng = random.Random(self.hybrid.seed * 1_000_003 + int(step))
-        return sorted(rng.sample(range(self.n_paths), k))
+        """The path ids run at ``step`` (see :func:`fxqat.hybrid_output.select_paths`)."""
+        return select_paths(self.hybrid, self.n_paths, step)
 
     @contextlib.contextmanager
     def recording(self):

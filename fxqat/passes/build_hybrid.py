@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import random
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import torch
@@ -41,7 +40,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxqat.config import HybridConfig, QATConfig
-from fxqat.hybrid_output import HybridOutput
+from fxqat.hybrid_output import HybridOutput, select_paths
 from fxqat.passes.annotate import QMETA
 from fxqat.graph.subgraph import OUTPUT, extract, view
 from fxqat.trace import _adopt_hierarchy
@@ -156,12 +155,8 @@ class HybridGraphModule(fx.GraphModule):
         return self.n_blocks if self.fxqat_hybrid.mode == "single" else self.n_blocks - 1
 
     def select_paths(self, step: int) -> List[int]:
-        """The path ids run at ``step`` (all, or k sampled by a generator seeded with (seed, step))."""
-        k = self.fxqat_hybrid.paths
-        if k == "all" or k >= self.n_paths:
-            return list(range(self.n_paths))
-        rng = random.Random(self.fxqat_hybrid.seed * 1_000_003 + int(step))
-        return sorted(rng.sample(range(self.n_paths), k))
+        """The path ids run at ``step`` (see :func:`fxqat.hybrid_output.select_paths`)."""
+        return select_paths(self.fxqat_hybrid, self.n_paths, step)
 
     def train(self, mode: bool = True) -> "HybridGraphModule":
         super().train(mode)

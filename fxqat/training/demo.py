@@ -95,7 +95,8 @@ def run_demo(quick: bool = False, data_dir: Optional[str] = None, data: str = "a
     from fxqat import data as fdata
     from fxqat.models import get_model
     from fxqat.training.checkpoint import atomic_write_text
-    from fxqat.training.loop import TrainConfig, train_fp, train_qat
+    from fxqat.training.loop import TrainConfig
+    from fxqat.training.recipes import train_fp, train_qat
     from fxqat.training.report import plot_arms
 
     if data_dir is not None and not Path(data_dir).expanduser().exists():

@@ -48,10 +48,7 @@ from fxqat.training.checkpoint import (
     CheckpointError, atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state, to_json,
 )
 
-__all__ = [
-    "TrainConfig", "fit", "train_fp", "train_qat", "evaluate", "kd_loss", "compute_loss", "param_groups", "calibrate",
-    "fp_cache_dir",
-]
+__all__ = ["TrainConfig", "fit", "evaluate", "kd_loss", "compute_loss", "param_groups", "calibrate"]
 
 from fxqat.training.losses import kd_loss  # noqa: E402  (one definition, re-exported)
 
@@ -404,69 +401,3 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
             plot_run(hist, out / "curves.png", title=desc)
         atomic_write_text(to_json(hist), out / "metrics.json")
     return hist
-
-
-def fp_cache_dir() -> Path:
-    """Where :func:`train_fp` keeps its checkpoints: ``<fxqat cache>/ckpt`` (``$FXQAT_CACHE`` or ~/.cache/fxqat)."""
-    from fxqat.data import cache_dir
-
-    return cache_dir() / "ckpt"
-
-
-def train_fp(model: nn.Module, train_loader, cfg: TrainConfig, *, key: Dict[str, Any], test_loader=None,
-             cache: bool = True, desc: str = "fp") -> Tuple[nn.Module, Dict[str, Any]]:
-    """Full-precision training with a cached result: the same ``key`` + ``cfg`` loads instead of training again.
-
-    Args:
-        model: freshly built model (its state is replaced by the cached or trained weights).
-        key: what identifies the run besides ``cfg`` (model and data names, batch size...); part of the file name.
-        cache: read and write ``fp_cache_dir()``; a corrupt cache file is reported and retrained.
-
-    Returns:
-        ``(model, info)`` with info ``{"top1", "path", "cached", "time_s"}``.
-    """
-    import hashlib
-    import json
-
-    ident = {**key, **asdict(cfg)}
-    for k in ("progress", "plot", "nonfinite", "max_nonfinite", "checkpoint_every"):  # do not change the result
-        ident.pop(k, None)
-    digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    name = "-".join(str(key.get(k, "x")) for k in ("model", "data"))
-    path = fp_cache_dir() / f"{name}-e{cfg.epochs}-st{cfg.steps or 0}-s{cfg.seed}-{digest}.pt"
-    if cache and path.exists():
-        try:
-            ck = load_checkpoint(path, required=("model", "top1"))
-            model.load_state_dict(ck["model"])
-            log.info("fxqat: FP checkpoint loaded from cache %s (top-1 %.2f%%)", path, ck["top1"])
-            return model, {"top1": ck["top1"], "path": str(path), "cached": True, "time_s": ck.get("time_s", 0.0)}
-        except (CheckpointError, RuntimeError) as e:
-            log.warning("fxqat: ignoring FP cache %s (%s); training again", path, e)
-    hist = fit(model, train_loader, cfg, test_loader=test_loader, desc=desc)
-    top1 = hist["final"]["test_top1"]
-    if top1 is None and test_loader is not None:
-        top1 = evaluate(model, test_loader)
-    if cache and ddp.is_main():
-        atomic_save({"model": model.state_dict(), "top1": top1, "key": ident, "time_s": hist["final"]["time_s"],
-                     "steps": hist["steps"]}, path)
-    return model, {"top1": top1, "path": str(path), "cached": False, "time_s": hist["final"]["time_s"]}
-
-
-def train_qat(qm: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, out_dir=None,
-              resume: bool = False, teacher: Optional[nn.Module] = None, desc: str = "qat",
-              run_info: Optional[Dict[str, Any]] = None, stop_after: Optional[int] = None,
-              trusted: bool = False) -> Dict[str, Any]:
-    """QAT of a prepared model: calibrate the quantizers on the first training batch, then :func:`fit` over
-    ``fxqat.trainable_parameters(qm)`` (the FP partner of a hybrid model stays frozen).
-
-    Works for plain outputs, ``teacher`` distillation and hybrid outputs alike (see :func:`compute_loss`).
-    """
-    import fxqat
-
-    train_loader.set_epoch(0)
-    x0, _ = next(iter(train_loader))
-    calibrate(qm, x0)
-    get = getattr(fxqat, "trainable_parameters", None)
-    params = list(get(qm)) if get is not None else None
-    return fit(qm, train_loader, cfg, test_loader=test_loader, out_dir=out_dir, resume=resume, teacher=teacher,
-               params=params, desc=desc, run_info=run_info, stop_after=stop_after, trusted=trusted)

@@ -15,7 +15,8 @@ import torch
 import fxqat
 from fxqat import data as fdata
 from fxqat.models import get_model
-from fxqat.training.loop import TrainConfig, train_fp, train_qat
+from fxqat.training.loop import TrainConfig
+from fxqat.training.recipes import train_fp, train_qat
 
 METHODS = ["qil", "lsq_plus", "pact", "dorefa", "ewgs", "dsq", "noise_temper"]
 OPTIONS = {

@@ -11,7 +11,8 @@ import fxqat
 from fxqat import data
 from fxqat.models import get_model
 from fxqat.training.checkpoint import CheckpointError, atomic_save, load_checkpoint
-from fxqat.training.loop import TrainConfig, _optimizer, compute_loss, evaluate, fit, kd_loss, train_fp, train_qat
+from fxqat.training.loop import TrainConfig, _optimizer, compute_loss, evaluate, fit, kd_loss
+from fxqat.training.recipes import train_fp, train_qat
 
 
 @pytest.fixture(autouse=True)
