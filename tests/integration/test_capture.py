@@ -236,3 +236,31 @@ def test_timm_models_that_used_to_fail_prepare_with_one_quantizer_per_layer(name
     fxqat.set_quantization(qm, False)
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(qm.eval()(x), model(x))
+
+
+def test_registered_custom_weight_layer_is_quantized_in_eager_regions():
+    class Scale(nn.Module):  # y = x * w (elementwise), a user's own weight layer
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.linspace(-1.0, 1.0, 8).reshape(8, 1))
+
+        def forward(self, x):
+            return x * self.weight.t()
+
+    fxqat.register_weight_layer(Scale, compute=lambda m, x, w: x * w.t())
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = Scale()
+
+        def forward(self, x):
+            return self.scale(x) if x.sum() < 1e9 else x
+
+    x = torch.randn(3, 8)
+    qm = fxqat.prepare_qat(Root(), (x,), fxqat.QATConfig(w_bits=2, a_bits=None, first_last_layers=()))
+    assert fxqat.capture_report(qm).weight_layers == ("scale",)
+    qm.eval()
+    wq = qm.scale.fxqat_wq(qm.scale.weight)
+    assert torch.unique(wq).numel() <= 4  # 2-bit grid
+    assert torch.equal(qm(x), x * wq.t())  # the layer computes on the quantized weight, input unquantized
