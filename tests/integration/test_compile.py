@@ -32,10 +32,16 @@ def test_no_graph_breaks(hybrid):
 
 
 @pytest.mark.slow  # dynamo tracing: about 20 s a method on the shared 2-core machine
-@pytest.mark.parametrize("method", [m for m in fxqat.available_methods() if m not in ("grad", "lsq")])
+@pytest.mark.parametrize("method", [m for m in fxqat.available_methods() if m not in ("grad", "lsq", "dynamic")])
 def test_method_compiles_without_graph_breaks(method):
     """Flags, gradient factors and the noise-tempering clock are Python mirrors or tensors: one dynamo graph."""
     _assert_one_graph(fxqat.QATConfig(w_bits=4, a_bits=4, method=method))
+
+
+@pytest.mark.slow
+def test_8da4w_preset_compiles_without_graph_breaks():
+    """Per-token dynamic activations (method 'dynamic', activation-only) with per-group LSQ weights: one graph."""
+    _assert_one_graph(fxqat.QATConfig.preset("8da4w"))
 
 
 @pytest.mark.slow
