@@ -13,7 +13,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-__all__ = ["tiny_hf_model"]
+__all__ = ["tiny_hf_model", "char_llama", "CHAR_LLAMA"]
 
 _SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=128)
@@ -43,3 +43,25 @@ def tiny_hf_model(model_type: str, seq_len: int = 16, seed: int = 0) -> Tuple[nn
         model = transformers.AutoModel.from_config(cfg)
     ids = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(seed))
     return model, ids
+
+
+#: the LLM benchmark's model (../shared/docs/llm_benchmark.md): 804,224 parameters, 29 nn.Linear, 1 nn.Embedding
+CHAR_LLAMA = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+
+
+def char_llama(vocab_size: int = 65, seed: int = 0, **overrides) -> nn.Module:
+    """The character-level ``LlamaForCausalLM`` of the LLM benchmark, built after ``torch.manual_seed(seed)``.
+
+    Example:
+        >>> m = char_llama()  # doctest: +SKIP
+        >>> sum(p.numel() for p in m.parameters())  # doctest: +SKIP
+        804224
+    """
+    try:
+        import transformers
+    except ImportError as e:
+        raise ValueError("char_llama needs the optional extra: pip install 'fxqat[hf]'") from e
+    cfg = transformers.LlamaConfig(vocab_size=vocab_size, use_cache=False, **{**CHAR_LLAMA, **overrides})
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg)

@@ -19,9 +19,11 @@ import torch.nn as nn
 from fxqat.data import cache_dir
 from fxqat.training import distributed as ddp
 from fxqat.training.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from fxqat.models.hf import CHAR_LLAMA, char_llama
+from fxqat.training.lm import FP_RECIPE, LMRecipe, evaluate_lm, train_lm
 from fxqat.training.loop import TrainConfig, calibrate, evaluate, fit
 
-__all__ = ["fp_cache_dir", "train_fp", "train_qat"]
+__all__ = ["fp_cache_dir", "train_fp", "train_qat", "pretrained_char_llama"]
 
 log = logging.getLogger(__name__)
 
@@ -86,3 +88,34 @@ def train_qat(qm: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None
     params = list(get(qm)) if get is not None else None
     return fit(qm, train_loader, cfg, test_loader=test_loader, out_dir=out_dir, resume=resume, teacher=teacher,
                params=params, desc=desc, run_info=run_info, stop_after=stop_after, trusted=trusted)
+
+
+def pretrained_char_llama(corpus, recipe: LMRecipe = FP_RECIPE, *, seed: int = 0, cache: bool = True,
+                          progress: bool = True, n_val: int = 64, val_seed: int = 1337) -> Tuple[nn.Module, Dict]:
+    """The LLM benchmark's FP model: :func:`~fxqat.models.hf.char_llama` pre-trained with ``recipe`` on ``corpus``,
+    cached under ``fp_cache_dir()`` (keyed by the recipe, the model sizes and the corpus size).
+
+    Returns:
+        ``(model, info)`` with info ``{"val_loss", "path", "cached", "time_s", "steps"}``; ``val_loss`` is the mean over
+        ``n_val`` validation batches from ``val_seed``.
+    """
+    ident = {"model": CHAR_LLAMA, "vocab": corpus.vocab_size, "n_train": len(corpus.splits["train"]), "seed": seed,
+             "recipe": asdict(recipe)}
+    digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    path = fp_cache_dir() / f"char_llama-st{recipe.steps}-s{seed}-{digest}.pt"
+    model = char_llama(corpus.vocab_size, seed=seed)
+    if cache and path.exists():
+        try:
+            ck = load_checkpoint(path, required=("model", "val_loss"))
+            model.load_state_dict(ck["model"])
+            log.info("fxqat: FP char-Llama loaded from %s (val loss %.4f)", path, ck["val_loss"])
+            return model, {"val_loss": ck["val_loss"], "path": str(path), "cached": True, "time_s": ck["time_s"],
+                           "steps": recipe.steps}
+        except (CheckpointError, RuntimeError, KeyError) as e:
+            log.warning("fxqat: ignoring FP cache %s (%s); training again", path, e)
+    hist = train_lm(model, corpus, recipe, seed=0, progress=progress, desc="fp pre-train")
+    val = evaluate_lm(model, list(corpus.batches("val", n_val, recipe.batch_size, recipe.context, val_seed)))
+    if cache and ddp.is_main():
+        atomic_save({"model": model.state_dict(), "val_loss": val, "time_s": hist["time_s"]}, path)
+    return model, {"val_loss": val, "path": str(path), "cached": False, "time_s": hist["time_s"],
+                   "steps": recipe.steps}
