@@ -60,10 +60,10 @@ PRESET = {"8da4w": "8da4w", "int4": "int4_weight_only", "int3": "int3_weight_onl
 def profile(quick: bool) -> Dict[str, Any]:
     """Model sizes, recipes and evaluation sizes of the full run (the protocol) or of the smoke profile."""
     if not quick:
-        return {"model": {}, "fp": FP_RECIPE, "ft": FINETUNE_RECIPE, "n_val": 64, "n_curve": 8, "curve_every": 25}
+        return {"model": {}, "fp": FP_RECIPE, "ft": FINETUNE_RECIPE, "n_val": 64, "n_curve": 4, "curve_every": 50}
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=32)
-    fp = LMRecipe(steps=60, lr=3e-3, warmup=5, batch_size=8, context=32, seed_offset=0)
+    fp = LMRecipe(steps=300, lr=3e-3, warmup=20, batch_size=8, context=32, seed_offset=0)
     ft = LMRecipe(steps=6, lr=1e-4, warmup=2, batch_size=8, context=32)
     return {"model": small, "fp": fp, "ft": ft, "n_val": 4, "n_curve": 2, "curve_every": 3}
 
@@ -286,7 +286,7 @@ def markdown(payload: Dict[str, Any]) -> str:
         f"FP checkpoint: {fp['steps']} steps, validation loss **{fp['val_loss']:.4f}** (perplexity "
         f"{math.exp(fp['val_loss']):.3f}); fine-tuning: {payload['ft']['steps']} steps per arm "
         f"(lr {payload['ft']['lr']}), seeds {payload['aggregate']['seeds']}. Validation: {payload['n_val']} fixed "
-        "batches of 32×128, evaluated on each arm's converted model. lm_head and the embedding stay in FP in every "
+        f"batches of {payload['ft']['batch_size']}×{payload['ft']['context']}, evaluated on each arm's converted model. lm_head and the embedding stay in FP in every "
         "arm (torchao via `filter_fn`, fxqat presets by default).", "",
         "Recovery = 1 − (QAT − control) / (RTN(control) − control), per seed, where control is the FP fine-tune of the "
         "same seed. `kd_matched` is LSQ+KD given block replacement's wall time (more steps).", "",
@@ -342,7 +342,7 @@ def plot(payload: Dict[str, Any], path: Path) -> None:
             ax.axhline(rtn["val_loss"], ls=":", c="grey", label="rtn (PTQ)")
         ax.set_title(f"{setting} (seed {part['seed']})")
         ax.set_xlabel("fine-tuning step")
-        ax.set_ylabel("validation loss (8 batches, fake-quant)")
+        ax.set_ylabel(f"validation loss ({payload['n_curve']} batches)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -350,6 +350,11 @@ def plot(payload: Dict[str, Any], path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- main
+def default_out(quick: bool) -> Path:
+    """The committed results folder for the full run; ``runs/llm_quick`` for the smoke profile."""
+    return Path("runs/llm_quick") if quick else RESULTS
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke profile: tiny model, a few steps per arm")
@@ -365,9 +370,10 @@ def main(argv=None) -> int:
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("fxqat").setLevel(logging.WARNING)  # one capture line per eager module and arm otherwise
     torch.set_num_threads(args.threads)
     prof = profile(args.quick)
-    out = Path(args.out) if args.out else (Path("runs/llm_quick") if args.quick else RESULTS)
+    out = Path(args.out) if args.out else default_out(args.quick)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if args.ratios:
@@ -409,7 +415,8 @@ def write_report(out: Path, args, prof, t0: float) -> int:
     payload = {
         "machine": machine(), "threads": args.threads, "torchao": torchao.__version__, "quick": args.quick,
         "command": "python benchmarks/llm.py" + (" --quick" if args.quick else ""), "settings": settings,
-        "fp": parts[0]["fp"], "ft": prof["ft"].__dict__, "n_val": prof["n_val"], "parts": parts,
+        "fp": parts[0]["fp"], "ft": prof["ft"].__dict__, "n_val": prof["n_val"], "n_curve": prof["n_curve"],
+        "parts": parts,
         "wall_min": max(p.get("wall_s", 0.0) for p in parts) / 60.0 + (time.perf_counter() - t0) / 60.0,
         "aggregate": aggregate(parts), "step_ratios": json.loads(ratios_path.read_text()),
     }
