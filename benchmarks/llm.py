@@ -5,6 +5,7 @@ Per seed and setting, every arm starts from the same cached FP checkpoint and se
 
 * ``control``      FP fine-tune, no quantizers (separates extra training from QAT recovery)
 * ``rtn``          torchao RTN post-training quantization of the FP checkpoint (and of the control, for recovery)
+* ``ptq``          fxqat's quantizers calibrated on one batch and converted, no training (its MSE step-size init)
 * ``torchao_qat``  torchao ``quantize_(QATConfig(base, step="prepare"))`` → train → ``step="convert"``
 * ``lsq``          fxqat ``QATConfig.preset(...)`` (LSQ weights; per-token dynamic activations for 8da4w)
 * ``lsq_kd``       the same + KD to the frozen FP model's logits
@@ -52,7 +53,7 @@ from fxqat.training.recipes import pretrained_char_llama  # noqa: E402
 log = logging.getLogger("llm")
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = ("8da4w", "int4", "int3", "int2")
-ARMS = ("control", "rtn", "torchao_qat", "lsq", "lsq_kd", "br", "kd_matched")
+ARMS = ("control", "rtn", "ptq", "torchao_qat", "lsq", "lsq_kd", "br", "kd_matched")
 PRESET = {"8da4w": "8da4w", "int4": "int4_weight_only", "int3": "int3_weight_only", "int2": "int2_weight_only"}
 
 
@@ -185,6 +186,9 @@ class Runner:
             self._record(s + "rtn", {"val_loss": evaluate_lm(torchao_rtn(self.fp, setting), self.val), "steps": 0})
             self._record(s + "rtn_control", {"val_loss": evaluate_lm(torchao_rtn(self.control, setting), self.val),
                                              "steps": 0})
+        if "ptq" in arms:
+            qm = fxqat_prepare(self.fp, setting, self.x0, hybrid=False)
+            self._record(s + "ptq", {"val_loss": evaluate_lm(fxqat.convert(qm), self.val), "steps": 0})
         if "torchao_qat" in arms:
             m = torchao_qat_prepare(self.fp, setting)
             rec = self._train(m, f"{setting} torchao")
@@ -210,8 +214,7 @@ class Runner:
         qm = fxqat_prepare(self.fp, setting, self.x0, hybrid)
         rec = self._train(qm, f"{setting} {arm}", recipe=recipe, loss_fn=loss_fn,
                           params=fxqat.trainable_parameters(qm))
-        rec["val_loss_fakequant"] = evaluate_lm(qm, self.val)
-        rec["val_loss"] = evaluate_lm(fxqat.convert(qm), self.val)
+        rec["val_loss"] = evaluate_lm(fxqat.convert(qm), self.val)  # the fake-quantized values, baked in
         self._record(f"{setting}/{arm}", rec)
         return rec["time_s"]
 
@@ -296,8 +299,8 @@ def markdown(payload: Dict[str, Any]) -> str:
         lines += [f"## {setting}", "", "| arm | val loss per seed | mean ± sd | perplexity | recovery | steps | wall s "
                   "| step / FP step |", "|---|---|---|---|---|---|---|---|"]
         rows = [("fp (no fine-tune)", agg.get("fp")), ("control (FP fine-tune)", c)]
-        rows += [(arm, agg.get(f"{setting}/{arm}")) for arm in ("rtn", "rtn_control", "torchao_qat", "lsq", "lsq_kd",
-                                                                 "br", "kd_matched")]
+        rows += [(arm, agg.get(f"{setting}/{arm}")) for arm in ("rtn", "rtn_control", "ptq", "torchao_qat", "lsq",
+                                                                 "lsq_kd", "br", "kd_matched")]
         ratio_key = {"torchao_qat": "torchao_qat", "lsq": "fxqat_lsq", "lsq_kd": None, "br": "fxqat_br"}
         for name, row in rows:
             if row is None:
