@@ -25,7 +25,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fxqat.capture.eager_model import convert_eager, eager_blocks, is_eager_model, prepare_eager
 from fxqat.capture.shapes import propagate_shapes
 from fxqat.config import QATConfig
-from fxqat.passes.annotate import QMETA, annotate
+from fxqat.passes.annotate import annotate, is_weight_layer_node
 from fxqat.capture.layers import is_quantized_layer
 from fxqat.passes.insert_quant import CONTAINER, QROLE, OpaqueWeightQuant, insert_quant
 from fxqat.passes.normalize import normalize
@@ -131,7 +131,7 @@ def prepare_qat(
         qm.train(model.training)
         return qm
     annotate(gm, config)
-    n_layers = sum(1 for n in gm.graph.nodes if QMETA in n.meta)
+    n_layers = sum(1 for n in gm.graph.nodes if is_weight_layer_node(n))
     if n_layers == 0:
         log.warning("fxqat: %s has no conv/linear layer to quantize; the model is returned unchanged.",
                     type(model).__name__)
@@ -191,13 +191,14 @@ def find_blocks(
     config = config or QATConfig()
     h = config.hybrid or HybridConfig()
     if is_eager_model(model):
-        return eager_blocks(model)
+        return eager_blocks(model, h.cuts)
     try:
         gm = prepare_fp_graph(model, example_inputs, config, concrete_args=concrete_args)
     except TraceFailure:
-        return eager_blocks(prepare_qat(model, example_inputs, config.with_(hybrid=None)))
+        return eager_blocks(prepare_qat(model, example_inputs, config.with_(hybrid=None)), h.cuts)
     annotate(gm, config)
-    return partition(gm, lambda n: QMETA in n.meta, max_blocks=h.max_blocks, boundaries=h.boundaries)
+    return partition(gm, is_weight_layer_node, max_blocks=h.max_blocks, boundaries=h.boundaries,
+                     cuts="layers" if h.cuts == "layers" else "residual")
 
 
 def convert(qm: fx.GraphModule) -> fx.GraphModule:

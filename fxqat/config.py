@@ -226,6 +226,12 @@ class HybridConfig:
         seed: seed of the generator that samples paths.
         max_blocks: merge neighbouring blocks until at most this many remain (None = no limit).
         boundaries: module names whose outputs end a block (overrides automatic cut selection when given).
+        cuts: where blocks may end. ``"residual"``: at every residual boundary the module hierarchy allows (a
+            transformer block gives two blocks: attention and MLP); ``"layers"``: one block per layer of the model's
+            layer stack (an element of a ``ModuleList``/``Sequential``: one block per transformer block);
+            ``"auto"`` (default): ``"residual"`` for models whose root traces, ``"layers"`` for eager-root models
+            (Hugging Face), where ``"residual"`` also cuts inside each layer that is a graph region, at the residual
+            adds (attention, MLP); a layer that runs eagerly keeps one block (a warning names it).
         shared_suffix_grad: with ``partner="shared"`` only: ``False`` (default) runs the FP suffix of each path on
             detached views of the latent weights (same storage, no copy), so a loss on path i reaches LP blocks
             ``<= i`` only, as with a frozen partner; ``True`` lets it also train the weights of the blocks after i
@@ -247,8 +253,11 @@ class HybridConfig:
     max_blocks: Optional[int] = None
     boundaries: Tuple[str, ...] = ()
     shared_suffix_grad: bool = False
+    cuts: Literal["auto", "layers", "residual"] = "auto"
 
     def __post_init__(self) -> None:
+        if self.cuts not in ("auto", "layers", "residual"):
+            raise ValueError(f"HybridConfig.cuts={self.cuts!r}: use 'auto', 'layers' or 'residual'.")
         if self.shared_suffix_grad and self.partner != "shared":
             raise ValueError(
                 f"HybridConfig.shared_suffix_grad=True needs partner='shared' (got partner={self.partner!r}): a frozen "
@@ -299,6 +308,10 @@ class QATConfig:
         group_size: elements per weight group with ``w_granularity="per_group"``.
         a_granularity: ``"per_tensor"`` (static, learned range) or ``"per_token"`` (dynamic per-token asymmetric,
             always method ``"dynamic"``, whatever ``method``/``a_method`` say).
+        quantize_matmuls: also quantize both operands of products of two activations where they sit in a graph
+            region: attention's ``Q @ K^T`` and ``P @ V`` (``torch.matmul``, ``torch.bmm``, ``@``) and the query, key
+            and value of ``F.scaled_dot_product_attention`` (its softmax stays in floating point). Off by default;
+            needs ``a_bits``. Overrides match the module the product is written in. See :mod:`fxqat.passes.matmuls`.
 
     Presets (:meth:`preset`) build the usual LLM recipes.
 
@@ -326,6 +339,7 @@ class QATConfig:
     group_size: Optional[int] = None
     a_granularity: str = "per_tensor"
     first_last_layers: Tuple[str, ...] = ("first", "last")
+    quantize_matmuls: bool = False
 
     def __post_init__(self) -> None:
         _check_bits("QATConfig", "w_bits", self.w_bits)
@@ -355,6 +369,11 @@ class QATConfig:
             raise ValueError(
                 f"QATConfig.w_granularity={self.w_granularity!r}: use 'per_tensor', 'per_channel' or 'per_group'."
             )
+        if not isinstance(self.quantize_matmuls, bool):
+            raise ValueError(f"QATConfig.quantize_matmuls={self.quantize_matmuls!r}: use True or False.")
+        if self.quantize_matmuls and self.a_bits is None:
+            raise ValueError("QATConfig(quantize_matmuls=True, a_bits=None): matmul operands are activations; give "
+                             "a_bits (e.g. a_bits=8) or drop quantize_matmuls.")
         if self.a_granularity not in ("per_tensor", "per_token"):
             raise ValueError(f"QATConfig.a_granularity={self.a_granularity!r}: use 'per_tensor' or 'per_token'.")
         if self.per_channel and self.w_granularity not in (None, "per_channel"):

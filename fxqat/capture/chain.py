@@ -74,11 +74,13 @@ def find_chain(
 
 @dataclass(frozen=True)
 class ChainCut:
-    """Where block ``index`` ends: the output of chain layer ``layer`` (``kind="out"``) or its input (``"in"``)."""
+    """Where block ``index`` ends: the output of chain layer ``layer`` (``kind="out"``), its input (``"in"``), or
+    the node ``node`` inside its graph (``"inside"``, :mod:`fxqat.capture.inner_cuts`)."""
 
     index: int
     layer: str
     kind: str
+    node: str = ""
 
 
 def chain_blocks(

@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from fxqat.capture.chain import ChainCut
+from fxqat.capture.inner_cuts import insert_tap, remove_taps, suffix_runner
 from fxqat.config import HybridConfig
 from fxqat.graph.blocks import Block
 from fxqat.hybrid_output import HybridOutput, select_paths
@@ -58,6 +59,10 @@ class ReplayMixin:
         out, inp = self.__dict__.get("_fxqat_replay_out"), self.__dict__.get("_fxqat_replay_in")
         if out is not None:
             return out
+        suffix = self.__dict__.get("_fxqat_replay_suffix")
+        if suffix is not None:  # the rest of the layer from a recorded activation inside it
+            run, h = suffix
+            return run(h)
         if inp is not None:
             if args:
                 args = (inp, *args[1:])
@@ -65,10 +70,13 @@ class ReplayMixin:
                 kwargs = {**kwargs, next(iter(kwargs)): inp}
         return super().forward(*args, **kwargs)
 
-    def set_replay(self, output: Any = None, first_input: Optional[torch.Tensor] = None) -> None:
-        """Replay ``output`` (skip the layer) or feed ``first_input``; both None: run normally."""
+    def set_replay(self, output: Any = None, first_input: Optional[torch.Tensor] = None,
+                   suffix: Optional[Tuple[Callable[[Any], Any], Any]] = None) -> None:
+        """Replay ``output`` (skip the layer), feed ``first_input``, or return ``run(h)`` for ``suffix=(run, h)``
+        (the layer from a cut inside it); all None: run normally."""
         self.__dict__["_fxqat_replay_out"] = output
         self.__dict__["_fxqat_replay_in"] = first_input
+        self.__dict__["_fxqat_replay_suffix"] = suffix
 
 
 _REPLAY_CLASSES: Dict[type, type] = {}
@@ -111,6 +119,7 @@ def remove_hybrid(model: nn.Module) -> nn.Module:
         for hooks, fn in ((m._forward_hooks, record_output_hook), (m._forward_pre_hooks, record_input_hook)):
             for key in [k for k, h in hooks.items() if h is fn]:
                 del hooks[key]
+    remove_taps(model)
     if "fxqat_partner" in model._modules:
         del model._modules["fxqat_partner"]
     model.__dict__.pop("fxqat_hybrid_ctrl", None)
@@ -135,6 +144,13 @@ class EagerHybrid:
             layer.__dict__[_RECORDER] = (self, name)
             layer.register_forward_hook(record_output_hook)
         model.get_submodule(self.layers[0]).register_forward_pre_hook(record_input_hook)
+        self.suffixes: Dict[str, Callable[[Any], Any]] = {}
+        for cut in self.cuts:  # cuts inside a layer: record there in the LP layer, run the partner's rest of it
+            if cut.kind == "inside":
+                key = f"{cut.layer}:{cut.node}"
+                lp_layer = model.get_submodule(cut.layer)
+                insert_tap(lp_layer, cut.node, self, key)
+                self.suffixes[key] = suffix_runner(partner.get_submodule(cut.layer), lp_layer, cut.node)
 
     @property
     def n_paths(self) -> int:
@@ -162,10 +178,13 @@ class EagerHybrid:
         stop = self.layers.index(cut.layer)
         try:
             for j, name in enumerate(self.layers):
-                if cut.kind == "out" and j <= stop:
+                if (cut.kind == "out" and j <= stop) or (cut.kind == "inside" and j < stop):
                     self.replays[name].set_replay(output=record[name])
                 elif cut.kind == "in" and j == stop:
                     self.replays[name].set_replay(first_input=record["<input>"])
+                elif cut.kind == "inside" and j == stop:
+                    key = f"{cut.layer}:{cut.node}"
+                    self.replays[name].set_replay(suffix=(self.suffixes[key], record[key]))
             return self._partner_call(model, args, kwargs)
         finally:
             for rep in self.replays.values():

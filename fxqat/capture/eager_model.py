@@ -27,6 +27,7 @@ from torch import nn
 
 from fxqat.capture.chain import chain_blocks, find_chain
 from fxqat.capture.eager_hybrid import make_eager_hybrid, remove_hybrid
+from fxqat.capture.inner_cuts import refine
 from fxqat.capture.hierarchy import CAPTURE_ATTR, CaptureReport, Region, capture_eager
 from fxqat.capture.layers import WEIGHT_QUANT, is_quantized_layer
 from fxqat.capture.record import record_calls
@@ -40,7 +41,8 @@ from fxqat.quantizers.base import Quantizer
 __all__ = ["prepare_eager", "eager_blocks", "convert_eager", "is_eager_model", "capture_report", "BLOCKS_ATTR"]
 
 log = logging.getLogger(__name__)
-BLOCKS_ATTR = "fxqat_blocks"
+BLOCKS_ATTR = "fxqat_blocks"  # (layer-chain blocks, their cuts, the chain layers)
+CUTS_ATTR = "fxqat_cuts"  # the HybridConfig.cuts block replacement was prepared with: "layers" or "residual"
 
 
 def is_eager_model(model: nn.Module) -> bool:
@@ -125,7 +127,11 @@ def prepare_eager(
         log.warning("fxqat: %s has no weight layer to quantize; the model is returned unchanged.",
                     type(model).__name__)
     blocks, cuts = _partition(model, recorded[0], chain)
-    model.__dict__[BLOCKS_ATTR] = tuple(blocks)
+    model.__dict__[BLOCKS_ATTR] = (tuple(blocks), tuple(cuts), chain[1] if chain else ())
+    mode = config.hybrid.cuts if config.hybrid is not None else "auto"
+    model.__dict__[CUTS_ATTR] = "layers" if mode == "auto" else mode
+    if mode == "residual" and chain is not None:
+        blocks, cuts = refine(model, blocks, cuts, chain[1])
     if config.hybrid is not None:
         if chain is None:
             raise ValueError(
@@ -137,9 +143,22 @@ def prepare_eager(
     return model
 
 
-def eager_blocks(model: nn.Module) -> List[Block]:
-    """The blocks of a model prepared by :func:`prepare_eager`."""
-    return list(model.__dict__.get(BLOCKS_ATTR, ()))
+def eager_blocks(model: nn.Module, cuts: str = "auto") -> List[Block]:
+    """The blocks of a model prepared by :func:`prepare_eager`.
+
+    Args:
+        model: the prepared eager-root model.
+        cuts: ``"layers"`` (one block per chain layer), ``"residual"`` (also cut inside the layers that are graph
+            regions, :func:`fxqat.capture.inner_cuts.refine`) or ``"auto"``: what block replacement of ``model`` uses
+            (the ``HybridConfig.cuts`` it was prepared with; ``"layers"`` without block replacement).
+    """
+    blocks, chain_cuts, layers = model.__dict__.get(BLOCKS_ATTR, ((), (), ()))
+    mode = model.__dict__.get(CUTS_ATTR, "layers") if cuts == "auto" else cuts
+    if mode not in ("layers", "residual"):
+        raise ValueError(f"eager_blocks: cuts={cuts!r}; use 'auto', 'layers' or 'residual'.")
+    if mode == "residual" and layers:
+        return refine(model, blocks, chain_cuts, layers)[0]
+    return list(blocks)
 
 
 @torch.no_grad()
@@ -148,6 +167,7 @@ def convert_eager(qm: nn.Module) -> nn.Module:
     values (weight quantizers then disabled), activation quantizers kept, everything frozen in eval mode."""
     lp = remove_hybrid(copy.deepcopy(qm))
     lp.__dict__.pop(BLOCKS_ATTR, None)
+    lp.__dict__.pop(CUTS_ATTR, None)
     if "fxqat_step" in lp._buffers:
         del lp._buffers["fxqat_step"]
     lp.eval()

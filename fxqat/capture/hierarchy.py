@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -42,6 +43,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from fxqat.capture.inner_cuts import FP_GRAPH
 from fxqat.capture.layers import quantize_layer
 from fxqat.capture.record import Call, record_calls
 from fxqat.capture.region import GraphRegion, Unbindable, trace_region
@@ -177,7 +179,9 @@ class _Capturer:
                 if not foreign:  # a foreign weight layer is quantized in place but belongs to this graph region
                     inner.append(full)
         annotate(region, self.config, prefix=name + ".", first_last_names=self.first_last)
-        insert_quant(region, self.config)
+        if name in self.force_leaves:  # a chain layer: its FP graph gives cuts inside it (HybridConfig.cuts)
+            region.meta[FP_GRAPH] = copy.deepcopy(region.graph)
+        insert_quant(region, self.config, prefix=name + ".")
         region.train(child.training)
         return region, tuple(inner)
 

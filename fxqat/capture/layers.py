@@ -101,6 +101,7 @@ def quantize_layer(
     if wq is None:
         wq = make_quantizer(wspec)
         wq.weight_target = f"{name}.{entry.weight}" if name else entry.weight
+        wq.weight_layer = name
     module.add_module(WEIGHT_QUANT, wq)
     module.add_module(ACT_QUANT, make_quantizer(aspec) if aspec is not None else None)
     module.__class__ = _quant_class(type(module), entry)

@@ -59,8 +59,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 import torch.fx as fx
 
 from fxqat.graph.dominance import cut_nodes
-from fxqat.graph.merge import StackEntry, flat_groups, merge_cheapest, split_at, structural_groups
-from fxqat.graph.modinfo import block_params, default_is_quantized, node_stack
+from fxqat.graph.merge import StackEntry, flat_groups, layer_groups, merge_cheapest, split_at, structural_groups
+from fxqat.graph.modinfo import block_params, default_is_quantized, input_free_nodes, layer_owners, node_stack
 from fxqat.graph.nxview import dead_nodes, free_nodes, path_nodes, to_networkx
 
 __all__ = ["Block", "partition", "summary_table", "META_KEY"]
@@ -84,7 +84,11 @@ class Block:
         nodes: fx node names in topological (graph) order.
         entry: the node whose tensor enters the block: the previous block's exit, or the first placeholder.
         exit: the cut node ending the block (the last block: see the module docstring).
-        modules: qualified names of the submodules called in the block, in call order, without repeats.
+        modules: qualified names of the submodules the block runs, in call order, without repeats: the modules it
+            calls, the weight layers inside a called leaf module (one the tracer did not enter), and the module that
+            holds the weight of a functional layer (``F.conv2d`` on a ``StdConv2d``'s standardised weight, ``F.linear``
+            in a ``Linear`` subclass): see :func:`fxqat.graph.modinfo.layer_owners`. Every weight layer the graph
+            runs is thus in the ``modules`` of exactly the block that computes it.
     """
 
     name: str
@@ -112,6 +116,7 @@ def partition(
     boundaries: Sequence[str] = (),
     *,
     structural: bool = True,
+    cuts: str = "residual",
 ) -> List[Block]:
     """Splits a traced model into blocks with one entry and one exit tensor each (see the module docstring).
 
@@ -125,6 +130,9 @@ def partition(
             node. They take precedence over the ``is_quantized`` rule.
         structural: follow the module hierarchy when merging (:func:`fxqat.graph.merge.structural_groups`);
             ``False`` uses only the ``is_quantized`` rule (:func:`fxqat.graph.merge.flat_groups`).
+        cuts: ``"residual"`` keeps every cut the grouping chose; ``"layers"`` then merges the groups inside each layer
+            of a ``ModuleList``/``Sequential`` stack (:func:`fxqat.graph.merge.layer_groups`): one block per
+            transformer block instead of one for its attention and one for its MLP.
 
     Returns:
         The blocks in order; ``[]`` when the graph computes nothing.
@@ -141,6 +149,8 @@ def partition(
         >>> partition(fx.symbolic_trace(mlp), boundaries=["1"])[0].modules
         ('0', '1')
     """
+    if cuts not in ("residual", "layers"):
+        raise ValueError(f"partition: cuts={cuts!r}; use 'residual' or 'layers'.")
     pred = is_quantized if is_quantized is not None else default_is_quantized
     nodes = list(gm.graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
@@ -149,7 +159,7 @@ def partition(
     output = next(n for n in nodes if n.op == "output")
     view = to_networkx(gm.graph)
     on_path, free, dead = path_nodes(view), free_nodes(view), dead_nodes(view)
-    cuts = set(cut_nodes(view)) - {n.name for n in placeholders} - {output.name}
+    cut_set = set(cut_nodes(view)) - {n.name for n in placeholders} - {output.name}
     compute = [n for n in nodes if n.op not in ("placeholder", "output")]
     if not compute:
         return []
@@ -160,14 +170,14 @@ def partition(
     for n in compute:
         if n.name in on_path:
             current.append(n)
-            if n.name in cuts:
+            if n.name in cut_set:
                 segs.append(current)
                 seg_exit.append(n.name)
                 current = []
     if current or not segs:
         segs.append(current)
         seg_exit.append(output.name)
-    log.debug("%d cut nodes, %d segments", len(cuts), len(segs))
+    log.debug("%d cut nodes, %d segments", len(cut_set), len(segs))
 
     stacks = {n: node_stack(n, gm) for n in compute}
     qflags = [[bool(pred(n)) for n in seg] for seg in segs]
@@ -175,6 +185,8 @@ def partition(
         groups = structural_groups([[stacks[n] for n in seg] for seg in segs], qflags)
     else:
         groups = flat_groups([any(flags) for flags in qflags])
+    if cuts == "layers":
+        groups = layer_groups(groups, [[stacks[n] for n in seg] for seg in segs])
     forced = _boundary_segments(boundaries, compute, on_path, stacks, seg_exit, output.name)
     groups = split_at(groups, forced)
     if max_blocks is not None:
@@ -198,11 +210,15 @@ def partition(
             block_of[n] = min(users, default=0)
 
     blocks = []
+    input_free = input_free_nodes(gm.graph)
     for b, group in enumerate(groups):
         members = [n for n in compute if block_of[n] == b]
         for n in members:
             n.meta[META_KEY] = b
-        modules = tuple(dict.fromkeys(str(n.target) for n in members if n.op == "call_module"))
+        modules = tuple(dict.fromkeys(
+            owner for n in members if n.op == "call_module" or (n.op != "get_attr" and (default_is_quantized(n) or pred(n)))
+            for owner in layer_owners(n, gm, input_free)
+        ))
         entry = placeholders[0].name if b == 0 else seg_exit[groups[b - 1][-1]]
         blocks.append(Block("", b, tuple(n.name for n in members), entry, seg_exit[group[-1]], modules))
     names = _names(blocks, compute, stacks, block_of, pred)

@@ -23,6 +23,11 @@ with a quantized node starts a new group. A piece without one
 **Flat grouping** (``structural=False``): the same rule over the segments alone: each segment with a quantized node
 starts a group, the others join the previous group (leading ones the first).
 
+**Layers** (``cuts="layers"``, :func:`layer_groups`): a *layer* is a call of a module with submodules, held in a
+``ModuleList``/``Sequential`` (a transformer block in ``blocks``, a ResNet block in ``layer1``). Two neighbouring
+groups are merged when the segments on both sides of their boundary lie in the same layers (no layer begins or
+ends there): a transformer block, cut by default after its attention and after its MLP, becomes one group.
+
 **Boundaries and max_blocks** (:func:`split_at`, :func:`merge_cheapest`): forced block ends split groups (they win over
 the "one quantized layer per block" rule); ``max_blocks`` then merges the adjacent pair with the smallest summed
 cost, never across a forced end.
@@ -40,7 +45,7 @@ import logging
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Set, Tuple
 
-__all__ = ["StackEntry", "flat_groups", "structural_groups", "split_at", "merge_cheapest"]
+__all__ = ["StackEntry", "flat_groups", "structural_groups", "layer_groups", "split_at", "merge_cheapest"]
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +198,50 @@ def structural_groups(
 
     lead, groups, trail = _merge_tokens(level((), 0, n - 1)) if n else ([], [], [])
     return _close(lead, groups, trail, n)
+
+
+def layer_groups(
+    groups: Sequence[Sequence[int]], seg_stacks: Sequence[Sequence[Tuple[StackEntry, ...]]],
+) -> List[List[int]]:
+    """Merges neighbouring groups whose boundary falls inside a layer (see *Layers* in the module docstring).
+
+    Args:
+        groups: consecutive segment indices (what :func:`structural_groups` returns).
+        seg_stacks: per segment, the module stack of each of its nodes.
+
+    Example:
+        >>> e = lambda p, c="m.Block": StackEntry(p, p, c)
+        >>> seq = "torch.nn.modules.container.Sequential"
+        >>> layer = lambda i, part: (e("blocks", seq), e(f"blocks.{i}"), e(f"blocks.{i}.{part}", "m.Linear"))
+        >>> stacks = [[(e("stem", "m.Linear"),)], [layer(0, "attn")], [layer(0, "mlp")], [layer(1, "attn")],
+        ...           [layer(1, "mlp")]]
+        >>> layer_groups([[0], [1], [2], [3], [4]], stacks)
+        [[0], [1, 2], [3, 4]]
+    """
+    composite = set()
+    for stacks in seg_stacks:
+        for stack in stacks:
+            for depth in range(1, len(stack)):
+                composite.add(tuple(entry.key for entry in stack[:depth]))
+
+    def layers_of(seg: int) -> frozenset:
+        found = set()
+        for stack in seg_stacks[seg]:
+            for d in range(1, len(stack)):
+                uid = tuple(entry.key for entry in stack[: d + 1])
+                if stack[d - 1].cls in GENERIC_CONTAINERS and stack[d].cls not in GENERIC_CONTAINERS and uid in composite:
+                    found.add(uid)
+        return frozenset(found)
+
+    out: List[List[int]] = []
+    for group in groups:
+        if out and group and out[-1]:
+            left, right = layers_of(out[-1][-1]), layers_of(group[0])
+            if left and left == right:
+                out[-1] += list(group)
+                continue
+        out.append(list(group))
+    return out
 
 
 def split_at(groups: Sequence[Sequence[int]], forced: Set[int]) -> List[List[int]]:

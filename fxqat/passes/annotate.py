@@ -11,6 +11,11 @@ A *quantized layer* is one of
 * ``"opaque"``: a leaf ``call_module`` whose descendants hold conv/linear weights (``nn.MultiheadAttention``, modules
   the tracer could not enter): those weights are quantized by substitution, the module's own code still runs.
 
+With ``config.quantize_matmuls``, products of two activations (attention's ``Q @ K^T``, ``P @ V``,
+``scaled_dot_product_attention``; :mod:`fxqat.passes.matmuls`) are annotated too, style ``"matmul"``: no weight, an
+activation spec for each operand; they are not weight layers (no first/last policy, no gradient quantizer, not
+counted by the block partition).
+
 The weights of each layer and the activation it reads (its first argument) get :class:`~fxqat.config.QuantSpec`s.
 First/last policy: the first and last quantized layer in topological order (those named by
 ``config.first_last_layers``) use ``config.first_last`` bits (or stay FP when it is None). With
@@ -37,16 +42,19 @@ import operator
 from dataclasses import dataclass
 from typing import Collection, Dict, List, Optional, Tuple, Union
 
-import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from fxqat.config import Override, QATConfig, QuantSpec
+from fxqat.graph.modinfo import input_free_nodes, parameter_sources
+from fxqat.passes.matmuls import matmul_inputs
+from fxqat.passes.signedness import is_float_tensor, producer_unsigned
 from fxqat.layer_registry import weight_layer_entry
 from fxqat.quantizers.base import Quantizer
 
-__all__ = ["LayerQuant", "annotate", "annotated_layers", "layer_style", "QMETA", "WEIGHT_FUNCTIONS"]
+__all__ = ["LayerQuant", "annotate", "annotated_layers", "is_weight_layer_node", "layer_style", "QMETA",
+           "WEIGHT_FUNCTIONS"]
 
 QMETA = "fxqat.qspec"
 
@@ -57,17 +65,6 @@ WEIGHT_FUNCTIONS = {
     F.linear: 1, F.conv1d: 1, F.conv2d: 1, F.conv3d: 1,
     F.conv_transpose1d: 1, F.conv_transpose2d: 1, F.conv_transpose3d: 1,
 }
-_UNSIGNED_FUNCS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.softmax, torch.softmax, F.hardsigmoid}
-_UNSIGNED_METHODS = {"relu", "relu_", "sigmoid", "softmax"}
-_UNSIGNED_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid)
-_PASS_FUNCS = {torch.flatten, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool2d, F.adaptive_avg_pool2d,
-               F.adaptive_max_pool2d, F.dropout, torch.cat, operator.getitem, torch.mean}
-_PASS_METHODS = {"view", "reshape", "flatten", "mean", "permute", "transpose", "contiguous", "squeeze", "unsqueeze"}
-_PASS_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d, nn.Flatten,
-                 nn.Dropout, nn.Identity)
-
-
 _NOT_LAYERS = {getattr, operator.getitem, len}
 
 
@@ -82,6 +79,8 @@ class LayerQuant:
             (module) or a parameter path inside the opaque module.
         act: the spec of the layer's input activation, or None to leave it in FP.
         first_last: the layer got its bits from the ``first_last`` policy (its gradient quantizer follows it).
+        inputs: further activation inputs ``(argument position, spec)`` after the first (style ``"matmul"``: the
+            second operand of ``Q @ K^T``, the key and value of ``scaled_dot_product_attention``).
     """
 
     style: str
@@ -89,6 +88,7 @@ class LayerQuant:
     weights: Tuple[Tuple[Union[int, str], QuantSpec], ...]
     act: Optional[QuantSpec]
     first_last: bool = False
+    inputs: Tuple[Tuple[int, QuantSpec], ...] = ()
 
 
 def _check_groups(gm: fx.GraphModule, owner: str, where, spec: QuantSpec, style: str, node: fx.Node) -> None:
@@ -173,40 +173,12 @@ def _owner(gm: fx.GraphModule, node: fx.Node) -> str:
     w = node.args[pos[0]] if pos and len(node.args) > pos[0] else node.kwargs.get("weight")
     if isinstance(w, fx.Node) and w.op == "get_attr":
         return str(w.target).rpartition(".")[0]
+    if isinstance(w, fx.Node):  # a transformed weight (weight standardisation): the module holding the parameter
+        owners = {p.rpartition(".")[0] for p in parameter_sources(w, gm)}
+        if len(owners) == 1:
+            return owners.pop()
     stack = node.meta.get("nn_module_stack") or {}
     return next(reversed(stack), "") if stack else ""
-
-
-def _producer_unsigned(gm: fx.GraphModule, node: fx.Node, depth: int = 0) -> Optional[bool]:
-    """True when ``node`` is known non-negative (ReLU-like, possibly through shape/pool ops); None when unknown."""
-    if depth > 16 or not isinstance(node, fx.Node):
-        return None
-    inputs = [a for a in node.all_input_nodes]
-    if node.op == "call_function":
-        if node.target in _UNSIGNED_FUNCS:
-            return True
-        if node.target in _PASS_FUNCS and inputs:
-            res = [_producer_unsigned(gm, a, depth + 1) for a in inputs if a.op != "get_attr"]
-            return True if res and all(r is True for r in res) else None
-    elif node.op == "call_method":
-        if node.target in _UNSIGNED_METHODS:
-            return True
-        if node.target in _PASS_METHODS and inputs:
-            return _producer_unsigned(gm, inputs[0], depth + 1)
-    elif node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        if isinstance(mod, _UNSIGNED_MODULES):
-            return True
-        if isinstance(mod, _PASS_MODULES) and inputs:
-            return _producer_unsigned(gm, inputs[0], depth + 1)
-    return None
-
-
-def _is_float_tensor(node: fx.Node) -> bool:
-    meta = node.meta.get("tensor_meta")
-    if meta is None:
-        return True  # no shape information: assume a float tensor
-    return hasattr(meta, "dtype") and meta.dtype.is_floating_point
 
 
 def annotate(
@@ -262,19 +234,61 @@ def annotate(
         weights = tuple((w, wspec) for w in where)
         act = None
         x = node.args[0] if node.args else None
-        if config.a_bits is not None and isinstance(x, fx.Node) and _is_float_tensor(x):
+        if config.a_bits is not None and isinstance(x, fx.Node) and is_float_tensor(x):
             if ov is not None and ov.act_signed is not None:
                 signed: Optional[bool] = ov.act_signed
             elif config.act_signed != "auto":
                 signed = bool(config.act_signed)
             else:
-                signed = False if _producer_unsigned(gm, x) else None
+                signed = False if producer_unsigned(gm, x) else None
             try:
                 act = config.spec_for("act", bits=a_bits, method=method, signed=signed)
             except ValueError as e:
                 raise ValueError(f"layer {owner or node.name!r}: {e}") from None
         node.meta[QMETA] = LayerQuant(style=style, owner=owner, weights=weights, act=act, first_last=by_policy)
+    if config.quantize_matmuls and config.a_bits is not None:
+        _annotate_matmuls(gm, config, prefix)
     return gm
+
+
+def _act_spec(gm: fx.GraphModule, x: fx.Node, config: QATConfig, ov: Optional[Override], owner: str) -> QuantSpec:
+    if ov is not None and ov.act_signed is not None:
+        signed: Optional[bool] = ov.act_signed
+    elif config.act_signed != "auto":
+        signed = bool(config.act_signed)
+    else:
+        signed = False if producer_unsigned(gm, x) else None
+    try:
+        return config.spec_for("act", bits=ov.a_bits if ov and ov.a_bits else None, method=ov.method if ov else None,
+                               signed=signed)
+    except ValueError as e:
+        raise ValueError(f"layer {owner!r}: {e}") from None
+
+
+def _annotate_matmuls(gm: fx.GraphModule, config: QATConfig, prefix: str) -> None:
+    """Style ``"matmul"``: both operands of activation products (:mod:`fxqat.passes.matmuls`) get act quantizers."""
+    free = input_free_nodes(gm.graph)
+    for node in gm.graph.nodes:
+        positions = matmul_inputs(node, free)
+        if not positions or QMETA in node.meta:
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        last = next(reversed(stack.values())) if stack else ("", None)
+        owner = str(last[0] if isinstance(last, tuple) else next(reversed(stack)))
+        ov = config.override_for(prefix + owner, None)
+        if ov is not None and ov.skip:
+            continue
+        specs = tuple((i, _act_spec(gm, node.args[i], config, ov, owner or node.name)) for i in positions
+                      if is_float_tensor(node.args[i]))
+        if len(specs) != len(positions):
+            continue
+        node.meta[QMETA] = LayerQuant(style="matmul", owner=owner, weights=(), act=specs[0][1], inputs=specs[1:])
+
+
+def is_weight_layer_node(node: fx.Node) -> bool:
+    """Whether ``annotate`` marked ``node`` as a quantized weight layer (the block partition's granularity)."""
+    lq = node.meta.get(QMETA)
+    return lq is not None and bool(lq.weights)
 
 
 def annotated_layers(gm: fx.GraphModule) -> Dict[fx.Node, LayerQuant]:

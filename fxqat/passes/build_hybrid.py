@@ -41,7 +41,7 @@ from torch import nn
 
 from fxqat.config import HybridConfig, QATConfig
 from fxqat.hybrid_output import HybridOutput, select_paths
-from fxqat.passes.annotate import QMETA
+from fxqat.passes.annotate import is_weight_layer_node
 from fxqat.graph.subgraph import OUTPUT, extract, view
 from fxqat.trace import _adopt_hierarchy
 
@@ -56,7 +56,8 @@ def mark_cuts(gm: fx.GraphModule, config: QATConfig) -> fx.Graph:
     from fxqat.graph.blocks import partition
 
     h = config.hybrid
-    blocks = partition(gm, lambda n: QMETA in n.meta, max_blocks=h.max_blocks, boundaries=h.boundaries)
+    blocks = partition(gm, is_weight_layer_node, max_blocks=h.max_blocks, boundaries=h.boundaries,
+                       cuts="layers" if h.cuts == "layers" else "residual")
     if len(blocks) < 2:
         raise ValueError(
             f"block replacement needs at least 2 blocks, but {type(gm).__name__} has {len(blocks)}: its graph has no "

@@ -123,9 +123,10 @@ class _Namer:
         return f"{CONTAINER}.{name}"
 
 
-def _quantizer(spec: QuantSpec, target: Optional[str]) -> nn.Module:
+def _quantizer(spec: QuantSpec, target: Optional[str], layer: Optional[str] = None) -> nn.Module:
     q = make_quantizer(spec)
     q.weight_target = target  # qualified parameter name for weight quantizers (read by TALR), else None
+    q.weight_layer = layer  # qualified name of the layer (module) whose weight it quantizes, else None
     return q
 
 
@@ -135,14 +136,17 @@ def _weight_arg(node: fx.Node, pos) -> Tuple[Optional[fx.Node], bool]:
     return node.kwargs.get("weight"), False
 
 
-def _rewrite_module_layer(gm: fx.GraphModule, node: fx.Node, namer: _Namer, spec: QuantSpec, wq_cache) -> fx.Node:
+def _rewrite_module_layer(
+    gm: fx.GraphModule, node: fx.Node, namer: _Namer, spec: QuantSpec, wq_cache, prefix: str = "",
+) -> fx.Node:
     mod = gm.get_submodule(node.target)
     g = gm.graph
     with g.inserting_before(node):
         key = (f"{node.target}.weight", spec)
         if key not in wq_cache:
             w = g.get_attr(f"{node.target}.weight")
-            qname = namer.add(f"w_{_safe(node.target)}", _quantizer(spec, f"{node.target}.weight"))
+            wq_q = _quantizer(spec, f"{node.target}.weight", prefix + str(node.target))
+            qname = namer.add(f"w_{_safe(node.target)}", wq_q)
             wq_cache[key] = g.call_module(qname, (w,))
             wq_cache[key].meta[QROLE] = "weight"
         wq = wq_cache[key]
@@ -166,8 +170,13 @@ def _rewrite_module_layer(gm: fx.GraphModule, node: fx.Node, namer: _Namer, spec
     return new
 
 
-def insert_quant(gm: fx.GraphModule, config: QATConfig) -> fx.GraphModule:
-    """Insert the quantizers ``annotate`` decided on (in place; returns ``gm``)."""
+def insert_quant(gm: fx.GraphModule, config: QATConfig, prefix: str = "") -> fx.GraphModule:
+    """Insert the quantizers ``annotate`` decided on (in place; returns ``gm``).
+
+    ``prefix`` is the qualified name of ``gm`` inside the user's model (``"model.layers.0."`` for a graph region):
+    each weight quantizer's ``weight_layer`` is the layer's qualified name in the user's model (``weight_target``
+    stays relative to ``gm``, where the parameter is read).
+    """
     namer = _Namer(gm)
     g = gm.graph
     layers: List[Tuple[fx.Node, LayerQuant]] = [(n, n.meta[QMETA]) for n in g.nodes if QMETA in n.meta]
@@ -175,20 +184,22 @@ def insert_quant(gm: fx.GraphModule, config: QATConfig) -> fx.GraphModule:
     act_cache: Dict = {}
     outputs: List[Tuple[fx.Node, LayerQuant]] = []
     for node, lq in layers:
-        # ---- activation (first argument), one quantizer per distinct (tensor, spec)
-        if lq.act is not None:
-            x = node.args[0]
-            key = (x, lq.act)
+        # ---- activations (first argument, and the other operands of a matmul), one quantizer per (tensor, spec)
+        for pos, spec in ((0, lq.act), *lq.inputs) if lq.act is not None else ():
+            x = node.args[pos]
+            key = (x, spec)
             if key not in act_cache:
                 with g.inserting_before(node):
-                    qname = namer.add(f"a_{_safe(x.name)}", _quantizer(lq.act, None))
+                    qname = namer.add(f"a_{_safe(x.name)}", _quantizer(spec, None))
                     act_cache[key] = g.call_module(qname, (x,))
                     act_cache[key].meta[QROLE] = "act"
                     act_cache[key].meta["fxqat.block"] = node.meta.get("fxqat.block")
-            node.update_arg(0, act_cache[key])
+            node.update_arg(pos, act_cache[key])
         # ---- weights
+        if lq.style == "matmul":
+            continue  # no weight, no gradient quantizer: not a weight layer
         if lq.style == "module":
-            node = _rewrite_module_layer(gm, node, namer, lq.weights[0][1], wq_cache)
+            node = _rewrite_module_layer(gm, node, namer, lq.weights[0][1], wq_cache, prefix)
         elif lq.style == "functional":
             for pos, spec in lq.weights:
                 w, positional = _weight_arg(node, pos)
@@ -198,7 +209,8 @@ def insert_quant(gm: fx.GraphModule, config: QATConfig) -> fx.GraphModule:
                 if key not in wq_cache:
                     target = str(w.target) if w.op == "get_attr" else None
                     with g.inserting_before(node):
-                        qname = namer.add(f"w_{_safe(lq.owner or node.name)}", _quantizer(spec, target))
+                        wq_q = _quantizer(spec, target, prefix + lq.owner)
+                        qname = namer.add(f"w_{_safe(lq.owner or node.name)}", wq_q)
                         wq_cache[key] = g.call_module(qname, (w,))
                         wq_cache[key].meta[QROLE] = "weight"
                 if positional:
@@ -207,7 +219,8 @@ def insert_quant(gm: fx.GraphModule, config: QATConfig) -> fx.GraphModule:
                     node.update_kwarg("weight", wq_cache[key])
         else:  # opaque leaf module
             mod = gm.get_submodule(node.target)
-            qs = {p: _quantizer(spec, f"{node.target}.{p}") for p, spec in lq.weights}
+            qs = {p: _quantizer(spec, f"{node.target}.{p}", prefix + f"{node.target}.{p}".rpartition(".")[0])
+                  for p, spec in lq.weights}
             node.target = namer.add(f"o_{_safe(node.target)}", OpaqueWeightQuant(mod, qs, str(node.target)))
             node.meta["fxqat.module"] = lq.owner
         outputs.append((node, lq))

@@ -284,3 +284,39 @@ def test_timm_vit_and_deit_cut_at_every_residual_add(name):
         assert (attn.name, mlp.name) == (f"blocks.{layer}.attn", f"blocks.{layer}.mlp")
         assert attn.modules[0] == f"blocks.{layer}.attn" and mlp.modules[-1] == f"blocks.{layer}.drop_path2"
         assert attn.exit.startswith("add") and mlp.exit.startswith("add")
+
+
+def test_vit_b_16_layers_cuts_give_one_block_per_encoder_layer():
+    gm = fx.symbolic_trace(torchvision.models.vit_b_16(weights=None, image_size=32))
+    residual, layers = partition(gm), partition(gm, cuts="layers")
+    assert [b.name for b in layers] == ["stem"] + [f"encoder.layers.encoder_layer_{i}" for i in range(12)] + ["head"]
+    assert [b.exit for b in layers] == [b.exit for b in residual[::2]] + [residual[-1].exit]  # every second cut
+    assert [n for b in layers for n in b.nodes] == [n for b in residual for n in b.nodes]
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        y = gm(x)
+        for i in (0, 6, 12):
+            assert torch.equal(suffix_module(gm, layers, i)(prefix_module(gm, layers, i)(x)), y)
+    with pytest.raises(ValueError, match="cuts='blocks'"):
+        partition(gm, cuts="blocks")
+
+
+def test_layers_cuts_change_nothing_where_every_layer_is_one_block_already():
+    for model in (torchvision.models.resnet18(weights=None), torchvision.models.mobilenet_v2(weights=None)):
+        gm = fx.symbolic_trace(model)
+        assert [(b.name, b.exit) for b in partition(gm, cuts="layers")] == [(b.name, b.exit) for b in partition(gm)]
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224"])
+def test_timm_vit_and_deit_give_one_block_per_transformer_block_with_layers_cuts(name):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(name, pretrained=False, img_size=32).eval()
+    x = torch.randn(1, 3, 32, 32)
+    cfg = fxqat.QATConfig(hybrid=fxqat.HybridConfig(cuts="layers"))
+    blocks = fxqat.find_blocks(model, (x,), cfg)
+    assert [b.name for b in blocks] == ["stem"] + [f"blocks.{i}" for i in range(12)] + ["head"]
+    for i, b in enumerate(blocks[1:-1]):
+        assert b.modules[0] == f"blocks.{i}.attn" and b.modules[-1] == f"blocks.{i}.drop_path2"
+        assert {f"blocks.{i}.attn.qkv", f"blocks.{i}.mlp.fc2"} <= set(b.modules)  # the attention leaf's layers too
+    qm = fxqat.prepare_qat(model, (x,), cfg.with_(hybrid=fxqat.HybridConfig(cuts="layers", partner="shared")))
+    assert qm.n_paths == len(blocks) - 1
