@@ -52,7 +52,7 @@ from torch import nn
 from fxqat.capture.chain import ChainCut
 from fxqat.capture.region import GraphRegion
 from fxqat.graph.blocks import Block, partition
-from fxqat.graph.modinfo import node_stack
+from fxqat.graph.modinfo import layer_owners, node_stack
 from fxqat.graph.subgraph import OUTPUT, extract, view
 from fxqat.passes.annotate import is_weight_layer_node
 from fxqat.quantizers.base import Quantizer
@@ -95,13 +95,16 @@ def _inner(region: nn.Module) -> Tuple[List[Block], List[Set[str]]]:
     blocks = partition(gm, quantized)
     by_name = {n.name: n for n in gm.graph.nodes}
     paths = [{e.path for name in b.nodes for e in node_stack(by_name[name], gm)} | set(b.modules) for b in blocks]
-    return blocks, paths
+    holders = [tuple(layer_owners(by_name[name], gm)[:1] for name in b.nodes if quantized(by_name[name]))
+               for b in blocks]
+    named = [Block(_holder_name([o for t in h for o in t]), b.index, b.nodes, b.entry, b.exit, b.modules)
+             for b, h in zip(blocks, holders)]
+    return named, paths
 
 
-def _holder_name(layer: str, block: Block, k: int) -> str:
-    split = [m.split(".") for m in block.modules]
-    common = ".".join(os.path.commonprefix(split)) if split else ""
-    return f"{layer}.{common}" if common else f"{layer}#{k}"
+def _holder_name(owners: Sequence[str]) -> str:
+    """The innermost module holding every quantized layer of an inner block (``""`` when they share none)."""
+    return ".".join(os.path.commonprefix([o.split(".") for o in owners])) if owners else ""
 
 
 def refine(
@@ -142,7 +145,9 @@ def refine(
         owned = _assign(b, paths)
         for k, ib in enumerate(inner):
             last = k == len(inner) - 1
-            name = _holder_name(b.name, ib, k)
+            name = f"{b.name}.{ib.name}" if ib.name else f"{b.name}#{k}"
+            if any(name == other[0] for other in out_blocks):
+                name = f"{name}#{k}"
             out_blocks.append((name, owned[k], exit_ if last else f"{b.name}:{ib.exit}"))
             if not last:
                 out_cuts.append((b.name, "inside", ib.exit))

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch.fx as fx
+from torch import nn
 
 from fxqat.graph.dominance import cut_nodes
 from fxqat.graph.merge import StackEntry, flat_groups, layer_groups, merge_cheapest, split_at, structural_groups
@@ -186,7 +187,8 @@ def partition(
     else:
         groups = flat_groups([any(flags) for flags in qflags])
     if cuts == "layers":
-        groups = layer_groups(groups, [[stacks[n] for n in seg] for seg in segs])
+        containers = [name for name, m in gm.named_modules() if type(m) in (nn.Sequential, nn.ModuleList)]
+        groups = layer_groups(groups, [[stacks[n] for n in seg] for seg in segs], containers)
     forced = _boundary_segments(boundaries, compute, on_path, stacks, seg_exit, output.name)
     groups = split_at(groups, forced)
     if max_blocks is not None:

@@ -24,7 +24,9 @@ with a quantized node starts a new group. A piece without one
 starts a group, the others join the previous group (leading ones the first).
 
 **Layers** (``cuts="layers"``, :func:`layer_groups`): a *layer* is a call of a module with submodules, held in a
-``ModuleList``/``Sequential`` (a transformer block in ``blocks``, a ResNet block in ``layer1``). Two neighbouring
+``ModuleList``/``Sequential`` (a transformer block in ``blocks``, a ResNet block in ``layer1``), whether the container
+is called (it is then on the module stack) or iterated in ``forward`` (``for blk in self.blocks``: named by
+``containers``). Two neighbouring
 groups are merged when the segments on both sides of their boundary lie in the same layers (no layer begins or
 ends there): a transformer block, cut by default after its attention and after its MLP, becomes one group.
 
@@ -43,7 +45,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Set, Tuple
+from typing import Collection, Dict, List, Sequence, Set, Tuple
 
 __all__ = ["StackEntry", "flat_groups", "structural_groups", "layer_groups", "split_at", "merge_cheapest"]
 
@@ -202,12 +204,15 @@ def structural_groups(
 
 def layer_groups(
     groups: Sequence[Sequence[int]], seg_stacks: Sequence[Sequence[Tuple[StackEntry, ...]]],
+    containers: Collection[str] = (),
 ) -> List[List[int]]:
     """Merges neighbouring groups whose boundary falls inside a layer (see *Layers* in the module docstring).
 
     Args:
         groups: consecutive segment indices (what :func:`structural_groups` returns).
         seg_stacks: per segment, the module stack of each of its nodes.
+        containers: qualified names of the model's ``ModuleList``/``Sequential`` modules (their children are layers
+            even when the container itself is never called).
 
     Example:
         >>> e = lambda p, c="m.Block": StackEntry(p, p, c)
@@ -224,12 +229,16 @@ def layer_groups(
             for depth in range(1, len(stack)):
                 composite.add(tuple(entry.key for entry in stack[:depth]))
 
+    held = set(containers)
+
     def layers_of(seg: int) -> frozenset:
         found = set()
         for stack in seg_stacks[seg]:
-            for d in range(1, len(stack)):
+            for d in range(len(stack)):
                 uid = tuple(entry.key for entry in stack[: d + 1])
-                if stack[d - 1].cls in GENERIC_CONTAINERS and stack[d].cls not in GENERIC_CONTAINERS and uid in composite:
+                in_container = (d > 0 and stack[d - 1].cls in GENERIC_CONTAINERS) or \
+                    stack[d].path.rpartition(".")[0] in held
+                if in_container and stack[d].cls not in GENERIC_CONTAINERS and uid in composite:
                     found.add(uid)
         return frozenset(found)
 

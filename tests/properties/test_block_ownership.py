@@ -10,6 +10,7 @@ modules the tracer kept as leaves (attention of levit, pit, cait).
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, List
 
 import pytest
@@ -199,7 +200,7 @@ def test_random_models_with_functional_layers_and_leaves_own_every_layer_once(mo
 TIMM = [  # (name, create_model kwargs, input size); depths and resolutions cut down to keep the test short
     ("nf_regnet_b0", {}, 32),  # ScaledStdConv2d
     ("nf_resnet26", {}, 32),  # ScaledStdConv2d
-    ("resnetv2_50x1_bit", {"layers": [1, 1, 1, 1]}, 32),  # BiT: StdConv2d
+    ("resnetv2_bit", {}, 32),  # BiT (resnetv2_50x1_bit's recipe, one block per stage): StdConv2d
     ("ghostnet_050", {}, 32),  # timm Linear classifier
     ("lcnet_050", {}, 32),  # timm Linear classifier
     ("levit_128s", {"img_size": 64}, 64),  # attention kept as a leaf
@@ -208,13 +209,24 @@ TIMM = [  # (name, create_model kwargs, input size); depths and resolutions cut 
 ]
 
 
+def _timm_model(timm, name: str, kwargs: dict) -> nn.Module:
+    if name == "resnetv2_bit":  # what timm's _create_resnetv2_bit builds, with layers=[1, 1, 1, 1]
+        from timm.models.resnetv2 import ResNetV2
+
+        return ResNetV2(layers=[1, 1, 1, 1], stem_type="fixed",
+                        conv_layer=functools.partial(timm.layers.StdConv2d, eps=1e-8))
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
 @pytest.mark.slow
 def test_timm_models_own_every_weight_layer_once():
     timm = pytest.importorskip("timm")
     seen = {}
     for name, kwargs, size in TIMM:
         torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False, **kwargs).eval()
+        model = _timm_model(timm, name, kwargs).eval()
+        n_std = sum(isinstance(m, (timm.layers.StdConv2d, timm.layers.ScaledStdConv2d)) for m in model.modules())
+        assert (n_std > 0) == name.startswith(("nf_", "resnetv2")), name
         blocks = _check_owned(model, torch.randn(1, 3, size, size), fxqat.QATConfig())
         seen[name] = len(blocks)
     assert all(n >= 3 for n in seen.values()), seen
