@@ -177,7 +177,10 @@ def find_blocks(
     """The blocks block replacement would use for ``model`` (a list of :class:`fxqat.graph.Block`).
 
     Blocks end at residual boundaries (nodes every input-to-output path passes through) and each holds at least one
-    layer that ``config`` quantizes; ``config.hybrid`` (if set) supplies ``max_blocks`` and ``boundaries``.
+    layer that ``config`` quantizes; ``config.hybrid`` (if set) supplies ``max_blocks``, ``boundaries`` and ``cuts``
+    (``"layers"``: one block per layer of a ``ModuleList``/``Sequential`` stack; ``"residual"``: every residual
+    boundary, on eager-root models also inside their traced layers). Each block's ``modules`` holds every weight
+    layer it computes, and each quantized weight layer is in exactly one block.
 
     Example:
         >>> import torch, torchvision, fxqat

@@ -135,6 +135,12 @@ def test_zoo_residual_cuts_add_blocks_partition_layers_and_keep_paths_exact(name
         torch.testing.assert_close(logits_of(path), logits_of(out.lp), rtol=0, atol=atol)
 
 
+def test_cuts_option_is_validated():
+    with pytest.raises(ValueError, match="cuts='blocks'"):
+        fxqat.HybridConfig(cuts="blocks")
+    assert fxqat.HybridConfig().cuts == "auto"
+
+
 def test_hf_vit_and_deit_give_one_block_per_transformer_layer():
     for name, cls in (("vit", "ViTLayer"), ("deit", "DeiTLayer")):
         model, args, kwargs = build(name)
