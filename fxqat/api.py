@@ -24,7 +24,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxqat.capture.eager_model import convert_eager, eager_blocks, is_eager_model, prepare_eager
 from fxqat.capture.shapes import propagate_shapes
-from fxqat.config import QATConfig
+from fxqat.config import HybridConfig, QATConfig
+from fxqat.graph.blocks import partition
+from fxqat.passes.build_hybrid import build_hybrid, mark_cuts
 from fxqat.passes.annotate import QMETA, annotate
 from fxqat.capture.layers import is_quantized_layer
 from fxqat.passes.insert_quant import CONTAINER, QROLE, OpaqueWeightQuant, insert_quant
@@ -137,13 +139,9 @@ def prepare_qat(
                     type(model).__name__)
     fp_graph = None
     if config.hybrid is not None:
-        from fxqat.passes.build_hybrid import mark_cuts
-
         fp_graph = mark_cuts(gm, config)
     insert_quant(gm, config)
     if config.hybrid is not None:
-        from fxqat.passes.build_hybrid import build_hybrid
-
         gm = build_hybrid(gm, fp_graph, config.hybrid)
     gm.train(model.training)
     return gm
@@ -185,8 +183,6 @@ def find_blocks(
         >>> [b.name for b in blocks][:3]
         ['stem', 'layer1.0', 'layer1.1']
     """
-    from fxqat.config import HybridConfig
-    from fxqat.graph.blocks import partition
 
     config = config or QATConfig()
     h = config.hybrid or HybridConfig()

@@ -25,14 +25,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+from fxqat.errors import UsageError
+
 __all__ = ["main", "build_parser", "parse_bits", "UsageError"]
 
 log = logging.getLogger("fxqat.cli")
 _REPO = Path(__file__).resolve().parent.parent
-
-
-class UsageError(ValueError):
-    """A user mistake reported as ``fxqat: error: ...`` with exit status 2."""
 
 
 def parse_bits(text: str) -> Tuple[int, int]:

@@ -43,7 +43,8 @@ from fxqat.config import HybridConfig, QATConfig
 from fxqat.hybrid_output import HybridOutput, select_paths
 from fxqat.passes.annotate import QMETA
 from fxqat.graph.subgraph import OUTPUT, extract, view
-from fxqat.trace import _adopt_hierarchy
+from fxqat.graph.blocks import partition
+from fxqat.trace import adopt_hierarchy
 
 __all__ = ["HybridOutput", "HybridGraphModule", "mark_cuts", "build_hybrid", "CUT"]
 
@@ -53,8 +54,6 @@ CUT = "fxqat.cut"  # node.meta key: index i of the cut that ends block i
 
 def mark_cuts(gm: fx.GraphModule, config: QATConfig) -> fx.Graph:
     """Partition the annotated FP graph, write ``meta["fxqat.cut"]`` on block exits, return a copy of the FP graph."""
-    from fxqat.graph.blocks import partition
-
     h = config.hybrid
     blocks = partition(gm, lambda n: QMETA in n.meta, max_blocks=h.max_blocks, boundaries=h.boundaries)
     if len(blocks) < 2:
@@ -98,7 +97,7 @@ class HybridGraphModule(fx.GraphModule):
         self, lp: fx.GraphModule, fp_graph: fx.Graph, hybrid: HybridConfig, partner: Optional[nn.Module] = None
     ) -> None:
         super().__init__(lp, lp.graph, type(lp).__name__)
-        _adopt_hierarchy(self, lp)
+        adopt_hierarchy(self, lp)
         self.meta.update(lp.meta)
         self.fxqat_hybrid = hybrid
         self._fp_graph = fp_graph
@@ -143,7 +142,7 @@ class HybridGraphModule(fx.GraphModule):
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> "HybridGraphModule":
         base = fx.GraphModule(self, copy.deepcopy(self.graph), type(self).__name__)
-        _adopt_hierarchy(base, self)
+        adopt_hierarchy(base, self)
         base = copy.deepcopy(base, memo)
         new = HybridGraphModule(base, copy.deepcopy(self._fp_graph), self.fxqat_hybrid, base.fxqat_partner)
         new.train(self.training)

@@ -29,13 +29,14 @@ import struct
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch.ao.quantization import FakeQuantizeBase
 
 from fxqat.config import QuantSpec
 
 __all__ = [
     "Quantizer", "NotAffineError", "int_range", "channel_view", "reduce_except", "grad_inside", "use_function",
-    "to_groups", "from_groups",
+    "to_groups", "from_groups", "all_reduce_",
 ]
 
 
@@ -66,10 +67,8 @@ def int_range(bits: int, signed: bool) -> Tuple[int, int]:
 _FLAG_BUFFERS = {"fake_quant_enabled", "observer_enabled", "signed_flag", "initialized"}
 
 
-def _all_reduce(t: torch.Tensor, op: str) -> None:
+def all_reduce_(t: torch.Tensor, op: str) -> None:
     """In a multi-process run, reduce ``t`` in place across ranks (``"mean"`` or ``"max"``); a no-op otherwise."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return
     if op == "max":
@@ -182,12 +181,12 @@ class Quantizer(FakeQuantizeBase):
             )
         if int(self.signed_flag[0]) < 0:
             self.signed_flag.fill_(int(bool((x.detach() < 0).any())))
-            _all_reduce(self.signed_flag, "max")  # signed on one rank -> signed everywhere
+            all_reduce_(self.signed_flag, "max")  # signed on one rank -> signed everywhere
             self._sync_flags()
         self._init_from(x.detach())
         for t in list(self.parameters()) + [b for n, b in self.named_buffers() if n not in _FLAG_BUFFERS]:
             if t.is_floating_point():
-                _all_reduce(t.data, "mean")  # DDP: every rank starts from the same (averaged) initialisation
+                all_reduce_(t.data, "mean")  # DDP: every rank starts from the same (averaged) initialisation
         self.initialized.fill_(1)
         self._sync_flags()
 
