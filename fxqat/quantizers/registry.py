@@ -30,19 +30,33 @@ _BUILTIN_MODULES = (
     "fxqat.quantizers.dynamic",
 )
 _loaded = False
+_loading = False
 
 
 def _load_builtins() -> None:
-    global _loaded
-    if _loaded:
+    """Import every built-in method module once; a module that fails to import is an ImportError naming it.
+
+    A method module that is missing or broken must not silently disappear from ``available_methods()`` (a config
+    naming it would then fail with a misleading "unknown method"), so nothing is skipped. The registry counts as
+    loaded only once every module imported, so the error repeats on the next call instead of leaving a partial
+    registry behind.
+    """
+    global _loaded, _loading
+    if _loaded or _loading:  # _loading: a method module reading the registry while it is imported
         return
-    _loaded = True
-    for mod in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a method file not written yet is simply not offered
-            if e.name != mod:
-                raise
+    _loading = True
+    try:
+        for mod in _BUILTIN_MODULES:
+            try:
+                importlib.import_module(mod)
+            except Exception as e:  # SyntaxError, a failing dependency, a missing file: all loud
+                raise ImportError(
+                    f"fxqat: the quantizer method module {mod!r} failed to import ({type(e).__name__}: {e}); "
+                    "fix the module (or its dependency), or remove it from fxqat.quantizers.registry._BUILTIN_MODULES."
+                ) from e
+        _loaded = True
+    finally:
+        _loading = False
 
 
 def register(name: str) -> Callable[[type], type]:
