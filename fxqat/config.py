@@ -23,6 +23,8 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
+from fxqat.method_registry import available_methods, get_method
+
 __all__ = ["QuantSpec", "Override", "HybridConfig", "QATConfig", "Kind", "GRANULARITIES", "PRESETS"]
 
 Kind = Literal["weight", "act", "grad"]
@@ -49,8 +51,6 @@ def _check_bits(owner: str, name: str, value: Any, allow_none: bool = False) -> 
 def _check_method(owner: str, name: str, value: Optional[str]) -> None:
     if value is None:
         return
-    from fxqat.quantizers.registry import available_methods  # late import: the registry imports config
-
     known = available_methods()
     if value not in known:
         raise ValueError(f"{owner}.{name}={value!r} is not a known quantizer method; choose one of {sorted(known)}.")
@@ -68,8 +68,6 @@ def _check_group_size(owner: str, group_size: Any, required: bool) -> None:
 
 
 def _check_granularity_support(method: str, granularity: str, kind: str) -> None:
-    from fxqat.quantizers.registry import get_method  # late import: the registry imports config
-
     supported = getattr(get_method(method), "granularities", ("per_tensor", "per_channel"))
     if granularity not in supported:
         hint = " (per-token activations are dynamic: use method='dynamic')" if granularity == "per_token" else ""
