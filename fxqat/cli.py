@@ -10,7 +10,8 @@ Examples (shell)::
     fxqat bench
 
 Bad input (unknown model or dataset, missing data folder, corrupt checkpoint, malformed flags) prints one
-``fxqat: error: ...`` line that says what to do and exits with status 2.
+``fxqat: error: ...`` line that says what to do and exits with status 2; a diverged run or a lost DDP peer (another
+process of the same torchrun job died or stopped answering) prints one such line and exits with status 1.
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-nonfinite", type=int, default=5, help="stop after N consecutive non-finite steps")
     t.add_argument("--checkpoint-every", type=int, default=None,
                    help="also write checkpoint.pt every N steps (default: at epoch ends and the last step)")
+    t.add_argument("--ddp-timeout", type=float, default=None, metavar="SECONDS",
+                   help="under torchrun: how long a process waits for the others (rendezvous, each collective) before "
+                        "the run stops with an error instead of hanging (default 600)")
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
@@ -175,7 +179,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     out = Path(a.out)
     run = {k: v for k, v in vars(a).items()
            if k not in ("resume", "stop_after", "progress", "quiet", "command", "threads", "trust_checkpoint",
-                        "nonfinite", "max_nonfinite", "checkpoint_every")}
+                        "nonfinite", "max_nonfinite", "checkpoint_every", "ddp_timeout")}
     if a.resume and (out / "run.json").exists():
         old = json.loads((out / "run.json").read_text())
         diff = [k for k in ("model", "data", "method", "bits", "hybrid", "paths", "kd", "batch_size", "seed")
@@ -185,7 +189,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.method != "fp" and a.method not in fxqat.available_methods():
         raise UsageError(f"--method {a.method!r}: choose 'fp' or one of {sorted(fxqat.available_methods())}.")
     tr, te = _datasets(a.data, a.data_dir, a.train_subset, a.test_subset)
-    rank, world = ddp.init_distributed()
+    if a.ddp_timeout is not None and not a.ddp_timeout > 0:
+        raise UsageError(f"--ddp-timeout {a.ddp_timeout}: give a positive number of seconds (e.g. 600).")
+    rank, world = ddp.init_distributed(a.ddp_timeout)
     torch.manual_seed(a.seed)  # the initial weights are part of what --seed fixes
     model = _model(a.model, tr.num_classes, tr.input_shape)
     loader = data.BatchLoader(tr, a.batch_size, train=True, seed=a.seed)
@@ -359,6 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         torch.set_num_threads(a.threads)
     from fxqat.training.checkpoint import CheckpointError
+    from fxqat.training.distributed import PeerLost
 
     try:
         return {"demo": cmd_demo, "train": cmd_train, "inspect": cmd_inspect, "bench": cmd_bench}[a.command](a)
@@ -369,6 +376,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"fxqat: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # diverged training: not bad input, but no traceback either
+        print(f"fxqat: error: {e}", file=sys.stderr)
+        return 1
+    except PeerLost as e:  # another DDP process died or hangs; no cleanup: it would wait for the lost peer
         print(f"fxqat: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
