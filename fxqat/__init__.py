@@ -27,6 +27,7 @@ from fxqat.graph.blocks import Block
 from fxqat.passes.build_hybrid import HybridOutput
 from fxqat.training.losses import distillation_loss, hybrid_loss, kd_loss
 from fxqat.config import HybridConfig, Override, QATConfig, QuantSpec
+from fxqat.mixed import Allocation, SensitivityTable, allocate_bits, sensitivity
 from fxqat.quantizers import NotAffineError, Quantizer, available_methods
 from fxqat.trace import TraceFailure, trace
 
@@ -39,4 +40,5 @@ __all__ = [
     "Block", "HybridOutput", "hybrid_loss", "distillation_loss", "kd_loss",
     "QATConfig", "HybridConfig", "QuantSpec", "Override", "Quantizer", "NotAffineError", "available_methods",
     "trace", "TraceFailure", "to_qconfig_mapping", "capture_report", "CaptureReport", "register_weight_layer",
+    "sensitivity", "allocate_bits", "SensitivityTable", "Allocation",
 ]
