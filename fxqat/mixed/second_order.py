@@ -7,8 +7,9 @@ so their unit is the loss; an allocation is unchanged by a common factor]:
 * ``"fisher"``: H ≈ diag of the empirical Fisher, the squared gradient of the batch loss:
   ``S_i(b) = ½ Σ_w g_w² δ_w²`` (per batch, then averaged);
 * ``"hessian"``: HAWQ-v2 (Dong et al., NeurIPS 2020): H_i ≈ (Tr H_i / n_i)·I with the trace from Hutchinson's
-  estimator ``Tr H_i ≈ E[v_iᵀ (H v)_i]``, v Rademacher over all allocated weights (the cross terms between blocks
-  have zero mean): ``S_i(b) = ½ · Tr(H_i)/n_i · ‖δ_i‖²``. One Hessian-vector product (a double backward) per probe.
+  estimator ``Tr H_i ≈ E[v_iᵀ H_ii v_i]``, v_i Rademacher on block i's weights (``hutchinson="block"``: one
+  Hessian-vector product, a double backward, per block and probe; ``"joint"``: one v over all blocks, one product per
+  probe, its cross terms between blocks add zero-mean noise): ``S_i(b) = ½ · Tr(H_i)/n_i · ‖δ_i‖²``.
 
 Both run the model in eval mode with every quantizer off (the FP network on the latent weights) and leave it as it
 was. Scaled dot-product attention runs on its math kernel, the one with a double backward.
@@ -102,6 +103,30 @@ def math_attention() -> Iterator[None]:
         yield
 
 
+def _rademacher(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, 2, t.shape, generator=gen, device=t.device).to(t.dtype) * 2 - 1
+
+
+def _traces(grads, params, starts, probes: int, hutchinson: str, gen: torch.Generator) -> np.ndarray:
+    """Hutchinson estimates of Tr H_ii for every block from the (differentiable) gradients ``grads``."""
+    n = len(starts) - 1
+    trace = np.zeros(n)
+    spans = [(0, len(params))] if hutchinson == "joint" else [(starts[i], starts[i + 1]) for i in range(n)]
+    spans = [(a, b) for a, b in spans if b > a]
+    for p in range(probes):
+        for k, (a, b) in enumerate(spans):
+            vs = [_rademacher(t, gen) for t in params[a:b]]
+            gv = sum((g * v).sum() for g, v in zip(grads[a:b], vs))
+            last = p == probes - 1 and k == len(spans) - 1
+            hv = torch.autograd.grad(gv, params[a:b], retain_graph=not last)
+            vhv = [float((v * h).sum()) for v, h in zip(vs, hv)]
+            for i in range(n):  # joint: the part of v^T H v on block i (cross terms have zero mean)
+                lo, hi = max(starts[i], a), min(starts[i + 1], b)
+                if hi > lo:
+                    trace[i] += sum(vhv[lo - a:hi - a]) / probes
+    return trace
+
+
 def second_order_per_batch(
     qm: nn.Module,
     batches: Sequence[Batch],
@@ -113,6 +138,7 @@ def second_order_per_batch(
     probes: int = 1,
     seed: int = 0,
     step: Optional[Callable[[], None]] = None,
+    hutchinson: str = "block",
 ) -> np.ndarray:
     """Per-batch estimates, shape ``(len(bits), len(batches), len(blocks))`` (module docstring).
 
@@ -121,7 +147,12 @@ def second_order_per_batch(
         method: ``"fisher"`` or ``"hessian"``; probes: Rademacher vectors per batch (hessian); seed: of their
             generator.
         step: called after each batch (progress bars).
+        hutchinson: ``"block"`` (HAWQ-v2: a probe vector per block, one Hessian-vector product per block and probe)
+            or ``"joint"`` (one probe over every block, one product per probe; cheaper, but the cross terms between
+            blocks add noise).
     """
+    if hutchinson not in ("block", "joint"):
+        raise ValueError(f"hutchinson={hutchinson!r}: use 'block' or 'joint'.")
     names = [pn for blk in blocks for _, pn in blk]
     params = [qm.get_parameter(pn) for pn in names]
     flat_err = [e for blk in errors for e in blk]
@@ -142,14 +173,7 @@ def second_order_per_batch(
                 for bi, b in enumerate(bits):
                     out[bi, j, i] = fisher_terms(g, e, b)
         else:
-            trace = np.zeros(len(blocks))
-            for p in range(probes):
-                vs = [torch.randint(0, 2, t.shape, generator=gen, device=dev).to(t.dtype) * 2 - 1 for t in params]
-                gv = sum((g * v).sum() for g, v in zip(grads, vs))
-                hv = torch.autograd.grad(gv, params, retain_graph=p < probes - 1)
-                vhv = [float((v * h).sum()) for v, h in zip(vs, hv)]
-                for i in range(len(blocks)):
-                    trace[i] += sum(vhv[starts[i]:starts[i + 1]]) / probes
+            trace = _traces(grads, params, starts, probes, hutchinson, gen)
             for i in range(len(blocks)):
                 e = flat_err[starts[i]:starts[i + 1]]
                 for bi, b in enumerate(bits):

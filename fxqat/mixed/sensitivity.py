@@ -44,7 +44,7 @@ from fxqat.graph.blocks import Block
 from fxqat.hybrid_output import HybridOutput
 from fxqat.mixed.layers import QuantLayer, model_blocks, split_fixed
 from fxqat.mixed.second_order import math_attention, second_order_per_batch, weight_errors, weight_pairs
-from fxqat.mixed.state import path_mode, preserved
+from fxqat.mixed.state import hybrid_of, path_mode, preserved
 from fxqat.mixed.table import METHODS, BlockSensitivity, SensitivityTable
 from fxqat.training.losses import hybrid_loss
 
@@ -89,8 +89,9 @@ def _path_per_batch(qm, batches, loss_fn, groups: Sequence[List[str]], bits, ste
     qs = named_quantizers(qm)
     names = list(dict.fromkeys(n for g in groups for n in g))
     out = np.zeros((len(bits), len(batches), len(groups)))
-    with torch.no_grad(), preserved(qs.values()), path_mode(qm):
+    with torch.no_grad(), preserved(qs.values()) as restore, path_mode(qm):
         for bi, b in enumerate(bits):
+            restore()  # every bit-width from the same state: quantizers initialised in the last pass start afresh
             for n in names:
                 qs[n].set_bits(b)
             for j, (args, target) in enumerate(batches):
@@ -103,7 +104,7 @@ def _path_per_batch(qm, batches, loss_fn, groups: Sequence[List[str]], bits, ste
 
 
 def _second_order_per_batch(qm, batches, loss_fn, layers: Sequence[List[QuantLayer]], bits, method, probes, seed,
-                            step) -> np.ndarray:
+                            step, hutchinson) -> np.ndarray:
     qs = named_quantizers(qm)
     pairs = [weight_pairs(qm, ls) for ls in layers]
     modes = [(m, m.training) for m in qm.modules()]
@@ -120,7 +121,8 @@ def _second_order_per_batch(qm, batches, loss_fn, layers: Sequence[List[QuantLay
                 if not w.requires_grad:
                     frozen.append(w.requires_grad_(True))
             with math_attention():
-                return second_order_per_batch(qm, batches, loss_fn, pairs, errors, bits, method, probes, seed, step)
+                return second_order_per_batch(qm, batches, loss_fn, pairs, errors, bits, method, probes, seed, step,
+                                              hutchinson)
     finally:
         for w in frozen:
             w.requires_grad_(False)
@@ -140,6 +142,7 @@ def sensitivity(
     kinds: Optional[Sequence[str]] = None,
     include_first_last: bool = False,
     probes: int = 1,
+    hutchinson: str = "block",
     seed: int = 0,
     progress: bool = False,
 ) -> SensitivityTable:
@@ -158,6 +161,8 @@ def sensitivity(
             methods see weights only.
         include_first_last: also vary (and allocate) the layers of the ``first_last`` policy.
         probes: Hutchinson probes per batch (``"hessian"``).
+        hutchinson: ``"block"`` (a probe per block, HAWQ-v2) or ``"joint"`` (one probe for all blocks: cheaper,
+            noisier); see :mod:`fxqat.mixed.second_order`.
         seed: seed of the Hutchinson probes.
         progress: show a tqdm bar.
 
@@ -176,6 +181,8 @@ def sensitivity(
         raise ValueError(f"sensitivity: kinds={kinds}: use ('weight', 'act') or ('weight',).")
     if method != "paths" and kinds != ("weight",):
         raise ValueError(f"sensitivity: method={method!r} measures weights only; use kinds=('weight',).")
+    if method == "paths":
+        hybrid_of(qm)  # raises for a model without paths
     if method == "paths" and blocks is not None:
         own = model_blocks(qm)
         if [b.name for b in blocks] != [b.name for b in own]:
@@ -195,7 +202,7 @@ def sensitivity(
             per = _path_per_batch(qm, data, loss_fn, groups, bits, bar.update)
         else:
             per = _second_order_per_batch(qm, data, loss_fn, [alloc for alloc, _ in layout], bits, method, probes,
-                                          seed, lambda: bar.update(len(bits)))
+                                          seed, lambda: bar.update(len(bits)), hutchinson)
     finally:
         bar.close()
     elapsed = time.perf_counter() - t0
@@ -208,7 +215,7 @@ def sensitivity(
             weight_count=sum(la.weight_count for la in alloc),
             sensitivity=tuple(float(v) for v in mean[:, i]), spread=tuple(float(v) for v in spread[:, i]),
             fixed=tuple(la.name for la in fixed)))
-    info = {"probes": probes, "seed": seed} if method == "hessian" else {}
+    info = {"probes": probes, "seed": seed, "hutchinson": hutchinson} if method == "hessian" else {}
     log.info("fxqat: %s sensitivity of %d blocks at %s bits over %d batches in %.1f s", method, len(rows), bits,
              len(data), elapsed)
     return SensitivityTable(method=method, bits=bits, rows=tuple(rows), kinds=kinds, n_batches=len(data),

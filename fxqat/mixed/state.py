@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterable, Iterator, List, Tuple
+from typing import Callable, Iterable, Iterator, List, Tuple
 
 import torch
 from torch import nn
@@ -64,14 +64,20 @@ class _Snapshot:
 
 
 @contextlib.contextmanager
-def preserved(quantizers: Iterable[Quantizer]) -> Iterator[None]:
-    """Restore ``quantizers`` on exit: bits, parameters and buffers (same objects), enabled flags."""
+def preserved(quantizers: Iterable[Quantizer]) -> Iterator[Callable[[], None]]:
+    """Restore ``quantizers`` on exit: bits, parameters and buffers (same objects), enabled flags.
+
+    Yields a function that restores them at once (to start each trial from the same state)."""
     snaps = [_Snapshot(q) for q in quantizers]
-    try:
-        yield
-    finally:
+
+    def restore() -> None:
         for s in snaps:
             s.restore()
+
+    try:
+        yield restore
+    finally:
+        restore()
 
 
 def hybrid_of(qm: nn.Module) -> Tuple[HybridConfig, object]:
