@@ -21,10 +21,10 @@ Example:
     ({'a': 4, 'b': 2}, 3.0, 0.3)
     >>> [(o.match, o.w_bits, o.a_bits) for o in cfg.overrides]
     [('a.conv', 4, 4), ('b.conv', 2, 2)]
-    >>> allocate_bits(t, avg_bits=1.5)
+    >>> allocate_bits(t, avg_bits=1.5)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: allocate_bits: the budget (avg_bits=1.5, i.e. 300 bits = 37.5 bytes of weights) is infeasible: the smallest feasible budget is avg_bits=2 (max_bytes=50), every block at 2 bits.
+    ValueError: allocate_bits: the budget (avg_bits=1.5, ...) is infeasible: the smallest feasible budget is avg_bits=2 ...
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ class InfeasibleBudget(ValueError):
         self.min_cost = min_cost
 
 
-def solve_mckp(costs: Sequence[Sequence[int]], values: Sequence[Sequence[float]], budget: int) -> Tuple[List[int], float]:
+def solve_mckp(costs: Sequence[Sequence[int]], values: Sequence[Sequence[float]],
+               budget: int) -> Tuple[List[int], float]:
     """Exact multiple-choice knapsack: pick one option per item, total cost <= ``budget``, minimal total value.
 
     Args:
@@ -169,7 +170,8 @@ class Allocation:
         lines = ["| block | bits | layers |", "|---|---:|---|"]
         lines += [f"| {blk} | {b} | {', '.join(layers.get(blk, ()))} |" for blk, b in self.bits]
         lines += ["", f"{self.avg_bits:.3f} bits per weight on average ({self.weight_bytes:g} of "
-                  f"{self.budget_bits / 8:g} bytes), predicted loss increase {self.predicted_loss:.4g} ({self.method})."]
+                  f"{self.budget_bits / 8:g} bytes), predicted loss increase {self.predicted_loss:.4g} "
+                  f"({self.method})."]
         return "\n".join(lines)
 
 
