@@ -4,8 +4,8 @@ The problem is a multiple-choice knapsack: block ``i`` at ``b`` bits costs ``n_i
 integer) and adds ``S_i(b)`` to the predicted loss (the :class:`~fxqat.mixed.table.SensitivityTable`); choose one
 ``b`` per block with ``Σ n_i·b_i <= B`` and ``Σ S_i(b_i)`` minimal. :func:`solve_mckp` solves it exactly by dynamic
 programming over the integer budget, after dividing every cost and the budget by the gcd of the costs (weight counts
-share large factors, so the table stays small: ResNet-20 needs about 3,000 budget cells). Exact ties go to the
-cheaper choice. Blocks without allocatable weights (only first/last-policy layers) cost nothing and are left out.
+share large factors, so the table stays small: ResNet-20's blocks are multiples of 4,608 weights, and a 3-bit budget
+is 175 cells). Exact ties go to the cheaper choice. Blocks without allocatable weights (only first/last-policy layers) cost nothing and are left out.
 
 :func:`allocate_bits` turns the solution into a :class:`~fxqat.config.QATConfig` whose ``overrides`` set each layer
 to its block's bits (``w_bits``, and ``a_bits`` of its input when ``activations`` and the base config quantizes
