@@ -153,3 +153,14 @@ def test_allocated_config_prepares_a_model_with_those_bits():
         "fxqat_quant.a_input_1": 8, "fxqat_quant.w_0": 8,  # first layer: the first/last policy
         "fxqat_quant.a__1": 8, "fxqat_quant.w_2": 8, "fxqat_quant.a__3": 2, "fxqat_quant.w_4": 2,
         "fxqat_quant.a__5": 8, "fxqat_quant.w_6": 8}
+
+
+def test_allocation_figures(tmp_path):
+    from fxqat.mixed.plot import bit_colors, plot_allocation
+
+    _, alloc = fxqat.allocate_bits(_table(), avg_bits=3.5)
+    # without a graph (eager roots): one bar per block
+    png = plot_allocation(alloc, tmp_path / "rows.png", table=_table(), choices=(2, 4, 8))
+    assert open(png, "rb").read(4) == b"\x89PNG"
+    colors = bit_colors([2, 3, 4, 8])
+    assert len(set(colors.values())) == 4 and colors[2][0] > colors[8][0]  # red for few bits, green for many
