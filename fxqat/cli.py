@@ -1,10 +1,11 @@
-"""The ``fxqat`` command: ``demo``, ``train``, ``inspect``, ``bench`` (also ``python -m fxqat``).
+"""The ``fxqat`` command: ``demo``, ``train``, ``autobits``, ``inspect``, ``bench`` (also ``python -m fxqat``).
 
 Examples (shell)::
 
     fxqat demo --quick                                   # ~2 min: FP ResNet-20, then three W2A2 arms
     fxqat train --model resnet20 --data cifar10 --method lsq --bits 4/4 --hybrid --epochs 30 --out runs/r20_w4a4
     fxqat train ... --out runs/r20_w4a4 --resume         # continue an interrupted run
+    fxqat autobits --model resnet20 --data cifar10 --avg-bits 3 --steps 500 --out runs/r20_3bits  # mixed precision
     torchrun --nproc_per_node 2 -m fxqat train ...       # DDP (gloo on CPU), rank 0 writes
     fxqat inspect resnet18 --png blocks.png
     fxqat bench
@@ -52,6 +53,17 @@ def _paths(text: str):
     if text.isdigit() and int(text) > 0:
         return int(text)
     raise argparse.ArgumentTypeError(f"--paths {text!r}: use 'all' or a positive integer k")
+
+
+def _bit_list(text: str) -> Tuple[int, ...]:
+    try:
+        bits = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
+    except ValueError:
+        bits = ()
+    if not bits or not all(1 <= b <= 16 for b in bits):
+        raise argparse.ArgumentTypeError(f"--choices {text!r}: write bit-widths 1..16 separated by commas, "
+                                         "e.g. 2,3,4,8")
+    return bits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +137,39 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--checkpoint", default=None,
                    help="load this model.pt/checkpoint.pt of the same model first (implies --health)")
     i.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary unpickling of --checkpoint")
+
+    ab = sub.add_parser("autobits", help="mixed precision: FP model (cached) -> block sensitivity -> bits per block "
+                                         "for a memory budget -> QAT")
+    ab.add_argument("--model", default="resnet20", help="fxqat model (resnet20, cnn, mlp...) or torchvision name")
+    ab.add_argument("--data", default="cifar10", help="cifar10, mnist or digits")
+    ab.add_argument("--data-dir", default=None, help="data folder (default: $FXQAT_DATA, then ../shared/data)")
+    ab.add_argument("--avg-bits", type=float, default=None, help="budget: average bits per allocated weight")
+    ab.add_argument("--max-bytes", type=float, default=None, help="budget: bytes of the allocated weights")
+    ab.add_argument("--choices", type=_bit_list, default=(2, 3, 4, 8), help="candidate bits, e.g. 2,3,4,8")
+    ab.add_argument("--sensitivity", choices=["paths", "fisher", "hessian"], default="paths",
+                    help="estimator: loss differences of the block-replacement paths, or the Fisher / Hessian "
+                         "baselines")
+    ab.add_argument("--sens-batches", type=int, default=8, help="training batches the sensitivity averages over")
+    ab.add_argument("--probes", type=int, default=1, help="Hutchinson probes per batch (--sensitivity hessian)")
+    ab.add_argument("--method", default="lsq", help="quantizer method of the QAT")
+    ab.add_argument("--first-last", type=int, default=8, help="bits of the first/last layer (0 = FP); not allocated")
+    ab.add_argument("--weight-only", action="store_true", help="quantize weights only (default: each layer's input "
+                                                                 "activation gets its block's bits too)")
+    ab.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=False,
+                    help="train the QAT model with block replacement")
+    ab.add_argument("--fp-epochs", type=int, default=1, help="FP pre-training epochs (cached)")
+    ab.add_argument("--fp-steps", type=int, default=None, help="FP pre-training steps (0 = start from random)")
+    ab.add_argument("--fp-lr", type=float, default=0.1)
+    ab.add_argument("--epochs", type=int, default=1)
+    ab.add_argument("--steps", type=int, default=None, help="QAT steps (overrides --epochs)")
+    ab.add_argument("--lr", type=float, default=0.01)
+    ab.add_argument("--batch-size", type=int, default=128)
+    ab.add_argument("--seed", type=int, default=0)
+    ab.add_argument("--train-subset", type=int, default=None)
+    ab.add_argument("--test-subset", type=int, default=None)
+    ab.add_argument("--out", default="runs/autobits", help="run folder")
+    ab.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ab.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
     b = sub.add_parser("bench", help="run benchmarks/step_time.py and benchmarks/hybrid_cost.py")
     b.add_argument("--quick", action="store_true", help="smoke-run budget (passed to each script)")
@@ -330,6 +375,28 @@ def _print_health(qm, checkpoint: Optional[str], trusted: bool) -> None:
     print(format_health(rows))
 
 
+# ------------------------------------------------------------------------------------------------------ autobits
+def cmd_autobits(a: argparse.Namespace) -> int:
+    from fxqat import data
+    from fxqat.training.autobits import AutobitsConfig, run_autobits
+
+    if a.avg_bits is None and a.max_bytes is None:
+        raise UsageError("autobits needs a budget: --avg-bits B (bits per weight) or --max-bytes N.")
+    if a.data_dir is not None and not Path(a.data_dir).expanduser().exists():
+        raise UsageError(f"--data-dir {a.data_dir}: no such folder. Point it to the folder holding the data files.")
+    if a.data not in data.DATASETS:
+        raise UsageError(f"--data {a.data!r}: unknown dataset; known datasets: {sorted(data.DATASETS)}.")
+    _model(a.model, 10, (3, 32, 32) if a.data == "cifar10" else (1, 28, 28))  # unknown model: a usage error
+    cfg = AutobitsConfig(
+        model=a.model, data=a.data, data_dir=a.data_dir, avg_bits=a.avg_bits, max_bytes=a.max_bytes,
+        choices=a.choices, method=a.sensitivity, sens_batches=a.sens_batches, probes=a.probes, quant_method=a.method,
+        first_last=a.first_last or None, weight_only=a.weight_only, hybrid=a.hybrid, fp_steps=a.fp_steps,
+        fp_epochs=a.fp_epochs, fp_lr=a.fp_lr, steps=a.steps, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
+        seed=a.seed, train_subset=a.train_subset, test_subset=a.test_subset, out=a.out, progress=a.progress)
+    run_autobits(cfg, echo=lambda line: print(line, flush=True))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------ bench
 def cmd_bench(a: argparse.Namespace) -> int:
     scripts = [_REPO / "benchmarks" / n for n in ("step_time.py", "hybrid_cost.py")]
@@ -368,7 +435,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from fxqat.training.distributed import PeerLost
 
     try:
-        return {"demo": cmd_demo, "train": cmd_train, "inspect": cmd_inspect, "bench": cmd_bench}[a.command](a)
+        return {"demo": cmd_demo, "train": cmd_train, "inspect": cmd_inspect, "bench": cmd_bench,
+                "autobits": cmd_autobits}[a.command](a)
     except (UsageError, FileNotFoundError, CheckpointError) as e:
         print(f"fxqat: error: {e}", file=sys.stderr)
         return 2

@@ -157,6 +157,16 @@ class HybridGraphModule(fx.GraphModule):
         """The path ids run at ``step`` (see :func:`fxqat.hybrid_output.select_paths`)."""
         return select_paths(self.fxqat_hybrid, self.n_paths, step)
 
+    @property
+    def step(self) -> int:
+        """The step counter: how many train-mode calls were made (it decides the sampled paths of the next one)."""
+        return int(self.fxqat_step) if self._step is None else self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.fxqat_step.fill_(int(value))
+        self._step = int(value)
+
     def train(self, mode: bool = True) -> "HybridGraphModule":
         super().train(mode)
         if getattr(self, "fxqat_partner", None) is not None:

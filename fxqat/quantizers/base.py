@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from typing import Any, Dict, Optional, Tuple
 
@@ -194,6 +195,29 @@ class Quantizer(FakeQuantizeBase):
         """Forget the initialisation: the next forward initialises again from data."""
         self.initialized.fill_(0)
         self._sync_flags()
+
+    def set_bits(self, bits: int, reinit: bool = True) -> "Quantizer":
+        """Change the bit-width in place (``bits`` and ``spec.bits``); returns the quantizer.
+
+        Args:
+            bits: the new bit-width, an integer from 1 to 16.
+            reinit: forget the data-dependent initialisation (:meth:`reset`), so that the next forward initialises
+                the range again, for the new grid (an LSQ step size fitted to 4 bits is far too small for 2 bits).
+                ``False`` keeps the learned parameters as they are.
+
+        Example:
+            >>> from fxqat.quantizers import make_quantizer
+            >>> q = make_quantizer(QuantSpec(bits=4, kind="weight"))
+            >>> _ = q(torch.randn(64))
+            >>> q.set_bits(2).bits, q.spec.bits, q.qrange, q.is_initialized
+            (2, 2, (-2, 1), False)
+        """
+        spec = dataclasses.replace(self.spec, bits=bits)  # validates the range (QuantSpec.__post_init__)
+        self.spec = spec
+        self.bits = spec.bits
+        if reinit:
+            self.reset()
+        return self
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
