@@ -7,7 +7,7 @@ Example:
     >>> qm = fxqat.prepare_qat(model, (x,), fxqat.QATConfig(w_bits=4, a_bits=4))
     >>> qm(x).shape
     torch.Size([2, 10])
-    >>> sum(q.kind == "weight" for q in fxqat.quantizers(qm).values())
+    >>> sum(q.kind == "weight" for q in fxqat.named_quantizers(qm).values())
     21
 """
 
@@ -29,11 +29,11 @@ from fxqat.passes.annotate import QMETA, annotate
 from fxqat.capture.layers import is_quantized_layer
 from fxqat.passes.insert_quant import CONTAINER, QROLE, OpaqueWeightQuant, insert_quant
 from fxqat.passes.normalize import normalize
-from fxqat.quantizers.base import Quantizer
+from fxqat.quantizers.base import Quantizer, named_quantizers
 from fxqat.trace import TraceFailure, trace
 
 __all__ = [
-    "prepare_qat", "quantizers", "set_quantization", "calibrate", "convert", "trainable_parameters",
+    "prepare_qat", "named_quantizers", "set_quantization", "calibrate", "convert", "trainable_parameters",
     "prepare_fp_graph", "find_blocks",
 ]
 
@@ -107,7 +107,7 @@ def prepare_qat(
     Example:
         >>> import torch, torch.nn as nn, fxqat
         >>> qm = fxqat.prepare_qat(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), (torch.randn(2, 4),))
-        >>> sorted(fxqat.quantizers(qm))
+        >>> sorted(fxqat.named_quantizers(qm))
         ['fxqat_quant.a__1', 'fxqat_quant.a_input_1', 'fxqat_quant.w_0', 'fxqat_quant.w_2']
     """
     config = config or QATConfig()
@@ -199,15 +199,10 @@ def find_blocks(
     return partition(gm, lambda n: QMETA in n.meta, max_blocks=h.max_blocks, boundaries=h.boundaries)
 
 
-def quantizers(qm: nn.Module) -> Dict[str, Quantizer]:
-    """Every quantizer of a prepared model, by qualified module name."""
-    return {name: m for name, m in qm.named_modules() if isinstance(m, Quantizer)}
-
-
 def set_quantization(qm: nn.Module, enabled: bool = True, kinds: Iterable[str] = ("weight", "act", "grad")) -> nn.Module:
     """Enable or disable quantizers of the given kinds (disabled = identity). Returns ``qm``."""
     kinds = set(kinds)
-    for q in quantizers(qm).values():
+    for q in named_quantizers(qm).values():
         if q.kind in kinds:
             q.enable_fake_quant(enabled)
     return qm
@@ -221,7 +216,7 @@ def calibrate(qm: nn.Module, batches: Iterable[Any], reset: bool = False) -> nn.
     as ``{"input_ids": ids, "attention_mask": mask}``). Quantizers initialise from the first batch that reaches them;
     already initialised ones are kept unless ``reset=True``.
     """
-    qs = quantizers(qm)
+    qs = named_quantizers(qm)
     if reset:
         for q in qs.values():
             q.reset()

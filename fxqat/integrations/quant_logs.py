@@ -24,7 +24,7 @@ from typing import Dict, Optional
 
 from torch import nn
 
-from fxqat.api import quantizers
+from fxqat.quantizers.base import named_quantizers
 from fxqat.quantizers.noise_temper import NoiseTemperQuantizer
 from fxqat.training.health import quantizer_health
 from fxqat.training.optim import TransitionRateScheduler
@@ -52,7 +52,7 @@ def quantizer_logs(model: nn.Module, talr: Optional[TransitionRateScheduler] = N
         out[f"{PREFIX}{kind}_bits"] = _mean(float(r["bits"]) for r in mine)
         out[f"{PREFIX}{kind}_scale_min"] = min(lows) if lows else math.nan
         out[f"{PREFIX}{kind}_scale_max"] = max(highs) if highs else math.nan
-    tempered = [q for q in quantizers(model).values() if isinstance(q, NoiseTemperQuantizer)]
+    tempered = [q for q in named_quantizers(model).values() if isinstance(q, NoiseTemperQuantizer)]
     if tempered:
         out[f"{PREFIX}rho"] = _mean(q.rho() for q in tempered)
     if talr is not None and talr.layers:

@@ -37,13 +37,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
-from fxqat.api import calibrate, prepare_qat, quantizers
+from fxqat.api import calibrate, prepare_qat
 from fxqat.config import HybridConfig, QATConfig
 from fxqat.hybrid_output import HybridOutput
 from fxqat.integrations.causal_lm import causal_lm_loss
 from fxqat.integrations.optimizers import TALROptimizer, find_talr, rebind_parameters
 from fxqat.integrations.quant_logs import PREFIX, quantizer_logs
-from fxqat.quantizers.base import Quantizer
+from fxqat.quantizers.base import Quantizer, named_quantizers
 from fxqat.quantizers.noise_temper import NoiseTemperQuantizer
 from fxqat.training.losses import logits_of
 from fxqat.training.optim import TransitionRateScheduler
@@ -125,7 +125,7 @@ class FxqatCallback(TrainerCallback):
         if rebind_parameters(optimizer, stale):  # a resume loaded per-channel scales into new Parameters
             log.info("fxqat: optimizer re-pointed at %d parameters replaced by loading the checkpoint", len(stale))
         self._params = current
-        pending = [n for n, q in quantizers(model).items() if q.kind != "grad" and not q.is_initialized]
+        pending = [n for n, q in named_quantizers(model).items() if q.kind != "grad" and not q.is_initialized]
         if not pending or not self.calibrate:
             pass
         elif state.global_step > 0:
@@ -152,18 +152,18 @@ class FxqatCallback(TrainerCallback):
         created = {before[n]: p for n, p in module.named_parameters() if n in before and before[n] is not p}
         rebind_parameters(self.optimizer, created)
         self._params = dict(module.named_parameters())
-        log.info("fxqat: calibrated %d quantizers on the first training batch", len(quantizers(module)))
+        log.info("fxqat: calibrated %d quantizers on the first training batch", len(named_quantizers(module)))
 
     @staticmethod
     def _check_decay(model: nn.Module, optimizer) -> None:
-        qids = {id(p) for q in quantizers(model).values() for p in q.parameters()}
+        qids = {id(p) for q in named_quantizers(model).values() for p in q.parameters()}
         if any(g.get("weight_decay", 0) and any(id(p) in qids for p in g["params"]) for g in optimizer.param_groups):
             log.warning("fxqat: the optimizer applies weight decay to quantizer scales; QATTrainer (or "
                         "get_decay_parameter_names) excludes them.")
 
     # ------------------------------------------------------------------------------------------- schedules
     def _advance(self, model: nn.Module) -> None:
-        for q in quantizers(model).values():
+        for q in named_quantizers(model).values():
             if isinstance(q, NoiseTemperQuantizer) and q.opts["schedule"] == "manual":
                 q.advance(1)
 

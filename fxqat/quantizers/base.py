@@ -29,13 +29,14 @@ import struct
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from torch import nn
 from torch.ao.quantization import FakeQuantizeBase
 
 from fxqat.config import QuantSpec
 
 __all__ = [
     "Quantizer", "NotAffineError", "int_range", "channel_view", "reduce_except", "grad_inside", "use_function",
-    "to_groups", "from_groups",
+    "to_groups", "from_groups", "named_quantizers",
 ]
 
 
@@ -360,3 +361,14 @@ def use_function() -> bool:
     ResNet-20, CPU: a compiled LSQ step at 1.08x the compiled FP step with plain ops, 1.9x with the function).
     """
     return not torch.compiler.is_compiling()
+
+
+def named_quantizers(model: nn.Module) -> Dict[str, "Quantizer"]:
+    """Every fxqat quantizer inside ``model``, by qualified module name (``fxqat.named_quantizers``).
+
+    Example:
+        >>> import torch.nn as nn
+        >>> named_quantizers(nn.Sequential(nn.Linear(2, 2)))
+        {}
+    """
+    return {name: m for name, m in model.named_modules() if isinstance(m, Quantizer)}

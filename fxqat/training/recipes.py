@@ -91,7 +91,8 @@ def train_qat(qm: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None
 
 
 def pretrained_char_llama(corpus, recipe: LMRecipe = FP_RECIPE, *, seed: int = 0, cache: bool = True,
-                          progress: bool = True, n_val: int = 64, val_seed: int = 1337) -> Tuple[nn.Module, Dict]:
+                          progress: bool = True, n_val: int = 64, val_seed: int = 1337,
+                          model_overrides: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Dict]:
     """The LLM benchmark's FP model: :func:`~fxqat.models.hf.char_llama` pre-trained with ``recipe`` on ``corpus``,
     cached under ``fp_cache_dir()`` (keyed by the recipe, the model sizes and the corpus size).
 
@@ -99,11 +100,12 @@ def pretrained_char_llama(corpus, recipe: LMRecipe = FP_RECIPE, *, seed: int = 0
         ``(model, info)`` with info ``{"val_loss", "path", "cached", "time_s", "steps"}``; ``val_loss`` is the mean over
         ``n_val`` validation batches from ``val_seed``.
     """
-    ident = {"model": CHAR_LLAMA, "vocab": corpus.vocab_size, "n_train": len(corpus.splits["train"]), "seed": seed,
+    sizes = {**CHAR_LLAMA, **(model_overrides or {})}
+    ident = {"model": sizes, "vocab": corpus.vocab_size, "n_train": len(corpus.splits["train"]), "seed": seed,
              "recipe": asdict(recipe)}
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
     path = fp_cache_dir() / f"char_llama-st{recipe.steps}-s{seed}-{digest}.pt"
-    model = char_llama(corpus.vocab_size, seed=seed)
+    model = char_llama(corpus.vocab_size, seed=seed, **(model_overrides or {}))
     if cache and path.exists():
         try:
             ck = load_checkpoint(path, required=("model", "val_loss"))
