@@ -45,6 +45,7 @@ from fxqat.integrations.optimizers import TALROptimizer, find_talr, rebind_param
 from fxqat.integrations.quant_logs import PREFIX, quantizer_logs
 from fxqat.quantizers.base import Quantizer, named_quantizers
 from fxqat.quantizers.noise_temper import NoiseTemperQuantizer
+from fxqat.training.lm import quantizer_parameter_ids
 from fxqat.training.losses import logits_of
 from fxqat.training.optim import TransitionRateScheduler
 
@@ -156,7 +157,7 @@ class FxqatCallback(TrainerCallback):
 
     @staticmethod
     def _check_decay(model: nn.Module, optimizer) -> None:
-        qids = {id(p) for q in named_quantizers(model).values() for p in q.parameters()}
+        qids = quantizer_parameter_ids(model)
         if any(g.get("weight_decay", 0) and any(id(p) in qids for p in g["params"]) for g in optimizer.param_groups):
             log.warning("fxqat: the optimizer applies weight decay to quantizer scales; QATTrainer (or "
                         "get_decay_parameter_names) excludes them.")
