@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -29,7 +29,8 @@ from fxqat.passes.annotate import QMETA, annotate
 from fxqat.capture.layers import is_quantized_layer
 from fxqat.passes.insert_quant import CONTAINER, QROLE, OpaqueWeightQuant, insert_quant
 from fxqat.passes.normalize import normalize
-from fxqat.quantizers.base import Quantizer, named_quantizers
+from fxqat.quantizers.base import Quantizer
+from fxqat.quantizers.control import calibrate, named_quantizers, set_quantization, trainable_parameters
 from fxqat.trace import TraceFailure, trace
 
 __all__ = [
@@ -197,51 +198,6 @@ def find_blocks(
         return eager_blocks(prepare_qat(model, example_inputs, config.with_(hybrid=None)))
     annotate(gm, config)
     return partition(gm, lambda n: QMETA in n.meta, max_blocks=h.max_blocks, boundaries=h.boundaries)
-
-
-def set_quantization(qm: nn.Module, enabled: bool = True, kinds: Iterable[str] = ("weight", "act", "grad")) -> nn.Module:
-    """Enable or disable quantizers of the given kinds (disabled = identity). Returns ``qm``."""
-    kinds = set(kinds)
-    for q in named_quantizers(qm).values():
-        if q.kind in kinds:
-            q.enable_fake_quant(enabled)
-    return qm
-
-
-@torch.no_grad()
-def calibrate(qm: nn.Module, batches: Iterable[Any], reset: bool = False) -> nn.Module:
-    """Initialise data-dependent quantizer parameters from ``batches`` (eval mode; BN statistics untouched).
-
-    Each batch is a tensor, a tuple/list of positional inputs, or a dict of keyword inputs (a Hugging Face batch such
-    as ``{"input_ids": ids, "attention_mask": mask}``). Quantizers initialise from the first batch that reaches them;
-    already initialised ones are kept unless ``reset=True``.
-    """
-    qs = named_quantizers(qm)
-    if reset:
-        for q in qs.values():
-            q.reset()
-    was_training = qm.training
-    qm.eval()
-    try:
-        for batch in batches:
-            if isinstance(batch, Mapping):
-                qm(**batch)
-            else:
-                qm(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
-            if all(q.is_initialized for q in qs.values() if q.kind != "grad"):
-                break
-    finally:
-        qm.train(was_training)
-    return qm
-
-
-def trainable_parameters(qm: nn.Module) -> Iterator[nn.Parameter]:
-    """The parameters an optimizer should update: everything that requires grad (the frozen partner does not)."""
-    seen = set()
-    for p in qm.parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            yield p
 
 
 def convert(qm: fx.GraphModule) -> fx.GraphModule:

@@ -24,7 +24,7 @@ from typing import Dict, Optional
 
 from torch import nn
 
-from fxqat.quantizers.base import named_quantizers
+from fxqat.quantizers.control import named_quantizers
 from fxqat.quantizers.noise_temper import NoiseTemperQuantizer
 from fxqat.training.health import quantizer_health
 from fxqat.training.optim import TransitionRateScheduler

@@ -37,13 +37,14 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
-from fxqat.api import calibrate, prepare_qat
+from fxqat.api import prepare_qat
 from fxqat.config import HybridConfig, QATConfig
 from fxqat.hybrid_output import HybridOutput
 from fxqat.integrations.causal_lm import causal_lm_loss
 from fxqat.integrations.optimizers import TALROptimizer, find_talr, rebind_parameters
 from fxqat.integrations.quant_logs import PREFIX, quantizer_logs
-from fxqat.quantizers.base import Quantizer, named_quantizers
+from fxqat.quantizers.base import Quantizer
+from fxqat.quantizers.control import calibrate, named_quantizers
 from fxqat.quantizers.noise_temper import NoiseTemperQuantizer
 from fxqat.training.lm import quantizer_parameter_ids
 from fxqat.training.losses import logits_of

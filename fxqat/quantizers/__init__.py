@@ -15,7 +15,8 @@ import sys
 import types
 import warnings
 
-from fxqat.quantizers.base import NotAffineError, Quantizer, int_range, named_quantizers
+from fxqat.quantizers.base import NotAffineError, Quantizer, int_range
+from fxqat.quantizers.control import named_quantizers
 from fxqat.quantizers.registry import available_methods, get_method, make_quantizer, register
 
 __all__ = [

@@ -29,14 +29,13 @@ import struct
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from torch import nn
 from torch.ao.quantization import FakeQuantizeBase
 
 from fxqat.config import QuantSpec
 
 __all__ = [
     "Quantizer", "NotAffineError", "int_range", "channel_view", "reduce_except", "grad_inside", "use_function",
-    "to_groups", "from_groups", "named_quantizers",
+    "to_groups", "from_groups",
 ]
 
 
@@ -362,13 +361,3 @@ def use_function() -> bool:
     """
     return not torch.compiler.is_compiling()
 
-
-def named_quantizers(model: nn.Module) -> Dict[str, "Quantizer"]:
-    """Every fxqat quantizer inside ``model``, by qualified module name (``fxqat.named_quantizers``).
-
-    Example:
-        >>> import torch.nn as nn
-        >>> named_quantizers(nn.Sequential(nn.Linear(2, 2)))
-        {}
-    """
-    return {name: m for name, m in model.named_modules() if isinstance(m, Quantizer)}

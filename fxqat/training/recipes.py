@@ -20,6 +20,7 @@ from fxqat.data import cache_dir
 from fxqat.training import distributed as ddp
 from fxqat.training.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from fxqat.models.hf import CHAR_LLAMA, char_llama
+from fxqat.quantizers.control import trainable_parameters
 from fxqat.training.lm import FP_RECIPE, LMRecipe, evaluate_lm, train_lm
 from fxqat.training.loop import TrainConfig, calibrate, evaluate, fit
 
@@ -79,13 +80,10 @@ def train_qat(qm: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None
 
     Works for plain outputs, ``teacher`` distillation and hybrid outputs alike (see :func:`compute_loss`).
     """
-    import fxqat
-
     train_loader.set_epoch(0)
     x0, _ = next(iter(train_loader))
     calibrate(qm, x0)
-    get = getattr(fxqat, "trainable_parameters", None)
-    params = list(get(qm)) if get is not None else None
+    params = list(trainable_parameters(qm))
     return fit(qm, train_loader, cfg, test_loader=test_loader, out_dir=out_dir, resume=resume, teacher=teacher,
                params=params, desc=desc, run_info=run_info, stop_after=stop_after, trusted=trusted)
 
