@@ -159,7 +159,8 @@ class FxqatCallback(TrainerCallback):
     @staticmethod
     def _check_decay(model: nn.Module, optimizer) -> None:
         qids = quantizer_parameter_ids(model)
-        if any(g.get("weight_decay", 0) and any(id(p) in qids for p in g["params"]) for g in optimizer.param_groups):
+        if any(g.get("weight_decay", 0) and any(id(p) in qids and p.requires_grad for p in g["params"])
+               for g in optimizer.param_groups):
             log.warning("fxqat: the optimizer applies weight decay to quantizer scales; QATTrainer (or "
                         "get_decay_parameter_names) excludes them.")
 
