@@ -69,7 +69,8 @@ def fp_model(corpus, sizes: Dict[str, Any], random_init: bool):
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     a = parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("fxqat.integrations").setLevel(logging.INFO)  # calibration; capture details stay quiet
     steps, batch, context = (20, 8, 32) if a.quick else (a.steps, FINETUNE_RECIPE.batch_size, FINETUNE_RECIPE.context)
     n_val = 4 if a.quick else 64
     corpus = tiny_shakespeare()

@@ -161,10 +161,12 @@ def test_trainer_plain_with_callback_tempers_and_logs(corpus, tmp_path):
     assert all(h["fxqat/problems"] == 0 for h in logs)
 
 
-def _run(corpus, out, steps, resume=None, talr=False, save_steps=4):
+def _run(corpus, out, steps, resume=None, optimizer="trainer", save_steps=4):
     _, qm = _prepared(corpus)
-    opts = (None, None)
-    if talr:
+    opts = (None, None)  # "trainer": Trainer builds AdamW after loading the checkpoint
+    if optimizer == "user":  # built before the Trainer, on the uncalibrated model: its scales get replaced
+        opts = (torch.optim.AdamW([p for p in qm.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0), None)
+    elif optimizer == "talr":
         opts = (TALROptimizer(AdamWT(qm, total_steps=steps, lr=3e-3)), None)
     trainer = QATTrainer(model=qm, args=_args(out, steps, save_strategy="steps", save_steps=save_steps),
                          train_dataset=_data(corpus, steps), optimizers=opts)
@@ -172,9 +174,9 @@ def _run(corpus, out, steps, resume=None, talr=False, save_steps=4):
     return qm, trainer
 
 
-@pytest.mark.parametrize("talr", [False, True], ids=["adamw", "talr"])
-def test_trainer_checkpoint_reload_and_resume(corpus, tmp_path, talr):
-    qm, full = _run(corpus, tmp_path / "full", 8, talr=talr)
+@pytest.mark.parametrize("optimizer", ["trainer", "user", "talr"])
+def test_trainer_checkpoint_reload_and_resume(corpus, tmp_path, optimizer):
+    qm, full = _run(corpus, tmp_path / "full", 8, optimizer=optimizer)
     ckpt = tmp_path / "full" / "checkpoint-8"
     # reload: a freshly prepared model gets the quantizer state of the checkpoint, bit for bit
     _, fresh = _prepared(corpus)
@@ -183,22 +185,42 @@ def test_trainer_checkpoint_reload_and_resume(corpus, tmp_path, talr):
     assert len(want) > 50 and got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     # resume: a new model, optimizer and Trainer continue the 8-step run from its checkpoint after step 4
     resumed, trainer = _run(corpus, tmp_path / "resumed", 8, resume=str(tmp_path / "full" / "checkpoint-4"),
-                            talr=talr)
+                            optimizer=optimizer)
     assert trainer.state.global_step == 8
     a, b = qm.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # atol=0: same batches, RNG, state
     assert _losses(trainer) == _losses(full)  # steps 1-4 restored from trainer_state.json, 5-8 recomputed equal
     sd = torch.load(ckpt / "optimizer.pt", weights_only=True)  # torch >= 2.6 default: loads without pickled code
-    assert (TALR_KEY in sd) == talr
-    if talr:
+    assert (TALR_KEY in sd) == (optimizer == "talr")
+    if optimizer == "talr":
         assert sd[TALR_KEY]["step"] == 8 and trainer.optimizer.optimizer.talr.state_dict() == sd[TALR_KEY]
 
 
 def test_trainer_load_checkpoint_rejects_another_preparation(corpus, tmp_path):
-    qm, _ = _run(corpus, tmp_path, 4, save_steps=4)
+    _, qm = _prepared(corpus)
+    fxqat.calibrate(qm, [{"input_ids": _data(corpus, 1)[0]["input_ids"][None]}])
+    qm.save_pretrained(tmp_path)  # what Trainer's checkpoint save calls for a PreTrainedModel
     _, other = _prepared(corpus, INT4.with_(first_last_layers=()))  # lm_head quantized too: one quantizer more
-    with pytest.raises(ValueError, match="does not match this model"):
-        load_checkpoint(other, str(tmp_path / "checkpoint-4"))
+    with pytest.raises(ValueError, match=r"does not match this model: missing \['lm_head.fxqat_wq"):
+        load_checkpoint(other, str(tmp_path))
+    _, same = _prepared(corpus)
+    want = _quant_state(qm)
+    got = _quant_state(load_checkpoint(same, str(tmp_path)))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_trainer_loss_is_token_weighted_under_gradient_accumulation():
+    # two micro-batches scaled by the accumulated token count sum to the loss of the whole batch (HF's convention);
+    # the plain mean would weight a micro-batch with fewer valid tokens more
+    torch.manual_seed(0)
+    logits, labels = torch.randn(4, 6, 5), torch.randint(0, 5, (4, 6))
+    labels[0, 2:] = -100  # padding: the first row has one valid next-token position
+    whole, _ = causal_lm_loss(logits, labels)
+    n = int((labels[:, 1:] != -100).sum())
+    halves = [causal_lm_loss(logits[i:i + 2], labels[i:i + 2], num_items_in_batch=n)[0] for i in (0, 2)]
+    assert torch.allclose(halves[0] + halves[1], whole, rtol=1e-6, atol=0)  # float sums in another order
+    means = sum(causal_lm_loss(logits[i:i + 2], labels[i:i + 2])[0] for i in (0, 2)) / 2
+    assert not torch.allclose(means, whole, rtol=1e-3)
 
 
 def test_trainer_example_quick_runs(tmp_path, capsys):
