@@ -50,7 +50,7 @@ from fxqat.config import QATConfig
 from fxqat.layer_registry import is_weight_layer, registered_types, weight_layer_entry
 from fxqat.quantizers.base import Quantizer
 from fxqat.passes.annotate import annotate
-from fxqat.passes.insert_quant import insert_quant
+from fxqat.passes.insert_quant import CONTAINER, insert_quant
 from fxqat.passes.normalize import normalize
 
 __all__ = ["Region", "CaptureReport", "capture_eager", "CAPTURE_ATTR"]
@@ -179,6 +179,9 @@ class _Capturer:
                     inner.append(full)
         annotate(region, self.config, prefix=name + ".", first_last_names=self.first_last)
         insert_quant(region, self.config)
+        for q in getattr(region, CONTAINER).modules() if hasattr(region, CONTAINER) else ():
+            if isinstance(q, Quantizer) and getattr(q, "weight_target", None):  # region-relative -> from the root
+                q.weight_target = _join(name, q.weight_target)
         region.train(child.training)
         return region, tuple(inner)
 

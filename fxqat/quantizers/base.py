@@ -261,7 +261,15 @@ class Quantizer(FakeQuantizeBase):
         return g[0] if g.shape[0] == 1 else g
 
     def integer_repr(self, x: torch.Tensor) -> torch.Tensor:
-        """The integer code of each element after quantization (used by transition-rate tracking)."""
+        """The integer code of each element after quantization (used by transition-rate tracking); ``x`` has the
+        shape the quantizer is applied to (a per-group quantizer's codes are computed on the grouped view)."""
+        if self.granularity == "per_group":
+            axis = self.spec.ch_axis
+            xg = to_groups(x, axis, self.group_size)
+            return from_groups(self._codes(xg), x.shape, axis)
+        return self._codes(x)
+
+    def _codes(self, x: torch.Tensor) -> torch.Tensor:
         scale, zp, qmin, qmax = self.affine_qparams()
         shape = [1] * x.dim()
         if scale.numel() > 1:
