@@ -238,7 +238,11 @@ class Quantizer(FakeQuantizeBase):
         return g[0] if g.shape[0] == 1 else g
 
     def integer_repr(self, x: torch.Tensor) -> torch.Tensor:
-        """The integer code of each element after quantization (used by transition-rate tracking)."""
+        """The integer code of each element after quantization (used by transition-rate tracking); same shape as
+        ``x`` (per-group quantizers compute it on the grouped view, whose rows the scales belong to)."""
+        if self.granularity == "per_group" and x.dim() >= 2:
+            axis = self.spec.ch_axis
+            return from_groups(self.integer_repr(to_groups(x, axis, self.group_size)), x.shape, axis)
         scale, zp, qmin, qmax = self.affine_qparams()
         shape = [1] * x.dim()
         if scale.numel() > 1:
