@@ -7,7 +7,7 @@ Example:
     >>> qm = fxqat.prepare_qat(model, (x,), fxqat.QATConfig(w_bits=4, a_bits=4))
     >>> qm(x).shape
     torch.Size([2, 10])
-    >>> sum(q.kind == "weight" for q in fxqat.quantizers(qm).values())
+    >>> sum(q.kind == "weight" for q in fxqat.named_quantizers(qm).values())
     21
 """
 
@@ -30,10 +30,11 @@ from fxqat.capture.layers import is_quantized_layer
 from fxqat.passes.insert_quant import CONTAINER, QROLE, OpaqueWeightQuant, insert_quant
 from fxqat.passes.normalize import normalize
 from fxqat.quantizers.base import Quantizer
+from fxqat.quantizers.control import calibrate, named_quantizers, set_quantization, trainable_parameters
 from fxqat.trace import TraceFailure, trace
 
 __all__ = [
-    "prepare_qat", "quantizers", "set_quantization", "calibrate", "convert", "trainable_parameters",
+    "prepare_qat", "named_quantizers", "set_quantization", "calibrate", "convert", "trainable_parameters",
     "prepare_fp_graph", "find_blocks",
 ]
 
@@ -107,7 +108,7 @@ def prepare_qat(
     Example:
         >>> import torch, torch.nn as nn, fxqat
         >>> qm = fxqat.prepare_qat(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), (torch.randn(2, 4),))
-        >>> sorted(fxqat.quantizers(qm))
+        >>> sorted(fxqat.named_quantizers(qm))
         ['fxqat_quant.a__1', 'fxqat_quant.a_input_1', 'fxqat_quant.w_0', 'fxqat_quant.w_2']
     """
     config = config or QATConfig()
@@ -197,53 +198,6 @@ def find_blocks(
         return eager_blocks(prepare_qat(model, example_inputs, config.with_(hybrid=None)))
     annotate(gm, config)
     return partition(gm, lambda n: QMETA in n.meta, max_blocks=h.max_blocks, boundaries=h.boundaries)
-
-
-def quantizers(qm: nn.Module) -> Dict[str, Quantizer]:
-    """Every quantizer of a prepared model, by qualified module name."""
-    return {name: m for name, m in qm.named_modules() if isinstance(m, Quantizer)}
-
-
-def set_quantization(qm: nn.Module, enabled: bool = True, kinds: Iterable[str] = ("weight", "act", "grad")) -> nn.Module:
-    """Enable or disable quantizers of the given kinds (disabled = identity). Returns ``qm``."""
-    kinds = set(kinds)
-    for q in quantizers(qm).values():
-        if q.kind in kinds:
-            q.enable_fake_quant(enabled)
-    return qm
-
-
-@torch.no_grad()
-def calibrate(qm: nn.Module, batches: Iterable[Any], reset: bool = False) -> nn.Module:
-    """Initialise data-dependent quantizer parameters from ``batches`` (eval mode; BN statistics untouched).
-
-    Quantizers initialise from the first batch that reaches them; already initialised ones are kept unless
-    ``reset=True``.
-    """
-    qs = quantizers(qm)
-    if reset:
-        for q in qs.values():
-            q.reset()
-    was_training = qm.training
-    qm.eval()
-    try:
-        for batch in batches:
-            inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
-            qm(*inputs)
-            if all(q.is_initialized for q in qs.values() if q.kind != "grad"):
-                break
-    finally:
-        qm.train(was_training)
-    return qm
-
-
-def trainable_parameters(qm: nn.Module) -> Iterator[nn.Parameter]:
-    """The parameters an optimizer should update: everything that requires grad (the frozen partner does not)."""
-    seen = set()
-    for p in qm.parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            yield p
 
 
 def convert(qm: fx.GraphModule) -> fx.GraphModule:

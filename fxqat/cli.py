@@ -293,7 +293,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     qm = fxqat.prepare_qat(model, (x,), fxqat.QATConfig(w_bits=w, a_bits=b))
     print("\ncapture: graph regions are traced by torch.fx, eager regions run as written")
     print(fxqat.capture_report(qm).to_markdown())
-    qs = fxqat.quantizers(qm)
+    qs = fxqat.named_quantizers(qm)
     print(f"\n{len(qs)} quantizers (W{w}A{b}, first/last layer 8 bits)")
     print(f"{'quantizer':<40} {'kind':<7} {'bits':>4}  method")
     for name, q in qs.items():

@@ -364,3 +364,4 @@ def use_function() -> bool:
     ResNet-20, CPU: a compiled LSQ step at 1.08x the compiled FP step with plain ops, 1.9x with the function).
     """
     return not torch.compiler.is_compiling()
+

@@ -2,7 +2,9 @@
 
 Forward ``v̂ = s · ⌊clip(v / s, Q_N, Q_P)⌉``; backward STE to ``v`` inside the range, and to the step size
 ``(⌊v/s⌉ − v/s)`` inside, ``Q_N`` / ``Q_P`` at the clipped ends, times the gradient scale ``g = 1/√(N·Q_P)``.
-Initialisation ``s = 2·mean|v| / √Q_P`` on the first tensor seen.
+Initialisation on the first tensor seen: option ``init`` (:mod:`fxqat.quantizers.scale_init`), by default the
+paper's ``s = 2·mean|v| / √Q_P``; ``"absmax"`` starts at round-to-nearest's scale, ``"mse"`` at the clipping ratio of
+least squared error (the LLM presets' choice).
 
 Three implementations of the same forward. ``impl="function"`` (default) is a ``torch.autograd.Function`` with the
 paper's backward written out (``∂/∂v = 1`` inside, ``∂/∂s = Σ g·⌊c⌉ − Σ g_v·v`` with ``c`` the clipped ``v/s``): it
@@ -33,8 +35,9 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from fxqat.quantizers.base import Quantizer, channel_view, grad_inside, reduce_except, use_function
+from fxqat.quantizers.base import Quantizer, channel_view, grad_inside, use_function
 from fxqat.quantizers.registry import register
+from fxqat.quantizers.scale_init import INITS, init_scale
 
 __all__ = ["LSQQuantizer", "LSQFunction", "round_ste", "scale_grad"]
 
@@ -99,12 +102,14 @@ class LSQQuantizer(Quantizer):
         grad_scale: multiply the step-size gradient by ``1/√(N·Q_P)`` (the paper's setting, default True).
     """
 
-    default_options = {"impl": "function", "grad_scale": True}
+    default_options = {"impl": "function", "grad_scale": True, "init": "lsq", "mse_grid": 40}
 
     def __init__(self, spec, **kwargs) -> None:
         super().__init__(spec, **kwargs)
         if self.opts["impl"] not in ("function", "fused", "ste"):
             raise ValueError(f"LSQQuantizer: impl={self.opts['impl']!r}; use 'function', 'ste' or 'fused'.")
+        if self.opts["init"] not in INITS:
+            raise ValueError(f"{type(self).__name__}: init={self.opts['init']!r}; choose one of {list(INITS)}.")
         self.scale = nn.Parameter(torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1))
         self.register_buffer("grad_factor", torch.ones(1))
@@ -114,7 +119,7 @@ class LSQQuantizer(Quantizer):
     def _init_from(self, x: torch.Tensor) -> None:
         qmax = max(self.qrange[1], 1)
         axis = self.ch_axis if self.per_channel else None
-        s = 2 * reduce_except(x.float(), axis, "absmean") / math.sqrt(qmax)
+        s = init_scale(x.float(), axis, self.qrange, self.opts["init"], int(self.opts["mse_grid"]))
         s = torch.clamp(s, min=1e-8)
         if self.scale.shape != s.shape:
             self.scale = nn.Parameter(s.to(self.scale.device))

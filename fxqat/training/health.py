@@ -11,7 +11,7 @@ Example:
     >>> sorted({r["status"] for r in rows})
     ['ok']
     >>> with torch.no_grad():
-    ...     _ = next(q for q in fxqat.quantizers(qm).values() if q.kind == "weight").scale.fill_(float("nan"))
+    ...     _ = next(q for q in fxqat.named_quantizers(qm).values() if q.kind == "weight").scale.fill_(float("nan"))
     >>> [r["status"] for r in rows_with_problems(quantizer_health(qm))]
     ['non-finite']
 """

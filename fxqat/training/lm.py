@@ -30,10 +30,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fxqat.quantizers.base import Quantizer
 from fxqat.training.losses import logits_of
 
 __all__ = ["LMRecipe", "FP_RECIPE", "FINETUNE_RECIPE", "lm_loss", "lm_optimizer", "warmup_cosine", "evaluate_lm",
-           "train_lm"]
+           "train_lm", "quantizer_parameter_ids"]
 
 log = logging.getLogger(__name__)
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -76,11 +77,19 @@ def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
-def lm_optimizer(params: Iterable[nn.Parameter], recipe: LMRecipe) -> torch.optim.AdamW:
-    """AdamW with weight decay on parameters of 2+ dimensions, none on vectors and scalars (norms, scales)."""
+def quantizer_parameter_ids(model: nn.Module) -> set:
+    """``id``s of the parameters that belong to fxqat quantizers (scales, clip values, offsets)."""
+    return {id(p) for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters()}
+
+
+def lm_optimizer(params: Iterable[nn.Parameter], recipe: LMRecipe, no_decay: Iterable[int] = ()) -> torch.optim.AdamW:
+    """AdamW with weight decay on parameters of 2+ dimensions, none on vectors and scalars (norms) nor on the
+    parameters whose ``id`` is in ``no_decay`` (quantizer scales: per-group scales are matrices too)."""
     params = [p for p in params if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": recipe.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    skip = set(no_decay)
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in skip]
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay},
+              {"params": [p for p in params if not (p.dim() >= 2 and id(p) not in skip)], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.lr, betas=recipe.betas)
 
 
@@ -125,7 +134,7 @@ def train_lm(model: nn.Module, corpus, recipe: LMRecipe, seed: int = 0, *, loss_
         ``{"loss": [...], "eval": [(step, val_loss), ...], "step_s": [...], "steps": n_done, "time_s": total}``.
     """
     model.train()
-    opt = lm_optimizer(model.parameters() if params is None else params, recipe)
+    opt = lm_optimizer(model.parameters() if params is None else params, recipe, quantizer_parameter_ids(model))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, recipe))
     trained = [p for g in opt.param_groups for p in g["params"]]
     gen = torch.Generator().manual_seed(recipe.seed_offset + seed)

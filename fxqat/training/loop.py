@@ -42,15 +42,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxqat.config import HybridConfig
+from fxqat.hybrid_output import HybridOutput
+from fxqat.quantizers.base import Quantizer
+from fxqat.quantizers.control import calibrate as calibrate_quantizers
 from fxqat.training import distributed as ddp
 from fxqat.training.health import NonFiniteGuard
 from fxqat.training.checkpoint import (
     CheckpointError, atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state, to_json,
 )
+from fxqat.training.losses import distillation_loss, hybrid_loss, kd_loss
+from fxqat.training.report import plot_run
 
 __all__ = ["TrainConfig", "fit", "evaluate", "kd_loss", "compute_loss", "param_groups", "calibrate"]
-
-from fxqat.training.losses import kd_loss  # noqa: E402  (one definition, re-exported)
 
 log = logging.getLogger(__name__)
 NONFINITE_POLICIES = ("skip", "stop", "raise")
@@ -116,44 +120,17 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.checkpoint_every={self.checkpoint_every!r}: use None or an integer >= 1.")
 
 
-def _hybrid_api():
-    """``(HybridOutput type, hybrid_loss, distillation_loss)`` of the core, or Nones where they do not exist yet."""
-    import fxqat
-
-    out_t = getattr(fxqat, "HybridOutput", None)
-    loss, distill = getattr(fxqat, "hybrid_loss", None), None
-    try:
-        from fxqat.passes.build_hybrid import HybridOutput as out_t2
-
-        out_t = out_t or out_t2
-    except ImportError:
-        pass
-    try:
-        from fxqat.training import losses
-
-        loss, distill = loss or losses.hybrid_loss, losses.distillation_loss
-    except ImportError:
-        pass
-    return out_t, loss, distill
-
-
 def compute_loss(out: Any, y: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None, kd_weight: float = 1.0,
                  temperature: float = 1.0) -> Tuple[torch.Tensor, Dict[str, float], torch.Tensor]:
     """``(total loss, logged parts, LP logits)`` for a model output (see the module docstring)."""
-    hybrid_t, hybrid_loss, distill = _hybrid_api()
-    if hybrid_t is not None and isinstance(out, hybrid_t):
+    if isinstance(out, HybridOutput):
         total, parts = hybrid_loss(out, y)
         return total, {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in parts.items()}, out.lp
     if teacher_logits is None:
         return F.cross_entropy(out, y), {}, out
-    if distill is not None:  # the core's backbone term, so the KD arm matches the hybrid loss exactly
-        from fxqat.config import HybridConfig
-
-        total, parts = distill(out, teacher_logits, y, HybridConfig(kd_weight=kd_weight, temperature=temperature))
-        return total, {k: float(v) for k, v in parts.items()}, out
-    ce = F.cross_entropy(out, y)
-    kd = kd_loss(out, teacher_logits, temperature)
-    return ce + kd_weight * kd, {"kd": float(kd.detach())}, out
+    # the core's backbone term, so the KD arm matches the hybrid loss exactly
+    total, parts = distillation_loss(out, teacher_logits, y, HybridConfig(kd_weight=kd_weight, temperature=temperature))
+    return total, {k: float(v) for k, v in parts.items()}, out
 
 
 @torch.no_grad()
@@ -176,15 +153,11 @@ def evaluate(model: nn.Module, loader: Iterable) -> float:
 def calibrate(model: nn.Module, x: torch.Tensor) -> None:
     """Initialise lazily initialised quantizers before the optimizer exists (``fxqat.calibrate`` on one batch: eval
     mode, no grad, BatchNorm statistics untouched)."""
-    from fxqat.api import calibrate as _calibrate
-
-    _calibrate(model, [x])
+    calibrate_quantizers(model, [x])
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig, params: Optional[Iterable] = None) -> List[Dict[str, Any]]:
     """Two groups: quantizer parameters (``quant_lr``, ``quant_weight_decay``) and all other trainable ones."""
-    from fxqat.quantizers import Quantizer
-
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
     params = list(params)
@@ -289,7 +262,6 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
         torch.manual_seed(cfg.seed)
     else:
         torch.manual_seed(cfg.seed)
-    hybrid_t = _hybrid_api()[0]
     if find_unused_parameters is None:
         find_unused_parameters = getattr(model, "fxqat_hybrid", None) is not None
     net = ddp.wrap_ddp(model, find_unused_parameters=find_unused_parameters)
@@ -363,7 +335,7 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
             acc["n"] += len(y)
             acc["correct"] += int((logits.detach().argmax(1) == y).sum())
             rec = {"step": step, "loss": lv, **parts}
-            if hybrid_t is not None and isinstance(o, hybrid_t) or teacher is not None:
+            if isinstance(o, HybridOutput) or teacher is not None:
                 rec["ce"] = float(F.cross_entropy(logits.detach(), y))
             hist["steps"].append(rec)
             bar.update(1)
@@ -396,8 +368,6 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
                      "time_s": elapsed + time.perf_counter() - t0}
     if out is not None and main:
         if cfg.plot:
-            from fxqat.training.report import plot_run
-
             plot_run(hist, out / "curves.png", title=desc)
         atomic_write_text(to_json(hist), out / "metrics.json")
     return hist

@@ -20,6 +20,7 @@ from fxqat.data import cache_dir
 from fxqat.training import distributed as ddp
 from fxqat.training.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from fxqat.models.hf import CHAR_LLAMA, char_llama
+from fxqat.quantizers.control import trainable_parameters
 from fxqat.training.lm import FP_RECIPE, LMRecipe, evaluate_lm, train_lm
 from fxqat.training.loop import TrainConfig, calibrate, evaluate, fit
 
@@ -79,19 +80,17 @@ def train_qat(qm: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None
 
     Works for plain outputs, ``teacher`` distillation and hybrid outputs alike (see :func:`compute_loss`).
     """
-    import fxqat
-
     train_loader.set_epoch(0)
     x0, _ = next(iter(train_loader))
     calibrate(qm, x0)
-    get = getattr(fxqat, "trainable_parameters", None)
-    params = list(get(qm)) if get is not None else None
+    params = list(trainable_parameters(qm))
     return fit(qm, train_loader, cfg, test_loader=test_loader, out_dir=out_dir, resume=resume, teacher=teacher,
                params=params, desc=desc, run_info=run_info, stop_after=stop_after, trusted=trusted)
 
 
 def pretrained_char_llama(corpus, recipe: LMRecipe = FP_RECIPE, *, seed: int = 0, cache: bool = True,
-                          progress: bool = True, n_val: int = 64, val_seed: int = 1337) -> Tuple[nn.Module, Dict]:
+                          progress: bool = True, n_val: int = 64, val_seed: int = 1337,
+                          model_overrides: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Dict]:
     """The LLM benchmark's FP model: :func:`~fxqat.models.hf.char_llama` pre-trained with ``recipe`` on ``corpus``,
     cached under ``fp_cache_dir()`` (keyed by the recipe, the model sizes and the corpus size).
 
@@ -99,11 +98,12 @@ def pretrained_char_llama(corpus, recipe: LMRecipe = FP_RECIPE, *, seed: int = 0
         ``(model, info)`` with info ``{"val_loss", "path", "cached", "time_s", "steps"}``; ``val_loss`` is the mean over
         ``n_val`` validation batches from ``val_seed``.
     """
-    ident = {"model": CHAR_LLAMA, "vocab": corpus.vocab_size, "n_train": len(corpus.splits["train"]), "seed": seed,
+    sizes = {**CHAR_LLAMA, **(model_overrides or {})}
+    ident = {"model": sizes, "vocab": corpus.vocab_size, "n_train": len(corpus.splits["train"]), "seed": seed,
              "recipe": asdict(recipe)}
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
     path = fp_cache_dir() / f"char_llama-st{recipe.steps}-s{seed}-{digest}.pt"
-    model = char_llama(corpus.vocab_size, seed=seed)
+    model = char_llama(corpus.vocab_size, seed=seed, **(model_overrides or {}))
     if cache and path.exists():
         try:
             ck = load_checkpoint(path, required=("model", "val_loss"))

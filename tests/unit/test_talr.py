@@ -49,7 +49,7 @@ def _train(qm, opt, batches):
 
 
 def _freeze_weight_scales(qm):
-    for q in fxqat.quantizers(qm).values():
+    for q in fxqat.named_quantizers(qm).values():
         if q.kind == "weight":
             for p in q.parameters():
                 p.requires_grad_(False)
@@ -129,7 +129,7 @@ def test_non_quantized_parameters_keep_the_normal_lr():
 
 def test_weight_scales_are_frozen_and_activation_scales_learn():
     qm = _mlp_qm()
-    qs = fxqat.quantizers(qm)
+    qs = fxqat.named_quantizers(qm)
     before = {n: q.scale.detach().clone() for n, q in qs.items()}
     opt = SGDT(qm, total_steps=10, lr=0.05)
     _train(qm, opt, _batches(3))
