@@ -30,7 +30,7 @@ from fxqat.layer_registry import WeightLayer, base_forward, weight_layer_entry
 from fxqat.quantizers.base import Quantizer
 from fxqat.quantizers.registry import make_quantizer
 
-__all__ = ["quantize_layer", "is_quantized_layer", "WEIGHT_QUANT", "ACT_QUANT", "FIRST_LAST"]
+__all__ = ["quantize_layer", "unquantize_layer", "is_quantized_layer", "WEIGHT_QUANT", "ACT_QUANT", "FIRST_LAST"]
 
 WEIGHT_QUANT = "fxqat_wq"
 ACT_QUANT = "fxqat_aq"
@@ -116,3 +116,23 @@ def layer_spec_axes(module: nn.Module) -> Tuple[int, ...]:
     entry = weight_layer_entry(module)
     w = getattr(module, entry.weight)
     return tuple((entry.to_out_in(w) if entry.to_out_in else w).shape)
+
+
+def unquantize_layer(module: nn.Module) -> Tuple[Quantizer, Optional[Quantizer]]:
+    """Undo :func:`quantize_layer` in place: ``module`` gets its own class back and loses its two quantizers, which
+    are returned ``(weight quantizer, input quantizer or None)``. Its weight is left as it is.
+
+    Example:
+        >>> lin = nn.Linear(8, 4)
+        >>> _ = quantize_layer(lin, QuantSpec(bits=4, kind="weight"), None, "fc")
+        >>> wq, aq = unquantize_layer(lin)
+        >>> type(lin).__name__, type(wq).__name__, aq, hasattr(lin, WEIGHT_QUANT)
+        ('Linear', 'LSQQuantizer', None, False)
+    """
+    if not is_quantized_layer(module):
+        raise TypeError(f"{type(module).__name__} is not a layer quantized in place by fxqat.")
+    wq, aq = getattr(module, WEIGHT_QUANT), getattr(module, ACT_QUANT, None)
+    del module._modules[WEIGHT_QUANT]
+    module._modules.pop(ACT_QUANT, None)
+    module.__class__ = type(module).__bases__[1]  # _quant_class: (_EagerQuantMixin, original class)
+    return wq, aq
