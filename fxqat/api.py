@@ -31,6 +31,7 @@ from fxqat.passes.annotate import QMETA, annotate
 from fxqat.capture.layers import is_quantized_layer
 from fxqat.passes.insert_quant import CONTAINER, QROLE, OpaqueWeightQuant, insert_quant
 from fxqat.passes.normalize import normalize
+from fxqat.passes.shard_units import prepared_blocks
 from fxqat.quantizers.base import Quantizer
 from fxqat.quantizers.control import calibrate, named_quantizers, set_quantization, trainable_parameters
 from fxqat.trace import TraceFailure, trace
@@ -175,7 +176,9 @@ def find_blocks(
     """The blocks block replacement would use for ``model`` (a list of :class:`fxqat.graph.Block`).
 
     Blocks end at residual boundaries (nodes every input-to-output path passes through) and each holds at least one
-    layer that ``config`` quantizes; ``config.hybrid`` (if set) supplies ``max_blocks`` and ``boundaries``.
+    layer that ``config`` quantizes; ``config.hybrid`` (if set) supplies ``max_blocks`` and ``boundaries``. A model
+    ``prepare_qat`` returned gives the blocks of the FP model it was prepared from (``example_inputs`` and ``config``
+    are then not used).
 
     Example:
         >>> import torch, torchvision, fxqat
@@ -188,6 +191,8 @@ def find_blocks(
     h = config.hybrid or HybridConfig()
     if is_eager_model(model):
         return eager_blocks(model)
+    if isinstance(model, fx.GraphModule) and quantizers(model):  # prepared already: the partition of its FP graph
+        return prepared_blocks(model)
     try:
         gm = prepare_fp_graph(model, example_inputs, config, concrete_args=concrete_args)
     except TraceFailure:

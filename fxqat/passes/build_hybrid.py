@@ -114,10 +114,22 @@ class HybridGraphModule(fx.GraphModule):
             for p in partner.parameters():
                 p.requires_grad_(False)
             self.fxqat_partner = partner.eval()
-            fp_root: nn.Module = partner
         else:
             self.fxqat_partner = None
-            fp_root = self
+        self.rebuild_views()
+        if hybrid.path_weights != "uniform" and len(hybrid.path_weights) != self.n_paths:
+            raise ValueError(
+                f"HybridConfig.path_weights has {len(hybrid.path_weights)} entries but this model has "
+                f"{self.n_paths} paths (mode {hybrid.mode!r}); give one weight per path or 'uniform'."
+            )
+
+    def rebuild_views(self) -> None:
+        """(Re)build the sub-graph views the train-mode forward runs, from the LP graph and the FP graph (call it
+        after editing either graph, as :func:`fxqat.training.fsdp.shard_prepared` does)."""
+        hybrid = self.fxqat_hybrid
+        fp_root: nn.Module = self.fxqat_partner if self.fxqat_partner is not None else self
+        fp_graph = self._fp_graph
+        lp_cuts, fp_cuts = _cut_names(self.graph), _cut_names(fp_graph)
         self._views: Dict[str, fx.GraphModule] = {}
         v = self._views
         v["lp_cuts"] = view(self, extract(self.graph, None, [OUTPUT, *lp_cuts]), "Backbone")
@@ -134,11 +146,7 @@ class HybridGraphModule(fx.GraphModule):
         for name, gmv in v.items():
             frozen_fp = hybrid.partner == "frozen" and name.startswith("fp")
             object.__setattr__(gmv, "training", not frozen_fp)
-        if hybrid.path_weights != "uniform" and len(hybrid.path_weights) != self.n_paths:
-            raise ValueError(
-                f"HybridConfig.path_weights has {len(hybrid.path_weights)} entries but this model has "
-                f"{self.n_paths} paths (mode {hybrid.mode!r}); give one weight per path or 'uniform'."
-            )
+        self.train(self.training)  # view() sets the shared modules' mode to its root's: restore the partner's eval
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> "HybridGraphModule":
         base = fx.GraphModule(self, copy.deepcopy(self.graph), type(self).__name__)
@@ -147,6 +155,11 @@ class HybridGraphModule(fx.GraphModule):
         new = HybridGraphModule(base, copy.deepcopy(self._fp_graph), self.fxqat_hybrid, base.fxqat_partner)
         new.train(self.training)
         return new
+
+    @property
+    def fp_graph(self) -> fx.Graph:
+        """The FP partner's graph (with ``fxqat.cut`` marks) that the ``fp*`` views are extracted from."""
+        return self._fp_graph
 
     # ------------------------------------------------------------------------------------------------ paths
     @property
