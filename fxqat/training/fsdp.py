@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from fxqat.api import quantizers
+from fxqat.quantizers.control import named_quantizers
 from fxqat.capture.eager_model import eager_blocks, is_eager_model
 from fxqat.passes.build_hybrid import HybridGraphModule
 from fxqat.passes.shard_units import GateUnit, insert_gates, prepared_blocks
@@ -63,7 +63,7 @@ def shard_units(model: nn.Module) -> List[str]:
 
 
 def _check_ready(qm: nn.Module) -> None:
-    pending = [n for n, q in quantizers(qm).items() if q.kind != "grad" and not q.is_initialized]
+    pending = [n for n, q in named_quantizers(qm).items() if q.kind != "grad" and not q.is_initialized]
     if pending:
         raise ValueError(
             f"shard_prepared: {len(pending)} quantizer(s) are not initialised yet ({pending[:3]}...). Run "
