@@ -387,7 +387,7 @@ def plot(payload: Dict[str, Any], path: Path) -> None:
                 ax.plot(steps, vals, label=key.split("/")[-1])
         rtn = part["records"].get(f"{setting}/rtn")
         if rtn:
-            ax.axhline(rtn["val_loss"], ls=":", c="grey", label="rtn (PTQ)")
+            ax.axhline(rtn["val_loss"], ls=":", c="grey", label="rtn (PTQ, all validation batches)")
         ax.set_title(f"{setting} (seed {part['seed']})")
         ax.set_xlabel("fine-tuning step")
         ax.set_ylabel(f"validation loss ({payload['n_curve']} batches)")
