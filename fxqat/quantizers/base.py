@@ -99,6 +99,8 @@ class Quantizer(FakeQuantizeBase):
 
     #: granularities this method implements; per-group runs the per-channel code on the grouped view (to_groups)
     granularities: Tuple[str, ...] = ("per_tensor", "per_channel", "per_group")
+    #: tensor kinds (``QuantSpec.kind``) this method quantizes
+    kinds: Tuple[str, ...] = ("weight", "act")
 
     def __init__(self, spec: QuantSpec, **kwargs: Any) -> None:
         super().__init__()
@@ -106,6 +108,11 @@ class Quantizer(FakeQuantizeBase):
             raise ValueError(
                 f"{type(self).__name__}: method {self.method!r} does not support granularity={spec.granularity!r}; "
                 f"it supports {list(self.granularities)}."
+            )
+        if spec.kind not in self.kinds:
+            raise ValueError(
+                f"{type(self).__name__}: method {self.method!r} quantizes {list(self.kinds)} tensors, not "
+                f"kind={spec.kind!r}."
             )
         unknown = set(spec.options_dict()) - set(self.default_options)
         if unknown:

@@ -63,6 +63,7 @@ class DynamicQuantizer(Quantizer):
     """
 
     granularities = ("per_token",)
+    kinds = ("act",)
     is_dynamic = True
 
     def __init__(self, spec, **kwargs) -> None:

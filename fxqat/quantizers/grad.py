@@ -101,14 +101,16 @@ class GradQuantizer(Quantizer):
         "init": "ema_search", "init_momentum": 0.999, "init_step": None, "init_max_iters": 5000,
         "update": "backward", "rounding": "stochastic", "noise": "int8",
     }
+    granularities = ("per_tensor",)  # one γ per gradient tensor
+    kinds = ("grad",)
 
     def __init__(self, spec, **kwargs) -> None:
-        super().__init__(spec, **kwargs)
         if spec.kind != "grad":
             raise ValueError(
                 f"GradQuantizer: method 'grad' quantizes gradients only (got kind={spec.kind!r}); choose a weight/"
                 "activation method (e.g. method='lsq') and set QATConfig(g_bits=4) for gradient quantization."
             )
+        super().__init__(spec, **kwargs)
         for name, choices in _CHOICES.items():
             if self.opts[name] not in choices:
                 raise ValueError(f"GradQuantizer: {name}={self.opts[name]!r}; use one of {choices}.")
