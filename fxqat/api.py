@@ -24,11 +24,14 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxqat.capture.eager_model import convert_eager, eager_blocks, is_eager_model, prepare_eager
 from fxqat.capture.shapes import propagate_shapes
-from fxqat.config import QATConfig
+from fxqat.config import HybridConfig, QATConfig
+from fxqat.graph.blocks import partition
+from fxqat.passes.build_hybrid import build_hybrid, mark_cuts
 from fxqat.passes.annotate import QMETA, annotate
 from fxqat.capture.layers import is_quantized_layer
 from fxqat.passes.insert_quant import CONTAINER, QROLE, OpaqueWeightQuant, insert_quant
 from fxqat.passes.normalize import normalize
+from fxqat.passes.shard_units import prepared_blocks
 from fxqat.quantizers.base import Quantizer
 from fxqat.quantizers.control import calibrate, named_quantizers, set_quantization, trainable_parameters
 from fxqat.trace import TraceFailure, trace
@@ -137,13 +140,9 @@ def prepare_qat(
                     type(model).__name__)
     fp_graph = None
     if config.hybrid is not None:
-        from fxqat.passes.build_hybrid import mark_cuts
-
         fp_graph = mark_cuts(gm, config)
     insert_quant(gm, config)
     if config.hybrid is not None:
-        from fxqat.passes.build_hybrid import build_hybrid
-
         gm = build_hybrid(gm, fp_graph, config.hybrid)
     gm.train(model.training)
     return gm
@@ -177,7 +176,9 @@ def find_blocks(
     """The blocks block replacement would use for ``model`` (a list of :class:`fxqat.graph.Block`).
 
     Blocks end at residual boundaries (nodes every input-to-output path passes through) and each holds at least one
-    layer that ``config`` quantizes; ``config.hybrid`` (if set) supplies ``max_blocks`` and ``boundaries``.
+    layer that ``config`` quantizes; ``config.hybrid`` (if set) supplies ``max_blocks`` and ``boundaries``. A model
+    ``prepare_qat`` returned gives the blocks of the FP model it was prepared from (``example_inputs`` and ``config``
+    are then not used).
 
     Example:
         >>> import torch, torchvision, fxqat
@@ -185,13 +186,13 @@ def find_blocks(
         >>> [b.name for b in blocks][:3]
         ['stem', 'layer1.0', 'layer1.1']
     """
-    from fxqat.config import HybridConfig
-    from fxqat.graph.blocks import partition
 
     config = config or QATConfig()
     h = config.hybrid or HybridConfig()
     if is_eager_model(model):
         return eager_blocks(model)
+    if isinstance(model, fx.GraphModule) and quantizers(model):  # prepared already: the partition of its FP graph
+        return prepared_blocks(model)
     try:
         gm = prepare_fp_graph(model, example_inputs, config, concrete_args=concrete_args)
     except TraceFailure:

@@ -137,7 +137,8 @@ class _Capturer:
             return False
         w_bits = ov.w_bits if ov and ov.w_bits else None
         a_bits = ov.a_bits if ov and ov.a_bits else None
-        if name in self.first_last and not (ov and (ov.w_bits or ov.a_bits)):
+        by_policy = name in self.first_last and not (ov and (ov.w_bits or ov.a_bits))
+        if by_policy:
             if cfg.first_last is None:
                 return False
             w_bits = a_bits = cfg.first_last
@@ -152,7 +153,7 @@ class _Capturer:
             aspec = cfg.spec_for("act", bits=a_bits, method=method, signed=signed)
         weight = getattr(module, weight_layer_entry(module).weight)
         shared = self.param_quant.get(id(weight))
-        self.param_quant[id(weight)] = quantize_layer(module, wspec, aspec, name, shared)
+        self.param_quant[id(weight)] = quantize_layer(module, wspec, aspec, name, shared, first_last=by_policy)
         return True
 
     # ---------------------------------------------------------------- graph regions

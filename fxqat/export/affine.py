@@ -12,6 +12,11 @@ rebuilding the graph with a deployment-specific "quantization point" in place of
 Bit-widths below 8 live on an 8-bit *carrier* (``int8`` when the codes need a sign, else ``uint8``); the real
 range ``[qmin, qmax]`` is kept in :class:`AffineParams` so each path can clip to it.
 
+Per-group weights (``granularity="per_group"``: one scale per ``group_size`` consecutive input elements of each
+output channel) have :attr:`AffineParams.group_size` set and are *not* per-channel. The Q/DQ paths (torch.ao, PT2E,
+ONNX) carry per-tensor and per-channel scales only and refuse them, as they refuse dynamic per-token activation
+quantizers; :func:`fxqat.export.to_torchao` (and ExecuTorch through it) carries both.
+
 Example:
     >>> import torch, torch.nn as nn, fxqat
     >>> from fxqat.export.affine import quant_points
@@ -34,9 +39,12 @@ import torch.fx as fx
 from torch import nn
 
 from fxqat.passes.insert_quant import QROLE, OpaqueWeightQuant
-from fxqat.quantizers.base import NotAffineError, Quantizer
+from fxqat.quantizers.base import NotAffineError, Quantizer, from_groups, to_groups
 
-__all__ = ["ExportError", "AffineParams", "QuantPoint", "quant_points", "fp_module", "safe_name", "cpu_inputs"]
+__all__ = [
+    "ExportError", "AffineParams", "QuantPoint", "quant_points", "fp_module", "safe_name", "cpu_inputs",
+    "affine_params", "lp_graph_copy",
+]
 
 
 class ExportError(ValueError):
@@ -55,14 +63,16 @@ class AffineParams:
         code = clamp(round((x - offset) / scale) + zp, qmin, qmax);   value = (code - zp) * scale + offset
 
     Attributes:
-        scale: float32, shape ``[1]`` (per tensor) or ``[C]`` (per channel).
+        scale: float32, shape ``[1]`` (per tensor), ``[C]`` (per channel) or ``[C·G]`` (per group: ``G`` groups per
+            channel, in (channel, group) order, the rows of :func:`fxqat.quantizers.base.to_groups`).
         zero_point: int32, same shape, already shifted onto the carrier (see ``signed``).
         qmin, qmax: integer range of the real bit-width, on the carrier.
-        ch_axis: channel axis for per-channel parameters, None per tensor.
+        ch_axis: channel axis for per-channel and per-group parameters, None per tensor.
         signed: carrier is int8 (True, codes -128..127) or uint8 (False, 0..255).
         offset: a float shift of the whole grid (0.0 almost always): activation grids whose lowest level is not a
             multiple of the step (a learned lower bound: LSQ+ without ``offset_on_grid``, DSQ, EWGS) have no integer
             zero point; they are exported as ``x - offset -> Q/DQ -> + offset``.
+        group_size: elements per group for per-group weights, None otherwise.
     """
 
     scale: torch.Tensor
@@ -72,10 +82,21 @@ class AffineParams:
     ch_axis: Optional[int]
     signed: bool
     offset: float = 0.0
+    group_size: Optional[int] = None
 
     @property
     def per_channel(self) -> bool:
-        return self.ch_axis is not None
+        """One scale per output channel (False for per-group parameters, which have several per channel)."""
+        return self.ch_axis is not None and self.group_size is None
+
+    @property
+    def per_group(self) -> bool:
+        return self.group_size is not None
+
+    @property
+    def granularity(self) -> str:
+        """``"per_tensor"``, ``"per_channel"`` or ``"per_group"``."""
+        return "per_group" if self.per_group else "per_channel" if self.per_channel else "per_tensor"
 
     @property
     def carrier_range(self) -> Tuple[int, int]:
@@ -96,6 +117,9 @@ class AffineParams:
 
     @property
     def qscheme(self) -> torch.qscheme:
+        """torch's qscheme (there is none for per-group parameters: ExportError)."""
+        if self.per_group:
+            raise ExportError(f"per-group parameters (group_size={self.group_size}) have no torch qscheme.")
         return torch.per_channel_affine if self.per_channel else torch.per_tensor_affine
 
     def clip_range(self) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +135,10 @@ class AffineParams:
         return self._fq(x)
 
     def _fq(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_group:
+            xg = to_groups(x, self.ch_axis, self.group_size)
+            y = torch.fake_quantize_per_channel_affine(xg, self.scale, self.zero_point, 0, self.qmin, self.qmax)
+            return from_groups(y, x.shape, self.ch_axis)
         if self.per_channel:
             return torch.fake_quantize_per_channel_affine(
                 x, self.scale, self.zero_point, self.ch_axis, self.qmin, self.qmax
@@ -163,8 +191,20 @@ def _carrier(qmin: int, qmax: int, zp: torch.Tensor, where: str) -> Tuple[int, i
     )
 
 
-def _affine(name: str, q: Quantizer, layer: str) -> AffineParams:
+def affine_params(name: str, q: Quantizer, layer: str) -> AffineParams:
+    """The eval-mode :class:`AffineParams` of quantizer ``q`` (called ``name``, of layer ``layer``).
+
+    Raises:
+        ExportError: naming the quantizer, for a dynamic (per-token) quantizer, a non-affine eval function, a
+            non-positive scale or codes that do not fit an 8-bit carrier.
+    """
     where = f"quantizer {name!r} ({type(q).__name__}, {q.bits}-bit {q.kind}) of layer {layer!r}"
+    if q.is_dynamic:
+        raise ExportError(
+            f"{where} is dynamic ({q.granularity}: scale and zero point computed from each input at run time); it "
+            "has no fixed parameters. Static Q/DQ export (to_torch_ao, to_pt2e, to_onnx) cannot carry it: use "
+            "fxqat.export.to_torchao(qm) (8-bit per-token) and torch.export / fxqat.export.to_executorch."
+        )
     ev = copy.deepcopy(q).eval()
     offset = 0.0
     try:
@@ -181,6 +221,8 @@ def _affine(name: str, q: Quantizer, layer: str) -> AffineParams:
     if not bool(torch.all(scale > 0)):
         raise ExportError(f"{where}: scale {scale.tolist()[:4]} is not positive.")
     qmin, qmax, zp, signed = _carrier(int(qmin), int(qmax), zp, where)
+    if q.granularity == "per_group":  # the quantizer's channel axis is 0 of its grouped view, not of the weight
+        return AffineParams(scale.cpu(), zp.cpu(), qmin, qmax, q.spec.ch_axis, signed, offset, q.group_size)
     axis = q.ch_axis if scale.numel() > 1 else None
     return AffineParams(scale.cpu(), zp.cpu(), qmin, qmax, axis, signed, offset)
 
@@ -283,7 +325,12 @@ def quant_points(qm: fx.GraphModule) -> Dict[str, QuantPoint]:
             a quantizer inside, an uninitialised quantizer, a non-affine eval function or more than 8 bits.
     """
     if not isinstance(qm, fx.GraphModule):
-        raise ExportError(f"expected the GraphModule returned by fxqat.prepare_qat, got {type(qm).__name__}.")
+        hint = ""
+        if any(isinstance(m, Quantizer) for m in qm.modules()):
+            hint = (" This model was prepared through hierarchical capture (its root forward runs eagerly, e.g. a "
+                    "Hugging Face model), which the Q/DQ paths do not handle: use fxqat.export.to_torchao(qm) "
+                    "(linear layers, weight-only or 8da4w) and torch.export / fxqat.export.to_executorch.")
+        raise ExportError(f"expected the GraphModule returned by fxqat.prepare_qat, got {type(qm).__name__}.{hint}")
     _check_supported(qm)
     points: Dict[str, QuantPoint] = {}
     for node in qm.graph.nodes:
@@ -301,7 +348,7 @@ def quant_points(qm: fx.GraphModule) -> Dict[str, QuantPoint]:
             )
         src = node.args[0]
         source = str(src.target) if isinstance(src, fx.Node) and src.op == "get_attr" else None
-        params = _affine(str(node.target), q, layer)
+        params = affine_params(str(node.target), q, layer)
         points[node.name] = QuantPoint(len(points), node.name, str(node.target), kind, layer, params, source)
     return points
 
@@ -324,15 +371,17 @@ def fp_module(qm: fx.GraphModule, make_point: MakePoint) -> Tuple[fx.GraphModule
     copy lives on the CPU (export artefacts are built there; move the result afterwards if needed).
     """
     points = quant_points(qm)
-    root = copy.deepcopy(qm).cpu()
-    graph = copy.deepcopy(qm.graph)
-    gm = fx.GraphModule(root, graph, "FxqatExport")
-    for layer in {str(n.meta["fxqat.module"]) for n in graph.nodes if n.meta.get("fxqat.module")}:
-        try:  # keep layer modules whole (GraphModule only copies the attributes the graph reads)
-            gm.add_submodule(layer, root.get_submodule(layer))
-        except AttributeError:
-            pass
-    gm.eval()
+    grouped = [p for p in points.values() if p.params.per_group]
+    if grouped:
+        p = grouped[0]
+        raise ExportError(
+            f"quantizer {p.quantizer!r} of layer {p.layer!r} has per-group weights (group_size="
+            f"{p.params.group_size}; {len(grouped)} such quantizer(s)): the Q/DQ export paths (to_torch_ao, "
+            "to_pt2e, to_onnx) carry per-tensor or per-channel scales only. Use fxqat.export.to_torchao(qm) "
+            "(torchao's IntxUnpackedToInt8Tensor, for torch.export / ExecuTorch: fxqat.export.to_executorch)."
+        )
+    gm = lp_graph_copy(qm, "FxqatExport")
+    graph = gm.graph
     with torch.no_grad():
         for node in list(graph.nodes):
             if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), Quantizer):
@@ -356,6 +405,21 @@ def fp_module(qm: fx.GraphModule, make_point: MakePoint) -> Tuple[fx.GraphModule
     for p in gm.parameters():
         p.requires_grad_(False)
     return gm, points
+
+
+def lp_graph_copy(qm: fx.GraphModule, class_name: str) -> fx.GraphModule:
+    """An eval-mode CPU copy of ``qm``'s LP graph (no hybrid paths) over a copy of its modules; layer modules are
+    kept whole (a ``GraphModule`` only copies the attributes its graph reads)."""
+    root = copy.deepcopy(qm).cpu()
+    graph = copy.deepcopy(qm.graph)
+    gm = fx.GraphModule(root, graph, class_name)
+    for layer in {str(n.meta["fxqat.module"]) for n in graph.nodes if n.meta.get("fxqat.module")}:
+        try:
+            gm.add_submodule(layer, root.get_submodule(layer))
+        except AttributeError:
+            pass
+    gm.eval()
+    return gm
 
 
 def _is_param(gm: nn.Module, target: str) -> bool:

@@ -24,7 +24,7 @@ def test_llm_quick_profile_tables_and_invariants(tmp_path):
     payload = json.loads((out / "llm.json").read_text())
     table = payload["aggregate"]["table"]
     expected = {"fp", "control"} | {f"{s}/{a}" for s in ("8da4w", "int4", "int3", "int2")
-                                    for a in ("rtn", "rtn_control", "torchao_qat", "lsq", "lsq_kd", "br", "kd_matched")}
+                                    for a in ("rtn", "rtn_control", "ptq", "torchao_qat", "lsq", "lsq_kd", "br", "kd_matched")}
     assert expected <= set(table), expected - set(table)
     for key, row in table.items():
         assert all(math.isfinite(v) for v in row["val_loss"]), key
