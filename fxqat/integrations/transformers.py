@@ -127,23 +127,24 @@ class FxqatCallback(TrainerCallback):
         if rebind_parameters(optimizer, stale):  # a resume loaded per-channel scales into new Parameters
             log.info("fxqat: optimizer re-pointed at %d parameters replaced by loading the checkpoint", len(stale))
         self._params = current
-        pending = [n for n, q in named_quantizers(model).items() if q.kind != "grad" and not q.is_initialized]
-        if not pending or not self.calibrate:
-            pass
-        elif state.global_step > 0:
-            raise RuntimeError(f"FxqatCallback: resuming at step {state.global_step} but the checkpoint held no "
-                               "quantizer state (uninitialised quantizers); prepare the model with the same "
-                               "QATConfig as the run that wrote it.")
-        elif args.world_size > 1:
-            raise RuntimeError("FxqatCallback: under DDP, calibrate before building the Trainer "
-                               "(fxqat.calibrate(qm, [batch])): initialisation creates parameters DDP must see.")
-        else:
-            self._hook = model.register_forward_pre_hook(self._calibrate_hook, with_kwargs=True)
+        if self.calibrate and any(q.kind != "grad" and not q.is_initialized for q in named_quantizers(model).values()):
+            self._start_calibration(args, state, model)
         self._check_decay(model, optimizer)
         talr = find_talr(optimizer)
         if talr is not None and talr.total_steps != state.max_steps:
             log.warning("fxqat: the TALR schedule spans %d steps, the Trainer runs %d; build it with "
                         "total_steps=max_steps.", talr.total_steps, state.max_steps)
+
+    def _start_calibration(self, args, state, model: nn.Module) -> None:
+        """Calibrate on the first training forward (a pre-hook that removes itself)."""
+        if state.global_step > 0:
+            raise RuntimeError(f"FxqatCallback: resuming at step {state.global_step} but the checkpoint held no "
+                               "quantizer state (uninitialised quantizers); prepare the model with the same "
+                               "QATConfig as the run that wrote it.")
+        if args.world_size > 1:
+            raise RuntimeError("FxqatCallback: under DDP, calibrate before building the Trainer "
+                               "(fxqat.calibrate(qm, [batch])): initialisation creates parameters DDP must see.")
+        self._hook = model.register_forward_pre_hook(self._calibrate_hook, with_kwargs=True)
 
     def _calibrate_hook(self, module: nn.Module, args, kwargs):
         self._hook.remove()
