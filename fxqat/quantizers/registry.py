@@ -6,12 +6,18 @@ Example:
     >>> from fxqat.quantizers.registry import available_methods
     >>> "lsq" in available_methods()
     True
+    >>> get_method("lqs")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown quantizer method 'lqs'; choose one of [...]. Did you mean 'lsq'?
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Callable, Dict, List, Type
+
+from fxqat.validate import did_you_mean
 
 __all__ = ["register", "get_method", "available_methods", "make_quantizer"]
 
@@ -70,7 +76,8 @@ def get_method(name: str) -> Type:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown quantizer method {name!r}; choose one of {sorted(_REGISTRY)}") from None
+        raise ValueError(f"unknown quantizer method {name!r}; choose one of {sorted(_REGISTRY)}."
+                         f"{did_you_mean(name, _REGISTRY)}") from None
 
 
 def make_quantizer(spec):
