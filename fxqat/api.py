@@ -24,7 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxqat.capture.eager_model import convert_eager, eager_blocks, is_eager_model, prepare_eager
 from fxqat.capture.shapes import propagate_shapes
-from fxqat.config import HybridConfig, QATConfig
+from fxqat.config import HybridConfig, QATConfig, track_overrides, warn_unmatched_overrides
 from fxqat.graph.blocks import partition
 from fxqat.passes.build_hybrid import build_hybrid, mark_cuts
 from fxqat.passes.annotate import QMETA, annotate
@@ -108,6 +108,10 @@ def prepare_qat(
     Raises:
         ValueError: ``model`` was already prepared (it holds fxqat quantizers).
 
+    Warns:
+        UnmatchedOverrideWarning: an ``Override`` of ``config`` decides no layer (its pattern matches no quantizable
+            layer, or earlier overrides take all of them); the message names the pattern and the closest layer names.
+
     Example:
         >>> import torch, torch.nn as nn, fxqat
         >>> qm = fxqat.prepare_qat(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), (torch.randn(2, 4),))
@@ -118,6 +122,14 @@ def prepare_qat(
     if not isinstance(config, QATConfig):
         raise TypeError(f"config must be a fxqat.QATConfig, got {type(config).__name__}.")
     _check_not_prepared(model)
+    with track_overrides() as use:
+        qm = _prepare(model, example_inputs, config, inplace, concrete_args, example_kwargs)
+    warn_unmatched_overrides(config, use, type(model).__name__)
+    return qm
+
+
+def _prepare(model: nn.Module, example_inputs: Any, config: QATConfig, inplace: bool,
+             concrete_args: Optional[Dict[str, Any]], example_kwargs: Optional[Dict[str, Any]]) -> nn.Module:
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise TypeError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}.")
     try:

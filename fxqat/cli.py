@@ -220,6 +220,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from fxqat.training.checkpoint import atomic_save, atomic_write_text
     from fxqat.training.loop import TrainConfig, fit
     from fxqat.training.recipes import train_fp, train_qat
+    from fxqat.validate import did_you_mean
 
     out = Path(a.out)
     run = {k: v for k, v in vars(a).items()
@@ -232,7 +233,9 @@ def cmd_train(a: argparse.Namespace) -> int:
         if diff:
             raise UsageError(f"--resume: {out} was started with different {diff}; use the same flags or a new --out.")
     if a.method != "fp" and a.method not in fxqat.available_methods():
-        raise UsageError(f"--method {a.method!r}: choose 'fp' or one of {sorted(fxqat.available_methods())}.")
+        choices = ["fp", *fxqat.available_methods()]
+        raise UsageError(f"--method {a.method!r}: choose 'fp' or one of {sorted(fxqat.available_methods())}."
+                         f"{did_you_mean(a.method, choices)}")
     tr, te = _datasets(a.data, a.data_dir, a.train_subset, a.test_subset)
     if a.ddp_timeout is not None and not a.ddp_timeout > 0:
         raise UsageError(f"--ddp-timeout {a.ddp_timeout}: give a positive number of seconds (e.g. 600).")

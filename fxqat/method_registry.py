@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib
 from typing import Callable, Dict, List, Type
 
+from fxqat.validate import did_you_mean
+
 __all__ = ["register", "get_method", "available_methods", "make_quantizer"]
 
 _REGISTRY: Dict[str, type] = {}
@@ -85,7 +87,8 @@ def get_method(name: str) -> Type:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown quantizer method {name!r}; choose one of {sorted(_REGISTRY)}") from None
+        raise ValueError(f"unknown quantizer method {name!r}; choose one of {sorted(_REGISTRY)}."
+                         f"{did_you_mean(name, _REGISTRY)}") from None
 
 
 def make_quantizer(spec):

@@ -5,6 +5,10 @@ Example:
     >>> from fxqat.quantizers.registry import available_methods
     >>> "lsq" in available_methods()
     True
+    >>> get_method("lqs")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown quantizer method 'lqs'; choose one of [...]. Did you mean 'lsq'?
 """
 
 from fxqat.method_registry import available_methods, get_method, make_quantizer, register
