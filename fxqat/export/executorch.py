@@ -7,7 +7,7 @@ layers become XNNPACK's dynamically quantized fully-connected operator (int8 per
 time, ``qb4w`` 4-bit groupwise weights, two codes per byte); a plain (FP) model is lowered in float32.
 :func:`load_executorch` runs a ``.pte`` with ExecuTorch's Python runtime.
 
-What XNNPACK takes (executorch 1.5): dynamic int8 activations with 4-bit per-group or 4/8-bit per-channel weights.
+What XNNPACK takes (executorch 1.5.1): dynamic int8 activations with 4-bit per-group or 4/8-bit per-channel weights.
 Weight-only layers (``IntxWeightOnlyConfig``, the ``int*_weight_only`` presets) are refused: the XNNPACK partitioner
 of executorch 1.5.1 delegates their ``dequantize_affine`` and produces wrong outputs (max |Δ| ≈ 8e3 on torchao's
 own ``IntxWeightOnlyConfig`` MLP here), and the portable runtime has no ``dequantize_affine`` kernel.
@@ -37,26 +37,34 @@ from fxqat.export.affine import ExportError, cpu_inputs
 from fxqat.export.torchao_handoff import to_torchao
 from fxqat.quantizers.base import Quantizer
 
-__all__ = ["to_executorch", "load_executorch", "check_xnnpack_weights"]
+__all__ = ["to_executorch", "load_executorch", "check_xnnpack_weights", "XNNPACK_WEIGHTS"]
 
 log = logging.getLogger(__name__)
 
 
 def _executorch():
+    """``(to_edge_transform_and_lower, XnnpackPartitioner, IntxUnpackedToInt8Tensor)``, imported on first use
+    (executorch is an optional extra; it depends on torchao)."""
     try:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
+        from torchao.quantization import IntxUnpackedToInt8Tensor
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("fxqat.export.to_executorch needs executorch: pip install 'fxqat[executorch]'.") from exc
-    return to_edge_transform_and_lower, XnnpackPartitioner
+    return to_edge_transform_and_lower, XnnpackPartitioner, IntxUnpackedToInt8Tensor
+
+
+#: weight dtypes XNNPACK's dynamically quantized fully-connected operator takes, per group and per channel
+XNNPACK_WEIGHTS = {"per_group": (torch.int4,), "per_channel": (torch.int4, torch.int8)}
 
 
 def check_xnnpack_weights(model: nn.Module) -> None:
     """Raise :class:`~fxqat.export.ExportError` for torchao weights XNNPACK cannot run (see the module docstring):
-    weight-only layers, and per-group weights of other than 4 bits."""
+    weight-only layers, per-group weights of other than 4 bits, per-channel weights of other than 4 or 8 bits."""
+    intx = _executorch()[2]
     for name, p in model.named_parameters():
         t = p.data if isinstance(p, nn.Parameter) else p
-        if type(t).__name__ != "IntxUnpackedToInt8Tensor":
+        if not isinstance(t, intx):
             continue
         layer = name.rpartition(".")[0]
         if t.activation_quantization is None:
@@ -66,11 +74,11 @@ def check_xnnpack_weights(model: nn.Module) -> None:
                 "partitioner of executorch 1.5 mis-lowers weight-only dequantize_affine). Train with "
                 "QATConfig.preset('8da4w') for XNNPACK, or deploy weight-only models through torchao (to_torchao)."
             )
-        group = t.block_size[-1] != t.shape[-1]
-        if group and t.target_dtype != torch.int4:
+        gran = "per_group" if t.block_size[-1] != t.shape[-1] else "per_channel"
+        if t.target_dtype not in XNNPACK_WEIGHTS[gran]:
             raise ExportError(
-                f"layer {layer!r}: XNNPACK's groupwise kernels take 4-bit weights only, not {t.target_dtype} "
-                f"(group size {t.block_size[-1]}); use w_bits=4 or per-channel weights (w_granularity='per_channel')."
+                f"layer {layer!r}: XNNPACK takes {gran} weights of {[str(d) for d in XNNPACK_WEIGHTS[gran]]} only, "
+                f"not {t.target_dtype} (block size {t.block_size}); use w_bits=4 (or 8 per channel)."
             )
 
 
@@ -92,7 +100,7 @@ def to_executorch(model: nn.Module, example_inputs: Any, path: "Optional[str | o
     Raises:
         ExportError: a layer XNNPACK cannot run (weight-only, non-4-bit groups) or that has no torchao form.
     """
-    to_edge_transform_and_lower, XnnpackPartitioner = _executorch()
+    to_edge_transform_and_lower, XnnpackPartitioner, _ = _executorch()
     inputs = cpu_inputs(example_inputs)
     if any(isinstance(m, Quantizer) for m in model.modules()):
         model = to_torchao(model, scale_dtype=torch.bfloat16)

@@ -196,6 +196,14 @@ def _quantizer_node(gm: fx.GraphModule, node, role: str) -> Optional[Quantizer]:
     return None
 
 
+def _check_enabled(wq: Quantizer, aq: Optional[Quantizer], name: str) -> None:
+    if not wq._fq_on and aq is not None and aq._fq_on:
+        raise ExportError(
+            f"layer {name!r}: its weight quantizer is disabled but its input quantizer is not; torchao's tensors "
+            "quantize activations only together with the weight. Enable both or neither (fxqat.set_quantization)."
+        )
+
+
 def _hand_off_graph(gm: fx.GraphModule, prefix: str, configs: Dict[str, object], scale_dtype) -> None:
     """Rewrite ``F.linear(Q_a(x), Q_w(W), b)`` nodes of ``gm`` into ``F.linear(x, W_torchao, b)``."""
     done: Dict[str, torch.Tensor] = {}
@@ -212,6 +220,7 @@ def _hand_off_graph(gm: fx.GraphModule, prefix: str, configs: Dict[str, object],
         layer = str(node.meta.get("fxqat.module") or src.target.rpartition(".")[0])
         name = f"{prefix}.{layer}" if prefix else layer
         aq = _quantizer_node(gm, x, "act")
+        _check_enabled(wq, aq, name)
         target = str(src.target)
         if target not in done and wq._fq_on:
             done[target] = intx_weight(getattr(*_owner(gm, target)), wq, aq, name, scale_dtype)
@@ -249,6 +258,7 @@ def _hand_off_layer(name: str, mod: nn.Module, configs: Dict[str, object], scale
             "layers only. Keep it in FP (Override(..., skip=True)) or use to_pt2e/to_onnx."
         )
     wq, aq = unquantize_layer(mod)
+    _check_enabled(wq, aq, name)
     if wq._fq_on:
         t = intx_weight(mod.weight, wq, aq, name, scale_dtype)
         configs[name] = torchao_config(wq, aq, name)
@@ -302,8 +312,8 @@ def to_torchao(qm: nn.Module, scale_dtype: Optional[torch.dtype] = None) -> nn.M
     ``GraphModule`` (nodes ``F.linear(x, W)``); a hierarchically captured one (a Hugging Face LM) becomes the user's
     model again, its own class and module tree with plain ``nn.Linear`` layers (graph regions are rebuilt into the
     modules they were traced from), as torchao's ``quantize_`` would leave it. Layers left in FP (``lm_head`` under
-    the LLM presets) keep their float weight. Called like
-    ``qm``, it computes what ``fxqat.convert(qm)`` computes (the same codes, scales and activation quantization).
+    the LLM presets) keep their float weight. Called like ``qm``, it computes what ``fxqat.convert(qm)`` computes
+    (the same codes, scales and activation quantization).
     Like the other exports it is built on the CPU (``.to(device)`` moves torchao tensors too).
 
     Args:
