@@ -83,7 +83,7 @@ def _graph_layers(root: nn.Module, prefix: str, gm: fx.GraphModule) -> List[Quan
             continue
         weights = list(dict.fromkeys(weights))
         targets = [getattr(root.get_submodule(qn), "weight_target", None) for qn in weights]
-        params = [_join(prefix, t) if t else "" for t in targets]
+        params = [t or "" for t in targets]  # weight_target: qualified from the root (regions included)
         block = node.meta.get(META_KEY) if not prefix else None
         out.append(QuantLayer(_join(prefix, lq.owner), tuple(weights), tuple(dict.fromkeys(acts)), tuple(params), 0,
                               bool(lq.first_last), block))
