@@ -240,10 +240,12 @@ class Quantizer(FakeQuantizeBase):
     def integer_repr(self, x: torch.Tensor) -> torch.Tensor:
         """The integer code of each element after quantization (used by transition-rate tracking); same shape as
         ``x`` (per-group quantizers compute it on the grouped view, whose rows the scales belong to)."""
-        if self.granularity == "per_group" and x.dim() >= 2:
-            axis = self.spec.ch_axis
-            return from_groups(self.integer_repr(to_groups(x, axis, self.group_size)), x.shape, axis)
         scale, zp, qmin, qmax = self.affine_qparams()
+        if self.granularity == "per_group" and x.dim() >= 2:  # to_groups of the grouped view is that view
+            axis = self.spec.ch_axis
+            xg = to_groups(x, axis, self.group_size)
+            codes = torch.clamp(torch.round(xg / scale.view(-1, 1)) + zp.view(-1, 1), qmin, qmax)
+            return from_groups(codes, x.shape, axis)
         shape = [1] * x.dim()
         if scale.numel() > 1:
             shape[self.ch_axis] = -1
