@@ -3,7 +3,8 @@
 Bounds. ``to_executorch`` lowers ``to_torchao(qm, scale_dtype=torch.bfloat16)``: XNNPACK stores 4-bit groupwise
 scales in bfloat16 and quantizes activations per token with the same asymmetric int8 formula, then accumulates
 integer products exactly; so the program equals that torchao model up to float summation order (``1e-5·max|y|``
-here; measured ~3e-7). Against the fake-quantized QAT model the only other difference is the bfloat16 rounding of
+here; measured ~3e-7), except where a float difference moves a value across a rounding boundary of the next int8
+activation quantizer (rare; one code, 1/255 of that token's range). Against the fake-quantized QAT model the only other difference is the bfloat16 rounding of
 each scale, at most 2^-8 relative per weight (half bfloat16's eps): for one linear layer on the same quantized input
 ``|Δy| ≤ 2^-8 · Σ|x̂||ŵ|`` (plus the float slack above). Through several layers the rounding can also move an
 activation across a rounding boundary of the next layer's quantizer, so the multi-layer checks compare next-token
@@ -114,9 +115,13 @@ def test_executorch_char_llama_8da4w_on_tiny_shakespeare(tmp_path):
     with torch.no_grad():
         for x, _ in batches:
             y, ref, fq = run(x)[0], tb(x).logits, qm(x).logits
-            # the program is the bf16-scale torchao model: float summation order through 7 linears, attention
-            # and the norms; an activation code can flip where a value sits on a rounding boundary, hence 1e-3
-            assert float((y - ref).abs().max()) <= 1e-3 * float(ref.abs().max())
+            # the program is the bf16-scale torchao model up to float summation order (~1e-7) through 7 linears,
+            # attention and the norms; where that moves a value across an int8 activation rounding boundary one
+            # code flips (1/255 of that token's range; measured once: 3.6e-3 on logits of max 3.4), so: nearly all
+            # logits agree to 1e-4·max, and the rare flips stay within 1e-2·max
+            d = (y - ref).abs()
+            assert float((d <= 1e-4 * float(ref.abs().max())).float().mean()) >= 0.99
+            assert float(d.max()) <= 1e-2 * float(ref.abs().max())
             # vs fake-quant, the bf16 rounding (<= 2^-8 per weight) adds up over the layers: a tenth of the
             # logit spread bounds it with a wide margin (measured in docs/deploy.md)
             assert float((y - fq).abs().max()) <= 0.1 * float(fq.std())

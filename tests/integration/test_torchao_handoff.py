@@ -185,3 +185,16 @@ def test_q_dq_paths_refuse_per_group_and_dynamic_with_a_pointer(path, tmp_path):
     dynamic = _trained(_mlp(), x, "8da4w", steps=1)
     with pytest.raises(ExportError, match="dynamic.*to_torchao"):
         export(dynamic)
+
+
+@pytest.mark.slow  # inductor compiles the dequantize + linear on the CPU: tens of seconds on the shared machine
+def test_handoff_runs_under_torch_compile():
+    net, x = _mlp(), torch.randn(16, 64)
+    tm = to_torchao(_trained(net, x, "8da4w", steps=1))
+    xs = torch.randn(32, 64) * 3
+    with torch.no_grad():
+        eager, compiled = tm(xs), torch.compile(tm)(xs)
+    # inductor fuses the per-token quantization and the int-weight dequantization into its own loops; it may
+    # reassociate float sums (~1e-6) and so, rarely, move an activation across a rounding boundary (one int8 step
+    # of one token, ~1e-2 of that token's range): 1e-3·max|y| covers both
+    assert float((compiled - eager).abs().max()) <= 1e-3 * float(eager.abs().max())
