@@ -13,6 +13,8 @@ agreement and a logit margin, with the reason at each assert.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -44,10 +46,17 @@ def _prepared(net, x, preset, steps=3):
     return qm.eval()
 
 
-def test_executorch_8da4w_mlp_equals_its_torchao_model(tmp_path):
+@pytest.fixture(scope="module")
+def mlp_program(tmp_path_factory):
+    """An 8da4w MLP, briefly trained, and its ``.pte`` (lowered once for the tests that read it)."""
     net, x = _mlp(), torch.randn(8, 128)
     qm = _prepared(net, x, "8da4w")
-    run = load_executorch(to_executorch(qm, (x,), tmp_path / "q.pte"))
+    return net, x, qm, to_executorch(qm, (x,), tmp_path_factory.mktemp("et") / "q.pte")
+
+
+def test_executorch_8da4w_mlp_equals_its_torchao_model(mlp_program):
+    net, x, qm, path = mlp_program
+    run = load_executorch(path)
     xs = torch.randn(8, 128) * 2
     y = run(xs)[0]
     with torch.no_grad():
@@ -74,13 +83,11 @@ def test_executorch_one_8da4w_layer_within_the_bf16_bound(tmp_path):
     assert float((y - fq).abs().max()) > 0
 
 
-def test_executorch_8da4w_program_is_4_bit(tmp_path):
-    net, x = _mlp(), torch.randn(8, 128)
-    qm = _prepared(net, x, "8da4w", steps=1)
-    to_executorch(qm, (x,), tmp_path / "q.pte")
+def test_executorch_8da4w_program_is_4_bit(mlp_program):
+    net, x, _, path = mlp_program
     # size: 4-bit codes two per byte and bf16 scales, against the FP program of the same network
     fp_bytes = len(to_executorch(net, (x,)))
-    q_bytes = (tmp_path / "q.pte").stat().st_size
+    q_bytes = os.path.getsize(path)
     n_q = 128 * 256 + 256 * 128
     packed = n_q // 2 + 2 * (n_q // 32) + 4 * (128 * 16 + 16 + 256 + 128)  # codes + scales + FP last layer, biases
     assert q_bytes <= packed + 16 * 1024  # program and flatbuffer overhead; int8 codes alone (65 kB) would not fit
