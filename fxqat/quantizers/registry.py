@@ -2,18 +2,26 @@
 
 New methods join with the :func:`register` decorator; ``QATConfig(method=name)`` then finds them.
 
+Each method class declares what it supports (``granularities``, ``kinds``); :func:`granularity_support` and
+:func:`granularity_table` read them (the table in ``docs/quantizers.md`` is this function's output, checked by
+``tests/unit/test_docs_quantizers.py``).
+
 Example:
-    >>> from fxqat.quantizers.registry import available_methods
+    >>> from fxqat.quantizers.registry import available_methods, granularity_support
     >>> "lsq" in available_methods()
     True
+    >>> granularity_support()["dynamic"]
+    {'per_token': ('act',)}
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Dict, List, Type
+from typing import Callable, Dict, List, Tuple, Type
 
-__all__ = ["register", "get_method", "available_methods", "make_quantizer"]
+from fxqat.config import GRANULARITIES
+
+__all__ = ["register", "get_method", "available_methods", "make_quantizer", "granularity_support", "granularity_table"]
 
 _REGISTRY: Dict[str, type] = {}
 # modules imported lazily the first time the registry is read, so `import fxqat.config` stays cheap and acyclic
@@ -90,3 +98,33 @@ def get_method(name: str) -> Type:
 def make_quantizer(spec):
     """Build the quantizer module for a :class:`~fxqat.config.QuantSpec`."""
     return get_method(spec.method).from_spec(spec)
+
+
+def granularity_support() -> Dict[str, Dict[str, Tuple[str, ...]]]:
+    """method -> granularity -> the tensor kinds it is offered for, from each class's ``granularities`` and ``kinds``
+    and the kinds a granularity applies to (``fxqat.config.GRANULARITIES``)."""
+    out: Dict[str, Dict[str, Tuple[str, ...]]] = {}
+    for name in available_methods():
+        cls = _REGISTRY[name]
+        kinds = getattr(cls, "kinds", ("weight", "act"))
+        out[name] = {
+            g: tuple(k for k in kinds if k in GRANULARITIES[g])
+            for g in GRANULARITIES
+            if g in cls.granularities and any(k in GRANULARITIES[g] for k in kinds)
+        }
+    return out
+
+
+def granularity_table() -> str:
+    """The method × granularity support table (Markdown) of ``docs/quantizers.md``.
+
+    Example:
+        >>> print(granularity_table().splitlines()[0])
+        | method | per_tensor | per_channel | per_group | per_token |
+    """
+    support = granularity_support()
+    lines = ["| method | " + " | ".join(GRANULARITIES) + " |", "|---" * (len(GRANULARITIES) + 1) + "|"]
+    for name, row in support.items():
+        cells = [", ".join(row[g]) if g in row else "—" for g in GRANULARITIES]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -25,6 +25,7 @@ import torch.nn as nn
 import fxqat
 from fxqat.quantizers import make_quantizer
 from fxqat.quantizers.base import to_groups
+from fxqat.quantizers.dynamic import per_token_qparams
 
 torchao = pytest.importorskip("torchao", reason="torchao not installed: pip install -e '.[export]'")
 from torchao.quantization.qat import IntxFakeQuantizeConfig, IntxFakeQuantizer  # noqa: E402
@@ -62,10 +63,9 @@ def test_per_token_int8_activations_are_bit_identical(seed):
     assert (q.bits, q.method, q.granularity, q.qrange) == (8, "dynamic", "per_token", (-128, 127))
     y_fx, y_ao = q(x), ao(x)
     assert torch.equal(y_fx, y_ao)  # atol = 0
-    from fxqat.quantizers.dynamic import per_token_qparams
-
-    s, zp = per_token_qparams(x, -128, 127)
-    assert torch.equal(s.reshape(-1), ao.scale.reshape(-1)) and torch.equal(zp.reshape(-1), ao.zero_point.reshape(-1).float())
+    s, zp = per_token_qparams(x, -128, 127)  # the same scales and zero points
+    assert torch.equal(s.reshape(-1), ao.scale.reshape(-1))
+    assert torch.equal(zp.reshape(-1), ao.zero_point.reshape(-1).float())
     assert torch.unique(((y_fx / s) + zp).round()).numel() <= 256
 
 
