@@ -7,7 +7,7 @@ Example:
     >>> qm = fxqat.prepare_qat(model, (x,), fxqat.QATConfig(w_bits=4, a_bits=4))
     >>> qm(x).shape
     torch.Size([2, 10])
-    >>> sum(q.kind == "weight" for q in fxqat.quantizers(qm).values())
+    >>> sum(q.kind == "weight" for q in fxqat.named_quantizers(qm).values())
     21
 """
 
@@ -24,16 +24,20 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxqat.capture.eager_model import convert_eager, eager_blocks, is_eager_model, prepare_eager
 from fxqat.capture.shapes import propagate_shapes
-from fxqat.config import QATConfig
+from fxqat.config import HybridConfig, QATConfig, track_overrides, warn_unmatched_overrides
+from fxqat.graph.blocks import partition
+from fxqat.passes.build_hybrid import build_hybrid, mark_cuts
 from fxqat.passes.annotate import QMETA, annotate
 from fxqat.capture.layers import is_quantized_layer
 from fxqat.passes.insert_quant import CONTAINER, QROLE, OpaqueWeightQuant, insert_quant
 from fxqat.passes.normalize import normalize
+from fxqat.passes.shard_units import prepared_blocks
 from fxqat.quantizers.base import Quantizer
+from fxqat.quantizers.control import calibrate, named_quantizers, set_quantization, trainable_parameters
 from fxqat.trace import TraceFailure, trace
 
 __all__ = [
-    "prepare_qat", "quantizers", "set_quantization", "calibrate", "convert", "trainable_parameters",
+    "prepare_qat", "named_quantizers", "set_quantization", "calibrate", "convert", "trainable_parameters",
     "prepare_fp_graph", "find_blocks",
 ]
 
@@ -104,16 +108,28 @@ def prepare_qat(
     Raises:
         ValueError: ``model`` was already prepared (it holds fxqat quantizers).
 
+    Warns:
+        UnmatchedOverrideWarning: an ``Override`` of ``config`` decides no layer (its pattern matches no quantizable
+            layer, or earlier overrides take all of them); the message names the pattern and the closest layer names.
+
     Example:
         >>> import torch, torch.nn as nn, fxqat
         >>> qm = fxqat.prepare_qat(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), (torch.randn(2, 4),))
-        >>> sorted(fxqat.quantizers(qm))
+        >>> sorted(fxqat.named_quantizers(qm))
         ['fxqat_quant.a__1', 'fxqat_quant.a_input_1', 'fxqat_quant.w_0', 'fxqat_quant.w_2']
     """
     config = config or QATConfig()
     if not isinstance(config, QATConfig):
         raise TypeError(f"config must be a fxqat.QATConfig, got {type(config).__name__}.")
     _check_not_prepared(model)
+    with track_overrides() as use:
+        qm = _prepare(model, example_inputs, config, inplace, concrete_args, example_kwargs)
+    warn_unmatched_overrides(config, use, type(model).__name__)
+    return qm
+
+
+def _prepare(model: nn.Module, example_inputs: Any, config: QATConfig, inplace: bool,
+             concrete_args: Optional[Dict[str, Any]], example_kwargs: Optional[Dict[str, Any]]) -> nn.Module:
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise TypeError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}.")
     try:
@@ -136,13 +152,9 @@ def prepare_qat(
                     type(model).__name__)
     fp_graph = None
     if config.hybrid is not None:
-        from fxqat.passes.build_hybrid import mark_cuts
-
         fp_graph = mark_cuts(gm, config)
     insert_quant(gm, config)
     if config.hybrid is not None:
-        from fxqat.passes.build_hybrid import build_hybrid
-
         gm = build_hybrid(gm, fp_graph, config.hybrid)
     gm.train(model.training)
     return gm
@@ -176,7 +188,9 @@ def find_blocks(
     """The blocks block replacement would use for ``model`` (a list of :class:`fxqat.graph.Block`).
 
     Blocks end at residual boundaries (nodes every input-to-output path passes through) and each holds at least one
-    layer that ``config`` quantizes; ``config.hybrid`` (if set) supplies ``max_blocks`` and ``boundaries``.
+    layer that ``config`` quantizes; ``config.hybrid`` (if set) supplies ``max_blocks`` and ``boundaries``. A model
+    ``prepare_qat`` returned gives the blocks of the FP model it was prepared from (``example_inputs`` and ``config``
+    are then not used).
 
     Example:
         >>> import torch, torchvision, fxqat
@@ -184,66 +198,19 @@ def find_blocks(
         >>> [b.name for b in blocks][:3]
         ['stem', 'layer1.0', 'layer1.1']
     """
-    from fxqat.config import HybridConfig
-    from fxqat.graph.blocks import partition
 
     config = config or QATConfig()
     h = config.hybrid or HybridConfig()
     if is_eager_model(model):
         return eager_blocks(model)
+    if isinstance(model, fx.GraphModule) and quantizers(model):  # prepared already: the partition of its FP graph
+        return prepared_blocks(model)
     try:
         gm = prepare_fp_graph(model, example_inputs, config, concrete_args=concrete_args)
     except TraceFailure:
         return eager_blocks(prepare_qat(model, example_inputs, config.with_(hybrid=None)))
     annotate(gm, config)
     return partition(gm, lambda n: QMETA in n.meta, max_blocks=h.max_blocks, boundaries=h.boundaries)
-
-
-def quantizers(qm: nn.Module) -> Dict[str, Quantizer]:
-    """Every quantizer of a prepared model, by qualified module name."""
-    return {name: m for name, m in qm.named_modules() if isinstance(m, Quantizer)}
-
-
-def set_quantization(qm: nn.Module, enabled: bool = True, kinds: Iterable[str] = ("weight", "act", "grad")) -> nn.Module:
-    """Enable or disable quantizers of the given kinds (disabled = identity). Returns ``qm``."""
-    kinds = set(kinds)
-    for q in quantizers(qm).values():
-        if q.kind in kinds:
-            q.enable_fake_quant(enabled)
-    return qm
-
-
-@torch.no_grad()
-def calibrate(qm: nn.Module, batches: Iterable[Any], reset: bool = False) -> nn.Module:
-    """Initialise data-dependent quantizer parameters from ``batches`` (eval mode; BN statistics untouched).
-
-    Quantizers initialise from the first batch that reaches them; already initialised ones are kept unless
-    ``reset=True``.
-    """
-    qs = quantizers(qm)
-    if reset:
-        for q in qs.values():
-            q.reset()
-    was_training = qm.training
-    qm.eval()
-    try:
-        for batch in batches:
-            inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
-            qm(*inputs)
-            if all(q.is_initialized for q in qs.values() if q.kind != "grad"):
-                break
-    finally:
-        qm.train(was_training)
-    return qm
-
-
-def trainable_parameters(qm: nn.Module) -> Iterator[nn.Parameter]:
-    """The parameters an optimizer should update: everything that requires grad (the frozen partner does not)."""
-    seen = set()
-    for p in qm.parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            yield p
 
 
 def convert(qm: fx.GraphModule) -> fx.GraphModule:

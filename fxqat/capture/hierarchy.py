@@ -50,7 +50,7 @@ from fxqat.config import QATConfig
 from fxqat.layer_registry import is_weight_layer, registered_types, weight_layer_entry
 from fxqat.quantizers.base import Quantizer
 from fxqat.passes.annotate import annotate
-from fxqat.passes.insert_quant import insert_quant
+from fxqat.passes.insert_quant import CONTAINER, insert_quant
 from fxqat.passes.normalize import normalize
 
 __all__ = ["Region", "CaptureReport", "capture_eager", "CAPTURE_ATTR"]
@@ -137,7 +137,8 @@ class _Capturer:
             return False
         w_bits = ov.w_bits if ov and ov.w_bits else None
         a_bits = ov.a_bits if ov and ov.a_bits else None
-        if name in self.first_last and not (ov and (ov.w_bits or ov.a_bits)):
+        by_policy = name in self.first_last and not (ov and (ov.w_bits or ov.a_bits))
+        if by_policy:
             if cfg.first_last is None:
                 return False
             w_bits = a_bits = cfg.first_last
@@ -152,7 +153,7 @@ class _Capturer:
             aspec = cfg.spec_for("act", bits=a_bits, method=method, signed=signed)
         weight = getattr(module, weight_layer_entry(module).weight)
         shared = self.param_quant.get(id(weight))
-        self.param_quant[id(weight)] = quantize_layer(module, wspec, aspec, name, shared)
+        self.param_quant[id(weight)] = quantize_layer(module, wspec, aspec, name, shared, first_last=by_policy)
         return True
 
     # ---------------------------------------------------------------- graph regions
@@ -178,6 +179,9 @@ class _Capturer:
                     inner.append(full)
         annotate(region, self.config, prefix=name + ".", first_last_names=self.first_last)
         insert_quant(region, self.config)
+        for q in getattr(region, CONTAINER).modules() if hasattr(region, CONTAINER) else ():
+            if isinstance(q, Quantizer) and getattr(q, "weight_target", None):  # region-relative -> from the root
+                q.weight_target = _join(name, q.weight_target)
         region.train(child.training)
         return region, tuple(inner)
 

@@ -58,7 +58,7 @@ from typing import Dict, Optional
 
 import torch
 
-from fxqat.quantizers.base import Quantizer
+from fxqat.quantizers.base import Quantizer, all_reduce_
 from fxqat.quantizers.grad_ops import (
     Scratch,
     clip_fraction,
@@ -200,10 +200,8 @@ class GradQuantizer(Quantizer):
         """Apply one interval update from the R accumulated since the last call (``update="manual"``)."""
         if not self.adaptive or self.opts["update"] != "manual":
             return
-        from fxqat.quantizers.base import _all_reduce
-
-        _all_reduce(self.r_sum, "mean")
-        _all_reduce(self.r_count, "mean")
+        all_reduce_(self.r_sum, "mean")
+        all_reduce_(self.r_count, "mean")
         has = (self.r_count > 0).to(self.gamma.dtype)
         self._apply_update(self.r_sum / self.r_count.clamp(min=1), has)
         self.r_sum.zero_()

@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from fxqat.quantizers.base import NotAffineError, Quantizer
+from fxqat.quantizers.control import trainable_parameters
 
 __all__ = ["TransitionRateScheduler", "SGDT", "AdamT", "AdamWT", "transition_codes"]
 
@@ -287,8 +288,6 @@ class TransitionRateScheduler:
 def _params(qm: nn.Module, params: Optional[Iterable]) -> List:
     if params is not None:
         return list(params)
-    from fxqat.api import trainable_parameters
-
     return list(trainable_parameters(qm))
 
 

@@ -49,7 +49,7 @@ class TiedEager(nn.Module):
 
 
 def _weight_quantizers(qm):
-    return [q for q in fxqat.quantizers(qm).values() if q.kind == "weight"]
+    return [q for q in fxqat.named_quantizers(qm).values() if q.kind == "weight"]
 
 
 def test_linear_called_twice_has_one_weight_quantizer_graph_and_eager():
@@ -78,10 +78,10 @@ def test_tied_parameter_has_one_weight_quantizer():
 def test_preparing_a_prepared_model_is_refused(model):
     x = torch.randn(2, 4)
     qm = fxqat.prepare_qat(model, (x,))
-    n = len(fxqat.quantizers(qm))
+    n = len(fxqat.named_quantizers(qm))
     with pytest.raises(ValueError, match="already prepared"):
         fxqat.prepare_qat(qm, (x,))
-    assert len(fxqat.quantizers(qm)) == n
+    assert len(fxqat.named_quantizers(qm)) == n
 
 
 def test_eager_root_outputs_tuple_structure_and_report():

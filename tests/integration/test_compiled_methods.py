@@ -37,7 +37,7 @@ def test_compiled_gradients_match_eager_function(method):
     qm = fxqat.prepare_qat(_model().double(), (x,), fxqat.QATConfig(w_bits=4, a_bits=4, method=method)).double().train()
     with torch.no_grad():
         qm(x)  # initialise the quantizers eagerly
-    for q in fxqat.quantizers(qm).values():
+    for q in fxqat.named_quantizers(qm).values():
         if method == "noise_temper":
             q.step.fill_(10**6)  # ρ = 0: no noise, so both paths compute the same values (they draw differently)
     grads = []

@@ -24,7 +24,7 @@ NAMES = sorted(ZOO)
 def _weight_quantizers_per_layer(qm):
     """Weight-layer name -> number of weight quantizers attached to it (eager layers and graph regions)."""
     counts = {}
-    for name, q in fxqat.quantizers(qm).items():
+    for name, q in fxqat.named_quantizers(qm).items():
         if q.kind == "weight":
             counts[q.weight_target] = counts.get(q.weight_target, 0) + 1
     return counts
@@ -45,7 +45,7 @@ def test_prepare_matches_original_and_quantizes_every_layer(name):
     assert type(qm) is type(model)
     # every weight layer has exactly one weight quantizer (tied weights: one Parameter, one layer that uses it)
     layers = [n for n, m in model.named_modules() if is_weight_layer(m)]
-    n_weight_q = sum(q.kind == "weight" for q in fxqat.quantizers(qm).values())
+    n_weight_q = sum(q.kind == "weight" for q in fxqat.named_quantizers(qm).values())
     assert n_weight_q == len(layers), (n_weight_q, len(layers))
     fxqat.set_quantization(qm, False)
     for mode in ("eval", "train"):

@@ -41,7 +41,7 @@ class _QLayer(nn.Module):
 def _eager_lp(qm, template):
     """A hand-written LP ResNet-20: the template's structure, qm's parameters, BN modules and quantizers."""
     lp = copy.deepcopy(template)
-    wq = {q.weight_target: q for q in fxqat.quantizers(qm).values() if q.kind == "weight"}
+    wq = {q.weight_target: q for q in fxqat.named_quantizers(qm).values() if q.kind == "weight"}
     aq = {}
     for n in qm.graph.nodes:
         mod = n.meta.get("fxqat.module")

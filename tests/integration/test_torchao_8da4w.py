@@ -166,10 +166,10 @@ def test_8da4w_linear_matches_torchaos_qat_linear():
         with torch.no_grad():
             lin.weight.copy_(w_case)
         qm = fxqat.prepare_qat(lin, (x,), cfg)
-        kinds = sorted((q.kind, q.method, q.granularity) for q in fxqat.quantizers(qm).values())
+        kinds = sorted((q.kind, q.method, q.granularity) for q in fxqat.named_quantizers(qm).values())
         assert kinds == [("act", "dynamic", "per_token"), ("weight", "lsq", "per_group")]
         y_fx, y_ao = qm(x).detach(), ao(x).detach()
-        (wq,) = [q for q in fxqat.quantizers(qm).values() if q.kind == "weight"]
+        (wq,) = [q for q in fxqat.named_quantizers(qm).values() if q.kind == "weight"]
         dw = wq(qm.weight).detach() - ao.weight_fake_quantizer(ao.weight).detach()
         xq = ao.activation_fake_quantizer(x)  # == fxqat's (the per-token test above)
         if w_case is not w:

@@ -32,10 +32,10 @@ def test_zoo_model_prepares_and_trains(name, size, kwargs):
     y = qm(x)
     assert y.shape == (2, 10) and torch.isfinite(y).all()
     y.square().mean().backward()
-    weights = [q.weight_target for q in fxqat.quantizers(qm).values() if q.kind == "weight"]
+    weights = [q.weight_target for q in fxqat.named_quantizers(qm).values() if q.kind == "weight"]
     expected = _layers(model)
     # first_last=None keeps the first and the last layer in FP: every other layer has exactly one quantizer
     assert sorted(weights) == sorted(expected[1:-1]) if name not in ("vit_b_16",) else len(weights) == len(expected) - 2
     assert len(weights) == len(set(weights))
-    scales = [q.scale for q in fxqat.quantizers(qm).values() if hasattr(q, "scale")]
+    scales = [q.scale for q in fxqat.named_quantizers(qm).values() if hasattr(q, "scale")]
     assert all(s.grad is not None and torch.isfinite(s.grad).all() for s in scales)

@@ -28,7 +28,7 @@ def _check_grads(qm):
 def test_method_in_prepare_qat_resnet18(method):
     x = torch.randn(1, 3, 64, 64)
     qm = fxqat.prepare_qat(_resnet(), (x,), fxqat.QATConfig(w_bits=4, a_bits=4, method=method))
-    qs = fxqat.quantizers(qm)
+    qs = fxqat.named_quantizers(qm)
     assert len(qs) > 0
     assert {q.method for q in qs.values() if q.kind != "grad"} == {method}
     qm.train()
@@ -58,5 +58,5 @@ def test_method_under_block_replacement(method):
     assert bool(torch.isfinite(loss))
     loss.backward()
     _check_grads(qm)
-    qgrads = [p.grad for q in fxqat.quantizers(qm).values() for p in q.parameters() if p.requires_grad]
+    qgrads = [p.grad for q in fxqat.named_quantizers(qm).values() for p in q.parameters() if p.requires_grad]
     assert all(g is not None for g in qgrads)

@@ -152,9 +152,9 @@ def test_conv_subclasses_keep_their_own_computation():
     qm = fxqat.prepare_qat(model, (x,), fxqat.QATConfig(first_last=None, w_bits=4))
     fxqat.set_quantization(qm, False)
     assert torch.equal(qm(x), model(x))
-    qs = fxqat.quantizers(qm)
+    qs = fxqat.named_quantizers(qm)
     # the WSConv weight quantizer sits on the standardised weight (a computed tensor, no parameter target)
     assert any(q.kind == "weight" and q.weight_target is None for q in qs.values())
     # SamePadConv is first (kept FP by first_last=None); with first_last=4 its weight is quantized through the leaf
     qm4 = fxqat.prepare_qat(model, (x,), fxqat.QATConfig(first_last=4))
-    assert "0.weight" in {q.weight_target for q in fxqat.quantizers(qm4).values()}
+    assert "0.weight" in {q.weight_target for q in fxqat.named_quantizers(qm4).values()}

@@ -28,7 +28,7 @@ def test_capture_reproduces_outputs_exactly_with_quantization_off(drawn):
 def test_every_weight_layer_has_one_weight_quantizer(drawn):
     model, x = drawn
     qm = fxqat.prepare_qat(model, (x,), fxqat.QATConfig(w_bits=3, a_bits=4))
-    weight_qs = [q for q in fxqat.quantizers(qm).values() if q.kind == "weight"]
+    weight_qs = [q for q in fxqat.named_quantizers(qm).values() if q.kind == "weight"]
     assert len(weight_qs) == len(_weight_layers(model))  # Twice's Linear (called twice) counts once
     assert sorted(qm.fxqat_capture.weight_layers) == sorted(_weight_layers(model))
     report = qm.fxqat_capture

@@ -42,7 +42,7 @@ def test_weight_fake_quant_outputs_lie_on_grid(method, pair, bits):
     qm = fxqat.prepare_qat(model, (x,), cfg)
     qm.train()(x)  # data-dependent initialisation
     qm.eval()
-    for name, q in fxqat.quantizers(qm).items():
+    for name, q in fxqat.named_quantizers(qm).items():
         if q.kind != "weight" or q.weight_target is None:
             continue
         w = qm.get_parameter(q.weight_target)
@@ -60,7 +60,7 @@ def test_activation_outputs_lie_on_affine_grid(pair, method):
     qm.train()(x)
     qm.eval()
     seen = {}
-    for name, q in fxqat.quantizers(qm).items():
+    for name, q in fxqat.named_quantizers(qm).items():
         if q.kind == "act":
             q.register_forward_hook(lambda m, a, o, name=name: seen.__setitem__(name, (m, a[0], o)))
     qm(x)
@@ -79,7 +79,7 @@ def test_state_dict_round_trip(pair):
     qm = fxqat.prepare_qat(model, (x,), cfg)
     qm.train()(x)
     with torch.no_grad():
-        for q in fxqat.quantizers(qm).values():
+        for q in fxqat.named_quantizers(qm).values():
             for p in q.parameters():
                 p.mul_(1.25)  # state that a fresh initialisation would not reproduce
     fresh = fxqat.prepare_qat(model, (x,), cfg)

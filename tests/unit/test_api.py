@@ -84,19 +84,19 @@ def test_one_activation_quantizer_per_tensor_shared_by_consumers():
     assert users["fxqat_quant.a_relu"] == ["a", "b"]
     assert not qm.get_submodule("fxqat_quant.a_relu").signed  # after ReLU: unsigned
     # first (stem) and last (out) layers stay FP with first_last=None
-    assert set(fxqat.quantizers(qm)) == {"fxqat_quant.a_relu", "fxqat_quant.w_a", "fxqat_quant.w_b"}
+    assert set(fxqat.named_quantizers(qm)) == {"fxqat_quant.a_relu", "fxqat_quant.w_a", "fxqat_quant.w_b"}
 
 
 def test_first_last_policy_and_overrides():
     model = _net()
     qm = fxqat.prepare_qat(model, (X,), fxqat.QATConfig(w_bits=4, first_last=8))
-    bits = {q.weight_target: q.bits for q in fxqat.quantizers(qm).values() if q.kind == "weight"}
+    bits = {q.weight_target: q.bits for q in fxqat.named_quantizers(qm).values() if q.kind == "weight"}
     assert bits == {"0.weight": 8, "3.weight": 4, "7.weight": 8}
     qm = fxqat.prepare_qat(model, (X,), fxqat.QATConfig(w_bits=4, first_last=None))
-    assert {q.weight_target for q in fxqat.quantizers(qm).values() if q.kind == "weight"} == {"3.weight"}
+    assert {q.weight_target for q in fxqat.named_quantizers(qm).values() if q.kind == "weight"} == {"3.weight"}
     cfg = fxqat.QATConfig(w_bits=4, overrides=(fxqat.Override("3", w_bits=2, a_bits=3), fxqat.Override(nn.Linear, skip=True)))
     qm = fxqat.prepare_qat(model, (X,), cfg)
-    qs = fxqat.quantizers(qm)
+    qs = fxqat.named_quantizers(qm)
     assert {q.weight_target: q.bits for q in qs.values() if q.kind == "weight"} == {"0.weight": 8, "3.weight": 2}
     assert qs["fxqat_quant.a__2"].bits == 3
 
@@ -119,7 +119,7 @@ def test_functional_linear_and_multihead_attention_weights_are_quantized():
     x = torch.randn(2, 5, 8)
     m = Attn().eval()
     qm = fxqat.prepare_qat(m, (x,), fxqat.QATConfig(w_bits=4))
-    targets = {q.weight_target for q in fxqat.quantizers(qm).values() if q.kind == "weight"}
+    targets = {q.weight_target for q in fxqat.named_quantizers(qm).values() if q.kind == "weight"}
     assert targets == {"inp.weight", "mha.in_proj_weight", "mha.out_proj.weight", "proj.weight", "head.weight"}
     fxqat.set_quantization(qm, False)
     assert torch.equal(qm.eval()(x), m(x))
@@ -152,6 +152,50 @@ def test_calibrate_initialises_without_touching_bn_statistics():
     bn = qm.get_submodule("1")
     before = bn.running_mean.clone()
     fxqat.calibrate(qm, [X])
-    assert all(q.is_initialized for q in fxqat.quantizers(qm).values())
+    assert all(q.is_initialized for q in fxqat.named_quantizers(qm).values())
     assert torch.equal(bn.running_mean, before)
     assert qm.training == model.training
+
+
+class _Keywords(nn.Module):
+    """A model called with keyword inputs only (as Hugging Face models are by transformers.Trainer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _net()
+
+    def forward(self, *, pixel_values, scale=1.0):
+        return self.net(pixel_values) * scale
+
+
+def test_calibrate_accepts_keyword_batches():
+    # a dict batch is passed as keyword inputs: the same initialisation as the positional call on the same tensor
+    # (eval mode: the capture's recording call of the keyword model would otherwise update BatchNorm statistics)
+    positional = fxqat.prepare_qat(_net().eval(), (X,))
+    fxqat.calibrate(positional, [X])
+    wrapped = _Keywords().eval()
+    qm = fxqat.prepare_qat(wrapped, (), example_kwargs={"pixel_values": X})
+    fxqat.calibrate(qm, [{"pixel_values": X, "scale": 2.0}])
+    assert all(q.is_initialized for q in fxqat.named_quantizers(qm).values())
+    # the child is a graph region of its own (the root takes keywords only): same quantizers in the same order
+    scales = [(q.kind, q.scale) for q in fxqat.named_quantizers(qm).values()]
+    ref = [(q.kind, q.scale) for q in fxqat.named_quantizers(positional).values()]
+    assert len(scales) == len(ref) == 6
+    assert all(k == kr and torch.equal(s, sr) for (k, s), (kr, sr) in zip(scales, ref))  # atol=0: same maths, same x
+
+
+def test_quantizers_is_the_package_and_the_old_call_warns_once():
+    import warnings
+
+    import fxqat.quantizers.ewgs as ewgs  # the documented path imports (the function no longer shadows the package)
+
+    assert callable(ewgs.refresh_ewgs_delta)
+    qm = fxqat.prepare_qat(nn.Sequential(nn.Linear(4, 4)), (torch.randn(2, 4),), fxqat.QATConfig(w_bits=4, a_bits=4))
+    type(fxqat.quantizers)._warned = False
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        old = fxqat.quantizers(qm)
+        again = fxqat.quantizers(qm)
+    assert [w.category for w in seen] == [DeprecationWarning]
+    assert "named_quantizers" in str(seen[0].message)
+    assert old == again == fxqat.named_quantizers(qm) and len(old) >= 2

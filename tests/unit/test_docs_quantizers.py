@@ -7,7 +7,7 @@ from pathlib import Path
 
 import fxqat
 from fxqat.config import GRANULARITIES
-from fxqat.quantizers import registry
+from fxqat import method_registry
 from fxqat.quantizers.registry import get_method, granularity_support, granularity_table
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -39,8 +39,8 @@ def test_table_is_derived_from_the_class_attributes(monkeypatch):
 
 
 def test_adding_a_quantizer_page_runs(monkeypatch):
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # my_uniform stays inside this test
+    monkeypatch.setattr(method_registry, "_REGISTRY", dict(method_registry._REGISTRY))  # my_uniform stays here
     result = doctest.testfile(str(DOCS / "adding_a_quantizer.md"), module_relative=False,
                               optionflags=doctest.ELLIPSIS, raise_on_error=False)
     assert result.failed == 0 and result.attempted >= 12, result
-    assert "my_uniform" in registry._REGISTRY
+    assert "my_uniform" in method_registry._REGISTRY

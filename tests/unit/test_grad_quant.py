@@ -302,7 +302,7 @@ def _prepared(g_bits, seed=0):
 def test_forward_is_bit_identical_with_and_without_gradient_quantization():
     plain, x = _prepared(None)
     quant, _ = _prepared(4)
-    n_layers = sum(1 for q in fxqat.quantizers(plain).values() if q.kind == "weight")
+    n_layers = sum(1 for q in fxqat.named_quantizers(plain).values() if q.kind == "weight")
     assert len(grad_quantizers(quant)) == n_layers  # one per quantized layer
     plain.train(), quant.train()
     torch.manual_seed(5)
@@ -332,7 +332,7 @@ def test_gamma_is_saved_and_restored_by_the_state_dict():
     for _ in range(3):
         qm(torch.randn(8, 1, 12, 12)).square().sum().backward()
     before = gammas(qm)
-    bits = {n: q.bits for n, q in fxqat.quantizers(qm).items() if q.kind == "grad"}
+    bits = {n: q.bits for n, q in fxqat.named_quantizers(qm).items() if q.kind == "grad"}
     # initialised and updated (the 8-bit gradient quantizers of the first/last layers may keep gamma = 1)
     assert all(g < 1.0 for n, g in before.items() if bits.get(n, 4) == 4)
     sd = qm.state_dict()
@@ -357,7 +357,7 @@ def test_bad_options_are_rejected():
         gq(1)
     with pytest.raises(ValueError, match="mode"):
         gq(4, mode="sometimes")
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(ValueError, match="unknown option|has no option"):
         gq(4, gama=0.5)
     with pytest.raises(ValueError, match="g_bits=4"):
         fxqat.prepare_qat(nn.Linear(2, 2), (torch.randn(1, 2),), fxqat.QATConfig(method="grad"))

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 import fxqat
-from fxqat.quantizers import registry
+from fxqat import method_registry as registry
 from fxqat.quantizers.base import Quantizer
 
 BUILTINS = ["dorefa", "dsq", "dynamic", "ewgs", "grad", "lsq", "lsq_plus", "noise_temper", "pact", "qil"]
