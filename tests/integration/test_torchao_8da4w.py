@@ -25,6 +25,7 @@ import torch.nn as nn
 import fxqat
 from fxqat.quantizers import make_quantizer
 from fxqat.quantizers.base import to_groups
+from fxqat.quantizers.dynamic import per_token_qparams
 
 torchao = pytest.importorskip("torchao", reason="torchao not installed: pip install -e '.[export]'")
 from torchao.quantization.qat import IntxFakeQuantizeConfig, IntxFakeQuantizer  # noqa: E402
@@ -62,10 +63,9 @@ def test_per_token_int8_activations_are_bit_identical(seed):
     assert (q.bits, q.method, q.granularity, q.qrange) == (8, "dynamic", "per_token", (-128, 127))
     y_fx, y_ao = q(x), ao(x)
     assert torch.equal(y_fx, y_ao)  # atol = 0
-    from fxqat.quantizers.dynamic import per_token_qparams
-
-    s, zp = per_token_qparams(x, -128, 127)
-    assert torch.equal(s.reshape(-1), ao.scale.reshape(-1)) and torch.equal(zp.reshape(-1), ao.zero_point.reshape(-1).float())
+    s, zp = per_token_qparams(x, -128, 127)  # the same scales and zero points
+    assert torch.equal(s.reshape(-1), ao.scale.reshape(-1))
+    assert torch.equal(zp.reshape(-1), ao.zero_point.reshape(-1).float())
     assert torch.unique(((y_fx / s) + zp).round()).numel() <= 256
 
 
@@ -166,10 +166,10 @@ def test_8da4w_linear_matches_torchaos_qat_linear():
         with torch.no_grad():
             lin.weight.copy_(w_case)
         qm = fxqat.prepare_qat(lin, (x,), cfg)
-        kinds = sorted((q.kind, q.method, q.granularity) for q in fxqat.quantizers(qm).values())
+        kinds = sorted((q.kind, q.method, q.granularity) for q in fxqat.named_quantizers(qm).values())
         assert kinds == [("act", "dynamic", "per_token"), ("weight", "lsq", "per_group")]
         y_fx, y_ao = qm(x).detach(), ao(x).detach()
-        (wq,) = [q for q in fxqat.quantizers(qm).values() if q.kind == "weight"]
+        (wq,) = [q for q in fxqat.named_quantizers(qm).values() if q.kind == "weight"]
         dw = wq(qm.weight).detach() - ao.weight_fake_quantizer(ao.weight).detach()
         xq = ao.activation_fake_quantizer(x)  # == fxqat's (the per-token test above)
         if w_case is not w:

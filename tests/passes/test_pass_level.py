@@ -259,5 +259,5 @@ def test_chain_is_prepare_qat(hybrid):
     assert type(qm).__mro__[1:] == type(gm).__mro__[1:]
     assert qm.code == gm.code
     assert nodes(qm.graph) == nodes(gm.graph) == INSERTED
-    assert sorted(fxqat.quantizers(qm)) == sorted(f"{CONTAINER}.{k}" for k in
+    assert sorted(fxqat.named_quantizers(qm)) == sorted(f"{CONTAINER}.{k}" for k in
                                                   ("a_x", "a_act", "a_act_1", "w_fc1", "w_fc2", "w_fc3"))

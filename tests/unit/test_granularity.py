@@ -51,9 +51,7 @@ def _cases():
                     continue
                 if kind == "weight":
                     out.append((m, gran, "weight"))
-                elif gran == "per_token":
-                    out += [(m, gran, "act_unsigned"), (m, gran, "act_signed")]  # data sign only: grid asymmetric
-                else:
+                else:  # post-ReLU and signed data (per-token: the data's sign only, the grid is asymmetric anyway)
                     out += [(m, gran, "act_unsigned"), (m, gran, "act_signed")]
     return out
 

@@ -48,7 +48,7 @@ def prepared():
     x = torch.randn(5, 64, dtype=torch.float64)
     cfg = fxqat.QATConfig(w_bits=4, a_bits=None, w_granularity="per_group", group_size=GROUP, first_last_layers=())
     qm = fxqat.prepare_qat(lin, (x,), cfg).double()  # float64 quantizer state before its first batch
-    (wq,) = fxqat.quantizers(qm).values()
+    (wq,) = fxqat.named_quantizers(qm).values()
     return lin, qm, wq, x
 
 
