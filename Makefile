@@ -1,6 +1,6 @@
 # The two commands of the README. Both create .venv on first use (idempotent: a stamp file is rebuilt only when
 # pyproject.toml changes). `make test` also installs the extras its tests use (export: onnx, onnxruntime, torchao;
-# hf: transformers, accelerate; timm) so that those tests run instead of skipping.
+# executorch; hf: transformers, accelerate; timm) so that those tests run instead of skipping.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(XSTAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[dev,export,hf,timm]"
+	$(BIN)/python -m pip install -q -e ".[dev,export,executorch,hf,timm]"
 	touch $(XSTAMP)
 
 demo: $(STAMP)

@@ -27,6 +27,7 @@ from fxqat.passes.build_hybrid import HybridOutput
 from fxqat.training.losses import distillation_loss, hybrid_loss, kd_loss
 from fxqat.config import HybridConfig, Override, QATConfig, QuantSpec
 from fxqat import quantizers
+from fxqat.mixed import Allocation, SensitivityTable, allocate_bits, sensitivity
 from fxqat.quantizers import NotAffineError, Quantizer, available_methods, named_quantizers
 from fxqat.trace import TraceFailure, trace
 
@@ -35,8 +36,10 @@ _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 __version__ = "0.1.0"
 
 __all__ = [
-    "prepare_qat", "convert", "named_quantizers", "quantizers", "set_quantization", "calibrate", "trainable_parameters", "find_blocks",
+    "prepare_qat", "convert", "named_quantizers", "quantizers", "set_quantization", "calibrate",
+    "trainable_parameters", "find_blocks",
     "Block", "HybridOutput", "hybrid_loss", "distillation_loss", "kd_loss",
     "QATConfig", "HybridConfig", "QuantSpec", "Override", "Quantizer", "NotAffineError", "available_methods",
     "trace", "TraceFailure", "to_qconfig_mapping", "capture_report", "CaptureReport", "register_weight_layer",
+    "sensitivity", "allocate_bits", "SensitivityTable", "Allocation",
 ]

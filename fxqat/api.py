@@ -24,11 +24,14 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxqat.capture.eager_model import convert_eager, eager_blocks, is_eager_model, prepare_eager
 from fxqat.capture.shapes import propagate_shapes
-from fxqat.config import QATConfig
+from fxqat.config import HybridConfig, QATConfig, track_overrides, warn_unmatched_overrides
+from fxqat.graph.blocks import partition
+from fxqat.passes.build_hybrid import build_hybrid, mark_cuts
 from fxqat.passes.annotate import annotate, is_weight_layer_node
 from fxqat.capture.layers import is_quantized_layer
 from fxqat.passes.insert_quant import CONTAINER, QROLE, OpaqueWeightQuant, insert_quant
 from fxqat.passes.normalize import normalize
+from fxqat.passes.shard_units import prepared_blocks
 from fxqat.quantizers.base import Quantizer
 from fxqat.quantizers.control import calibrate, named_quantizers, set_quantization, trainable_parameters
 from fxqat.trace import TraceFailure, trace
@@ -105,6 +108,10 @@ def prepare_qat(
     Raises:
         ValueError: ``model`` was already prepared (it holds fxqat quantizers).
 
+    Warns:
+        UnmatchedOverrideWarning: an ``Override`` of ``config`` decides no layer (its pattern matches no quantizable
+            layer, or earlier overrides take all of them); the message names the pattern and the closest layer names.
+
     Example:
         >>> import torch, torch.nn as nn, fxqat
         >>> qm = fxqat.prepare_qat(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), (torch.randn(2, 4),))
@@ -115,6 +122,14 @@ def prepare_qat(
     if not isinstance(config, QATConfig):
         raise TypeError(f"config must be a fxqat.QATConfig, got {type(config).__name__}.")
     _check_not_prepared(model)
+    with track_overrides() as use:
+        qm = _prepare(model, example_inputs, config, inplace, concrete_args, example_kwargs)
+    warn_unmatched_overrides(config, use, type(model).__name__)
+    return qm
+
+
+def _prepare(model: nn.Module, example_inputs: Any, config: QATConfig, inplace: bool,
+             concrete_args: Optional[Dict[str, Any]], example_kwargs: Optional[Dict[str, Any]]) -> nn.Module:
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise TypeError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}.")
     try:
@@ -137,13 +152,9 @@ def prepare_qat(
                     type(model).__name__)
     fp_graph = None
     if config.hybrid is not None:
-        from fxqat.passes.build_hybrid import mark_cuts
-
         fp_graph = mark_cuts(gm, config)
     insert_quant(gm, config)
     if config.hybrid is not None:
-        from fxqat.passes.build_hybrid import build_hybrid
-
         gm = build_hybrid(gm, fp_graph, config.hybrid)
     gm.train(model.training)
     return gm
@@ -181,6 +192,8 @@ def find_blocks(
     (``"layers"``: one block per layer of a ``ModuleList``/``Sequential`` stack; ``"residual"``: every residual
     boundary, on eager-root models also inside their traced layers). Each block's ``modules`` holds every weight
     layer it computes, and each quantized weight layer is in exactly one block.
+    A model ``prepare_qat`` returned gives the blocks of the FP model it was prepared from (``example_inputs`` and
+    ``config`` are then not used).
 
     Example:
         >>> import torch, torchvision, fxqat
@@ -188,13 +201,13 @@ def find_blocks(
         >>> [b.name for b in blocks][:3]
         ['stem', 'layer1.0', 'layer1.1']
     """
-    from fxqat.config import HybridConfig
-    from fxqat.graph.blocks import partition
 
     config = config or QATConfig()
     h = config.hybrid or HybridConfig()
     if is_eager_model(model):
         return eager_blocks(model, h.cuts)
+    if isinstance(model, fx.GraphModule) and quantizers(model):  # prepared already: the partition of its FP graph
+        return prepared_blocks(model)
     try:
         gm = prepare_fp_graph(model, example_inputs, config, concrete_args=concrete_args)
     except TraceFailure:

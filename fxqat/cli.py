@@ -1,16 +1,18 @@
-"""The ``fxqat`` command: ``demo``, ``train``, ``inspect``, ``bench`` (also ``python -m fxqat``).
+"""The ``fxqat`` command: ``demo``, ``train``, ``autobits``, ``inspect``, ``bench`` (also ``python -m fxqat``).
 
 Examples (shell)::
 
     fxqat demo --quick                                   # ~2 min: FP ResNet-20, then three W2A2 arms
     fxqat train --model resnet20 --data cifar10 --method lsq --bits 4/4 --hybrid --epochs 30 --out runs/r20_w4a4
     fxqat train ... --out runs/r20_w4a4 --resume         # continue an interrupted run
+    fxqat autobits --model resnet20 --data cifar10 --avg-bits 3 --steps 500 --out runs/r20_3bits  # mixed precision
     torchrun --nproc_per_node 2 -m fxqat train ...       # DDP (gloo on CPU), rank 0 writes
     fxqat inspect resnet18 --png blocks.png
     fxqat bench
 
 Bad input (unknown model or dataset, missing data folder, corrupt checkpoint, malformed flags) prints one
-``fxqat: error: ...`` line that says what to do and exits with status 2.
+``fxqat: error: ...`` line that says what to do and exits with status 2; a diverged run or a lost DDP peer (another
+process of the same torchrun job died or stopped answering) prints one such line and exits with status 1.
 """
 
 from __future__ import annotations
@@ -25,14 +27,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+from fxqat.errors import UsageError
+
 __all__ = ["main", "build_parser", "parse_bits", "UsageError"]
 
 log = logging.getLogger("fxqat.cli")
 _REPO = Path(__file__).resolve().parent.parent
-
-
-class UsageError(ValueError):
-    """A user mistake reported as ``fxqat: error: ...`` with exit status 2."""
 
 
 def parse_bits(text: str) -> Tuple[int, int]:
@@ -53,6 +53,17 @@ def _paths(text: str):
     if text.isdigit() and int(text) > 0:
         return int(text)
     raise argparse.ArgumentTypeError(f"--paths {text!r}: use 'all' or a positive integer k")
+
+
+def _bit_list(text: str) -> Tuple[int, ...]:
+    try:
+        bits = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
+    except ValueError:
+        bits = ()
+    if not bits or not all(1 <= b <= 16 for b in bits):
+        raise argparse.ArgumentTypeError(f"--choices {text!r}: write bit-widths 1..16 separated by commas, "
+                                         "e.g. 2,3,4,8")
+    return bits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-nonfinite", type=int, default=5, help="stop after N consecutive non-finite steps")
     t.add_argument("--checkpoint-every", type=int, default=None,
                    help="also write checkpoint.pt every N steps (default: at epoch ends and the last step)")
+    t.add_argument("--ddp-timeout", type=float, default=None, metavar="SECONDS",
+                   help="under torchrun: how long a process waits for the others (rendezvous, each collective) before "
+                        "the run stops with an error instead of hanging (default 600)")
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
@@ -123,6 +137,39 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--checkpoint", default=None,
                    help="load this model.pt/checkpoint.pt of the same model first (implies --health)")
     i.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary unpickling of --checkpoint")
+
+    ab = sub.add_parser("autobits", help="mixed precision: FP model (cached) -> block sensitivity -> bits per block "
+                                         "for a memory budget -> QAT")
+    ab.add_argument("--model", default="resnet20", help="fxqat model (resnet20, cnn, mlp...) or torchvision name")
+    ab.add_argument("--data", default="cifar10", help="cifar10, mnist or digits")
+    ab.add_argument("--data-dir", default=None, help="data folder (default: $FXQAT_DATA, then ../shared/data)")
+    ab.add_argument("--avg-bits", type=float, default=None, help="budget: average bits per allocated weight")
+    ab.add_argument("--max-bytes", type=float, default=None, help="budget: bytes of the allocated weights")
+    ab.add_argument("--choices", type=_bit_list, default=(2, 3, 4, 8), help="candidate bits, e.g. 2,3,4,8")
+    ab.add_argument("--sensitivity", choices=["paths", "fisher", "hessian"], default="paths",
+                    help="estimator: loss differences of the block-replacement paths, or the Fisher / Hessian "
+                         "baselines")
+    ab.add_argument("--sens-batches", type=int, default=8, help="training batches the sensitivity averages over")
+    ab.add_argument("--probes", type=int, default=1, help="Hutchinson probes per batch (--sensitivity hessian)")
+    ab.add_argument("--method", default="lsq", help="quantizer method of the QAT")
+    ab.add_argument("--first-last", type=int, default=8, help="bits of the first/last layer (0 = FP); not allocated")
+    ab.add_argument("--weight-only", action="store_true", help="quantize weights only (default: each layer's input "
+                                                                 "activation gets its block's bits too)")
+    ab.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=False,
+                    help="train the QAT model with block replacement")
+    ab.add_argument("--fp-epochs", type=int, default=1, help="FP pre-training epochs (cached)")
+    ab.add_argument("--fp-steps", type=int, default=None, help="FP pre-training steps (0 = start from random)")
+    ab.add_argument("--fp-lr", type=float, default=0.1)
+    ab.add_argument("--epochs", type=int, default=1)
+    ab.add_argument("--steps", type=int, default=None, help="QAT steps (overrides --epochs)")
+    ab.add_argument("--lr", type=float, default=0.01)
+    ab.add_argument("--batch-size", type=int, default=128)
+    ab.add_argument("--seed", type=int, default=0)
+    ab.add_argument("--train-subset", type=int, default=None)
+    ab.add_argument("--test-subset", type=int, default=None)
+    ab.add_argument("--out", default="runs/autobits", help="run folder")
+    ab.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ab.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
     b = sub.add_parser("bench", help="run benchmarks/step_time.py and benchmarks/hybrid_cost.py")
     b.add_argument("--quick", action="store_true", help="smoke-run budget (passed to each script)")
@@ -173,11 +220,12 @@ def cmd_train(a: argparse.Namespace) -> int:
     from fxqat.training.checkpoint import atomic_save, atomic_write_text
     from fxqat.training.loop import TrainConfig, fit
     from fxqat.training.recipes import train_fp, train_qat
+    from fxqat.validate import did_you_mean
 
     out = Path(a.out)
     run = {k: v for k, v in vars(a).items()
            if k not in ("resume", "stop_after", "progress", "quiet", "command", "threads", "trust_checkpoint",
-                        "nonfinite", "max_nonfinite", "checkpoint_every")}
+                        "nonfinite", "max_nonfinite", "checkpoint_every", "ddp_timeout")}
     if a.resume and (out / "run.json").exists():
         old = json.loads((out / "run.json").read_text())
         diff = [k for k in ("model", "data", "method", "bits", "hybrid", "paths", "kd", "batch_size", "seed")
@@ -185,9 +233,13 @@ def cmd_train(a: argparse.Namespace) -> int:
         if diff:
             raise UsageError(f"--resume: {out} was started with different {diff}; use the same flags or a new --out.")
     if a.method != "fp" and a.method not in fxqat.available_methods():
-        raise UsageError(f"--method {a.method!r}: choose 'fp' or one of {sorted(fxqat.available_methods())}.")
+        choices = ["fp", *fxqat.available_methods()]
+        raise UsageError(f"--method {a.method!r}: choose 'fp' or one of {sorted(fxqat.available_methods())}."
+                         f"{did_you_mean(a.method, choices)}")
     tr, te = _datasets(a.data, a.data_dir, a.train_subset, a.test_subset)
-    rank, world = ddp.init_distributed()
+    if a.ddp_timeout is not None and not a.ddp_timeout > 0:
+        raise UsageError(f"--ddp-timeout {a.ddp_timeout}: give a positive number of seconds (e.g. 600).")
+    rank, world = ddp.init_distributed(a.ddp_timeout)
     torch.manual_seed(a.seed)  # the initial weights are part of what --seed fixes
     model = _model(a.model, tr.num_classes, tr.input_shape)
     loader = data.BatchLoader(tr, a.batch_size, train=True, seed=a.seed)
@@ -326,6 +378,28 @@ def _print_health(qm, checkpoint: Optional[str], trusted: bool) -> None:
     print(format_health(rows))
 
 
+# ------------------------------------------------------------------------------------------------------ autobits
+def cmd_autobits(a: argparse.Namespace) -> int:
+    from fxqat import data
+    from fxqat.training.autobits import AutobitsConfig, run_autobits
+
+    if a.avg_bits is None and a.max_bytes is None:
+        raise UsageError("autobits needs a budget: --avg-bits B (bits per weight) or --max-bytes N.")
+    if a.data_dir is not None and not Path(a.data_dir).expanduser().exists():
+        raise UsageError(f"--data-dir {a.data_dir}: no such folder. Point it to the folder holding the data files.")
+    if a.data not in data.DATASETS:
+        raise UsageError(f"--data {a.data!r}: unknown dataset; known datasets: {sorted(data.DATASETS)}.")
+    _model(a.model, 10, (3, 32, 32) if a.data == "cifar10" else (1, 28, 28))  # unknown model: a usage error
+    cfg = AutobitsConfig(
+        model=a.model, data=a.data, data_dir=a.data_dir, avg_bits=a.avg_bits, max_bytes=a.max_bytes,
+        choices=a.choices, method=a.sensitivity, sens_batches=a.sens_batches, probes=a.probes, quant_method=a.method,
+        first_last=a.first_last or None, weight_only=a.weight_only, hybrid=a.hybrid, fp_steps=a.fp_steps,
+        fp_epochs=a.fp_epochs, fp_lr=a.fp_lr, steps=a.steps, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
+        seed=a.seed, train_subset=a.train_subset, test_subset=a.test_subset, out=a.out, progress=a.progress)
+    run_autobits(cfg, echo=lambda line: print(line, flush=True))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------ bench
 def cmd_bench(a: argparse.Namespace) -> int:
     scripts = [_REPO / "benchmarks" / n for n in ("step_time.py", "hybrid_cost.py")]
@@ -361,9 +435,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         torch.set_num_threads(a.threads)
     from fxqat.training.checkpoint import CheckpointError
+    from fxqat.training.distributed import PeerLost
 
     try:
-        return {"demo": cmd_demo, "train": cmd_train, "inspect": cmd_inspect, "bench": cmd_bench}[a.command](a)
+        return {"demo": cmd_demo, "train": cmd_train, "inspect": cmd_inspect, "bench": cmd_bench,
+                "autobits": cmd_autobits}[a.command](a)
     except (UsageError, FileNotFoundError, CheckpointError) as e:
         print(f"fxqat: error: {e}", file=sys.stderr)
         return 2
@@ -371,6 +447,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"fxqat: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # diverged training: not bad input, but no traceback either
+        print(f"fxqat: error: {e}", file=sys.stderr)
+        return 1
+    except PeerLost as e:  # another DDP process died or hangs; no cleanup: it would wait for the lost peer
         print(f"fxqat: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -18,12 +18,23 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Mapping, Optional, Sequence, Tuple, Union
+import warnings
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Set, Tuple, Union
 
 import torch.nn as nn
 
-__all__ = ["QuantSpec", "Override", "HybridConfig", "QATConfig", "Kind", "GRANULARITIES", "PRESETS"]
+from fxqat.method_registry import available_methods, get_method, make_quantizer
+from fxqat.validate import (
+    check_bool, check_choice, check_int, check_number, did_you_mean, name_tuple, options_tuple,
+)
+
+__all__ = [
+    "QuantSpec", "Override", "HybridConfig", "QATConfig", "Kind", "GRANULARITIES", "PRESETS",
+    "UnmatchedOverrideWarning", "track_overrides", "warn_unmatched_overrides",
+]
 
 Kind = Literal["weight", "act", "grad"]
 _KINDS = ("weight", "act", "grad")
@@ -49,11 +60,30 @@ def _check_bits(owner: str, name: str, value: Any, allow_none: bool = False) -> 
 def _check_method(owner: str, name: str, value: Optional[str]) -> None:
     if value is None:
         return
-    from fxqat.quantizers.registry import available_methods  # late import: the registry imports config
-
     known = available_methods()
+    if not isinstance(value, str):
+        raise TypeError(f"{owner}.{name}={value!r}: give a quantizer method name, one of {sorted(known)}.")
     if value not in known:
-        raise ValueError(f"{owner}.{name}={value!r} is not a known quantizer method; choose one of {sorted(known)}.")
+        raise ValueError(f"{owner}.{name}={value!r} is not a known quantizer method; choose one of {sorted(known)}."
+                         f"{did_you_mean(value, known)}")
+
+
+def _check_options(owner: str, name: str, method: str, options: Tuple[Tuple[str, Any], ...]) -> None:
+    known = getattr(get_method(method), "default_options", {})
+    unknown = [k for k, _ in options if k not in known]
+    if unknown:
+        hint = "".join(did_you_mean(k, known) for k in unknown)
+        raise ValueError(f"{owner}.{name}: method {method!r} has no option(s) {unknown}; its options are "
+                         f"{sorted(known)}.{hint}")
+
+
+def _check_buildable(owner: str, name: str, spec: "QuantSpec") -> None:
+    """Build the quantizer once, so option values the method refuses fail here, naming the field."""
+    try:
+        make_quantizer(spec)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{owner}.{name}={dict(spec.options)!r}: the {spec.kind} quantizer (method {spec.method!r}) "
+                      f"cannot be built with these options: {e}") from None
 
 
 def _check_group_size(owner: str, group_size: Any, required: bool) -> None:
@@ -68,8 +98,6 @@ def _check_group_size(owner: str, group_size: Any, required: bool) -> None:
 
 
 def _check_granularity_support(method: str, granularity: str, kind: str) -> None:
-    from fxqat.quantizers.registry import get_method  # late import: the registry imports config
-
     supported = getattr(get_method(method), "granularities", ("per_tensor", "per_channel"))
     if granularity not in supported:
         hint = " (per-token activations are dynamic: use method='dynamic')" if granularity == "per_token" else ""
@@ -77,14 +105,6 @@ def _check_granularity_support(method: str, granularity: str, kind: str) -> None
             f"QuantSpec: method {method!r} does not support granularity={granularity!r} for kind={kind!r}; "
             f"it supports {list(supported)}{hint}."
         )
-
-
-def _freeze_options(options: Any) -> Tuple[Tuple[str, Any], ...]:
-    if options is None:
-        return ()
-    if isinstance(options, Mapping):
-        return tuple(sorted(options.items()))
-    return tuple(options)
 
 
 @dataclass(frozen=True)
@@ -125,8 +145,11 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         _check_bits("QuantSpec", "bits", self.bits)
-        if self.kind not in _KINDS:
-            raise ValueError(f"QuantSpec.kind={self.kind!r}: use one of {_KINDS}.")
+        check_choice("QuantSpec", "kind", self.kind, _KINDS)
+        check_bool("QuantSpec", "signed", self.signed, allow_none=True)
+        check_bool("QuantSpec", "per_channel", self.per_channel)
+        check_int("QuantSpec", "ch_axis", self.ch_axis)
+        check_choice("QuantSpec", "granularity", self.granularity, sorted(GRANULARITIES), allow_none=True)
         if self.per_channel and self.kind != "weight":
             raise ValueError(
                 f"QuantSpec(kind={self.kind!r}, per_channel=True): per-channel scales are for weights only; "
@@ -146,9 +169,10 @@ class QuantSpec:
         object.__setattr__(self, "granularity", gran)
         object.__setattr__(self, "per_channel", gran == "per_channel")
         _check_group_size("QuantSpec", self.group_size, gran == "per_group")
-        object.__setattr__(self, "options", _freeze_options(self.options))
+        object.__setattr__(self, "options", options_tuple("QuantSpec", "options", self.options))
         _check_method("QuantSpec", "method", self.method)
         _check_granularity_support(self.method, gran, self.kind)
+        _check_options("QuantSpec", "options", self.method, self.options)
 
     def options_dict(self) -> dict:
         """The method-specific options as a plain dict."""
@@ -189,6 +213,11 @@ class Override:
                 f"Override.match={self.match!r}: give a module-name glob (str), a regex ('re:...' or re.compile(...)) "
                 "or a module type."
             )
+        if isinstance(self.match, type) and not issubclass(self.match, nn.Module):
+            raise TypeError(f"Override.match={self.match!r}: a type must be an nn.Module subclass (e.g. nn.Linear).")
+        if isinstance(self.match, str) and not self.match.strip():
+            raise ValueError(f"Override.match={self.match!r}: an empty pattern matches no layer; give a module name "
+                             "glob such as 'fc' or 'layer1.*'.")
         if isinstance(self.match, str) and self.match.startswith("re:"):
             try:
                 re.compile(self.match[3:])
@@ -197,6 +226,8 @@ class Override:
         _check_bits("Override", "w_bits", self.w_bits, allow_none=True)
         _check_bits("Override", "a_bits", self.a_bits, allow_none=True)
         _check_method("Override", "method", self.method)
+        check_bool("Override", "skip", self.skip)
+        check_bool("Override", "act_signed", self.act_signed, allow_none=True)
 
     def matches(self, name: str, module: Optional[nn.Module]) -> bool:
         """Whether this override applies to the module called ``name``."""
@@ -256,28 +287,40 @@ class HybridConfig:
     cuts: Literal["auto", "layers", "residual"] = "auto"
 
     def __post_init__(self) -> None:
-        if self.cuts not in ("auto", "layers", "residual"):
-            raise ValueError(f"HybridConfig.cuts={self.cuts!r}: use 'auto', 'layers' or 'residual'.")
+        check_choice("HybridConfig", "cuts", self.cuts, ("auto", "layers", "residual"))
+        if self.paths != "all":
+            if isinstance(self.paths, str):
+                raise ValueError(f"HybridConfig.paths={self.paths!r}: use 'all' or a positive int k of paths per step."
+                                 f"{did_you_mean(self.paths, ['all'])}")
+            check_int("HybridConfig", "paths", self.paths, lo=1)
+        check_choice("HybridConfig", "partner", self.partner, ("frozen", "shared"))
+        check_choice("HybridConfig", "mode", self.mode, ("lp_prefix", "fp_prefix", "single"))
+        check_number("HybridConfig", "kd_weight", self.kd_weight, lo=0.0)
+        check_number("HybridConfig", "temperature", self.temperature, lo=0.0, lo_open=True)
+        check_number("HybridConfig", "task_weight", self.task_weight, lo=0.0)
+        check_int("HybridConfig", "seed", self.seed, lo=-(2**63), hi=2**64 - 1)
+        check_int("HybridConfig", "max_blocks", self.max_blocks, lo=2, allow_none=True)
+        check_bool("HybridConfig", "shared_suffix_grad", self.shared_suffix_grad)
+        object.__setattr__(self, "boundaries", name_tuple("HybridConfig", "boundaries", self.boundaries))
+        if self.path_weights != "uniform":
+            object.__setattr__(self, "path_weights", _path_weights(self.path_weights))
         if self.shared_suffix_grad and self.partner != "shared":
             raise ValueError(
                 f"HybridConfig.shared_suffix_grad=True needs partner='shared' (got partner={self.partner!r}): a frozen "
                 "partner has no trainable weights; drop shared_suffix_grad or write partner='shared'."
             )
-        if self.paths != "all" and (isinstance(self.paths, bool) or not isinstance(self.paths, int) or self.paths < 1):
-            raise ValueError(f"HybridConfig.paths={self.paths!r}: use 'all' or a positive int k of paths per step.")
-        if self.partner not in ("frozen", "shared"):
-            raise ValueError(f"HybridConfig.partner={self.partner!r}: use 'frozen' or 'shared'.")
-        if self.mode not in ("lp_prefix", "fp_prefix", "single"):
-            raise ValueError(f"HybridConfig.mode={self.mode!r}: use 'lp_prefix', 'fp_prefix' or 'single'.")
-        if self.temperature <= 0:
-            raise ValueError(f"HybridConfig.temperature={self.temperature!r}: must be > 0 (e.g. 1.0 or 4.0).")
-        if self.kd_weight < 0 or self.task_weight < 0:
-            raise ValueError("HybridConfig.kd_weight and task_weight must be >= 0.")
-        if self.path_weights != "uniform":
-            object.__setattr__(self, "path_weights", tuple(float(w) for w in self.path_weights))
-        if self.max_blocks is not None and self.max_blocks < 2:
-            raise ValueError(f"HybridConfig.max_blocks={self.max_blocks!r}: need at least 2 blocks for one path.")
-        object.__setattr__(self, "boundaries", tuple(self.boundaries))
+
+
+def _path_weights(value: Any) -> Tuple[float, ...]:
+    if isinstance(value, str):
+        raise ValueError(f"HybridConfig.path_weights={value!r}: use 'uniform' or one weight per path, e.g. (1.0, 2.0)."
+                         f"{did_you_mean(value, ['uniform'])}")
+    if not isinstance(value, Sequence):
+        raise TypeError(f"HybridConfig.path_weights={value!r}: use 'uniform' or a tuple of one weight per path.")
+    out = tuple(check_number("HybridConfig", f"path_weights[{i}]", w, lo=0.0) for i, w in enumerate(value))
+    if not out or not any(w > 0 for w in out):
+        raise ValueError(f"HybridConfig.path_weights={value!r}: give at least one positive weight (or 'uniform').")
+    return out
 
 
 @dataclass(frozen=True)
@@ -347,9 +390,15 @@ class QATConfig:
         _check_bits("QATConfig", "g_bits", self.g_bits, allow_none=True)
         _check_bits("QATConfig", "first_last", self.first_last, allow_none=True)
         for name in ("method", "w_method", "a_method"):
+            if name == "method" and self.method is None:
+                raise TypeError("QATConfig.method=None: give a quantizer method name (e.g. 'lsq').")
             _check_method("QATConfig", name, getattr(self, name))
-        if self.act_signed not in ("auto", True, False):
-            raise ValueError(f"QATConfig.act_signed={self.act_signed!r}: use 'auto', True or False.")
+        check_bool("QATConfig", "per_channel", self.per_channel)
+        if self.act_signed != "auto" and not isinstance(self.act_signed, bool):
+            raise ValueError(f"QATConfig.act_signed={self.act_signed!r}: use 'auto', True or False."
+                             f"{did_you_mean(self.act_signed, ['auto'])}")
+        if isinstance(self.overrides, (str, bytes)) or not isinstance(self.overrides, (Sequence, Override)):
+            raise TypeError(f"QATConfig.overrides={self.overrides!r}: give a tuple of fxqat.Override(match=..., ...).")
         overrides = tuple(self.overrides) if isinstance(self.overrides, Sequence) else (self.overrides,)
         for o in overrides:
             if not isinstance(o, Override):
@@ -358,32 +407,34 @@ class QATConfig:
         if self.hybrid is not None and not isinstance(self.hybrid, HybridConfig):
             raise ValueError("QATConfig.hybrid must be None or a fxqat.HybridConfig(...).")
         for name in ("w_options", "a_options", "g_options"):
-            object.__setattr__(self, name, _freeze_options(getattr(self, name)))
-        object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
-        object.__setattr__(self, "first_last_layers", tuple(self.first_last_layers))
+            object.__setattr__(self, name, options_tuple("QATConfig", name, getattr(self, name)))
+        object.__setattr__(self, "leaf_modules", name_tuple("QATConfig", "leaf_modules", self.leaf_modules, nn.Module))
+        object.__setattr__(self, "first_last_layers",
+                           name_tuple("QATConfig", "first_last_layers", self.first_last_layers))
         if not set(self.first_last_layers) <= {"first", "last"}:
             raise ValueError(
                 f"QATConfig.first_last_layers={self.first_last_layers!r}: use a subset of ('first', 'last')."
             )
-        if self.w_granularity not in (None, "per_tensor", "per_channel", "per_group"):
-            raise ValueError(
-                f"QATConfig.w_granularity={self.w_granularity!r}: use 'per_tensor', 'per_channel' or 'per_group'."
-            )
-        if not isinstance(self.quantize_matmuls, bool):
-            raise ValueError(f"QATConfig.quantize_matmuls={self.quantize_matmuls!r}: use True or False.")
+        check_choice("QATConfig", "w_granularity", self.w_granularity, ("per_tensor", "per_channel", "per_group"),
+                     allow_none=True)
+        check_choice("QATConfig", "a_granularity", self.a_granularity, ("per_tensor", "per_token"))
+        check_bool("QATConfig", "quantize_matmuls", self.quantize_matmuls)
         if self.quantize_matmuls and self.a_bits is None:
             raise ValueError("QATConfig(quantize_matmuls=True, a_bits=None): matmul operands are activations; give "
                              "a_bits (e.g. a_bits=8) or drop quantize_matmuls.")
-        if self.a_granularity not in ("per_tensor", "per_token"):
-            raise ValueError(f"QATConfig.a_granularity={self.a_granularity!r}: use 'per_tensor' or 'per_token'.")
         if self.per_channel and self.w_granularity not in (None, "per_channel"):
             raise ValueError(
                 f"QATConfig(per_channel=True, w_granularity={self.w_granularity!r}): give one of the two, not both."
             )
         _check_group_size("QATConfig", self.group_size, self.w_granularity == "per_group")
-        self.spec_for("weight")  # the global specs are valid (method supports the granularity, ...)
+        # the global specs are valid (method supports the granularity, knows the options) and build
+        specs = [("w_options", self.spec_for("weight"))]
         if self.a_bits is not None:
-            self.spec_for("act")
+            specs.append(("a_options", self.spec_for("act")))
+        if self.g_bits is not None:
+            specs.append(("g_options", self.spec_for("grad")))
+        for name, spec in specs:
+            _check_buildable("QATConfig", name, spec)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "QATConfig":
@@ -412,24 +463,32 @@ class QATConfig:
             >>> QATConfig.preset("int2_weight_only").a_bits is None
             True
         """
-        if name not in PRESETS:
-            raise ValueError(f"QATConfig.preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
-        fields = {
+        if not isinstance(name, str) or name not in PRESETS:
+            raise ValueError(f"QATConfig.preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}."
+                             f"{did_you_mean(name, PRESETS)}")
+        _check_field_names("QATConfig.preset", overrides)
+        values = {
             "w_granularity": "per_group", "group_size": 32, "first_last": None, "first_last_layers": ("last",),
             **PRESETS[name], **overrides,
         }
-        if "w_options" not in overrides and fields.get("method", "lsq") in ("lsq", "lsq_plus"):
-            fields["w_options"] = {"init": "mse"}
-        return cls(**fields)
+        if "w_options" not in overrides and values.get("method", "lsq") in ("lsq", "lsq_plus"):
+            values["w_options"] = {"init": "mse"}
+        return cls(**values)
 
     def with_(self, **changes: Any) -> "QATConfig":
         """A copy with some fields changed (validated again)."""
+        _check_field_names("QATConfig.with_", changes)
         return replace(self, **changes)
 
     def override_for(self, name: str, module: Optional[nn.Module]) -> Optional[Override]:
-        """The first override matching the module called ``name``, or None."""
-        for o in self.overrides:
+        """The first override matching the module called ``name``, or None (recorded by :func:`track_overrides`)."""
+        use = _OVERRIDE_USE.get()
+        if use is not None:
+            use.names.append(name)
+        for i, o in enumerate(self.overrides):
             if o.matches(name, module):
+                if use is not None:
+                    use.used.add(i)
                 return o
         return None
 
@@ -472,3 +531,64 @@ PRESETS = {
     "int2_weight_only": {"w_bits": 2, "a_bits": None},
     "8da4w": {"w_bits": 4, "a_bits": 8, "a_granularity": "per_token"},
 }
+
+
+def _check_field_names(owner: str, given: Dict[str, Any]) -> None:
+    known = [f.name for f in fields(QATConfig)]
+    for k in given:
+        if k not in known:
+            raise TypeError(f"{owner}: QATConfig has no field {k!r}.{did_you_mean(k, known)}")
+
+
+# ----------------------------------------------------------------------------------------------- override use
+class UnmatchedOverrideWarning(UserWarning):
+    """An ``Override`` of the config applied to no layer of the prepared model (see :func:`warn_unmatched_overrides`)."""
+
+
+@dataclass
+class OverrideUse:
+    """What :meth:`QATConfig.override_for` saw inside :func:`track_overrides`: the layer names asked about and the
+    indices of the overrides that won for at least one of them."""
+
+    names: List[str] = field(default_factory=list)
+    used: Set[int] = field(default_factory=set)
+
+
+_OVERRIDE_USE: ContextVar[Optional[OverrideUse]] = ContextVar("fxqat_override_use", default=None)
+
+
+@contextmanager
+def track_overrides() -> Iterator[OverrideUse]:
+    """Record which overrides decide some layer while the block runs (``prepare_qat`` wraps its passes in it)."""
+    use = OverrideUse()
+    token = _OVERRIDE_USE.set(use)
+    try:
+        yield use
+    finally:
+        _OVERRIDE_USE.reset(token)
+
+
+def warn_unmatched_overrides(config: QATConfig, use: OverrideUse, model_name: str) -> List[Override]:
+    """Warn (:class:`UnmatchedOverrideWarning`) about each override that decided no layer, naming its pattern and the
+    closest layer names; returns those overrides. An override can miss because its pattern matches no quantizable
+    layer, or because an earlier override (first match wins) already takes every layer it matches.
+
+    Example:
+        >>> cfg = QATConfig(overrides=(Override("fc2", skip=True),))
+        >>> use = OverrideUse(names=["features.0", "fc"])
+        >>> with warnings.catch_warnings(record=True) as w:
+        ...     warnings.simplefilter("always")
+        ...     _ = warn_unmatched_overrides(cfg, use, "Net")
+        >>> print(w[0].message)
+        Override(match='fc2') applies to no quantizable layer of Net (first match wins: an earlier override may take its layers). Did you mean 'fc'? Quantizable layers: 'features.0', 'fc'.
+    """
+    missed = [o for i, o in enumerate(config.overrides) if i not in use.used]
+    names = list(dict.fromkeys(use.names))
+    shown = ", ".join(repr(n) for n in names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+    for o in missed:
+        match = o.match.pattern if isinstance(o.match, re.Pattern) else getattr(o.match, "__name__", o.match)
+        hint = did_you_mean(match, names) if isinstance(match, str) and not match.startswith("re:") else ""
+        msg = (f"Override(match={match!r}) applies to no quantizable layer of {model_name} (first match wins: an "
+               f"earlier override may take its layers).{hint} Quantizable layers: {shown or 'none'}.")
+        warnings.warn(msg, UnmatchedOverrideWarning, stacklevel=3)
+    return missed

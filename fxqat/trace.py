@@ -155,7 +155,6 @@ def adopt_hierarchy(gm: fx.GraphModule, root: nn.Module) -> None:
         gm.register_buffer(name, b, persistent=name not in root._non_persistent_buffers_set)
 
 
-_adopt_hierarchy = adopt_hierarchy  # old private name, kept while other modules move to the public one
 
 
 def trace(

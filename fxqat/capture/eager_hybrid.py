@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -219,10 +220,23 @@ class _EagerHybridMixin:
 _CLASSES: Dict[type, type] = {}
 
 
+def _signed_forward(orig: Any) -> Any:
+    """The mixin's ``forward`` under the name, docstring and signature of the user's ``forward`` (``__wrapped__``):
+    code that inspects it (transformers.Trainer keeps only the dataset columns the signature names) sees the same
+    parameters as on the original model."""
+
+    @functools.wraps(orig)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return _EagerHybridMixin.forward(self, *args, **kwargs)
+
+    return forward
+
+
 def _hybrid_class(cls: type) -> type:
     sub = _CLASSES.get(cls)
     if sub is None:
         sub = type(cls.__name__, (_EagerHybridMixin, cls), {"_fxqat_orig_forward": cls.forward,
+                                                              "forward": _signed_forward(cls.forward),
                                                               "__module__": cls.__module__})
         _CLASSES[cls] = sub
     return sub

@@ -38,7 +38,9 @@ from fxqat.layer_registry import is_weight_layer
 from fxqat.passes.insert_quant import QROLE
 from fxqat.quantizers.base import Quantizer
 
-__all__ = ["prepare_eager", "eager_blocks", "convert_eager", "is_eager_model", "capture_report", "BLOCKS_ATTR"]
+__all__ = [
+    "prepare_eager", "eager_blocks", "convert_eager", "lp_eager_copy", "is_eager_model", "capture_report", "BLOCKS_ATTR",
+]
 
 log = logging.getLogger(__name__)
 BLOCKS_ATTR = "fxqat_blocks"  # (layer-chain blocks, their cuts, the chain layers)
@@ -161,16 +163,22 @@ def eager_blocks(model: nn.Module, cuts: str = "auto") -> List[Block]:
     return list(blocks)
 
 
-@torch.no_grad()
-def convert_eager(qm: nn.Module) -> nn.Module:
-    """The inference model of an eager-root QAT model: no partner or paths, weights replaced by their fake-quantized
-    values (weight quantizers then disabled), activation quantizers kept, everything frozen in eval mode."""
+def lp_eager_copy(qm: nn.Module) -> nn.Module:
+    """An eval-mode copy of an eager-root QAT model without its hybrid parts (partner, paths, blocks, step counter);
+    quantizers untouched."""
     lp = remove_hybrid(copy.deepcopy(qm))
     lp.__dict__.pop(BLOCKS_ATTR, None)
     lp.__dict__.pop(CUTS_ATTR, None)
     if "fxqat_step" in lp._buffers:
         del lp._buffers["fxqat_step"]
-    lp.eval()
+    return lp.eval()
+
+
+@torch.no_grad()
+def convert_eager(qm: nn.Module) -> nn.Module:
+    """The inference model of an eager-root QAT model: no partner or paths, weights replaced by their fake-quantized
+    values (weight quantizers then disabled), activation quantizers kept, everything frozen in eval mode."""
+    lp = lp_eager_copy(qm)
     for m in lp.modules():
         if is_quantized_layer(m):
             entry = type(m)._fxqat_entry

@@ -52,7 +52,7 @@ from fxqat.config import QATConfig
 from fxqat.layer_registry import is_weight_layer, registered_types, weight_layer_entry
 from fxqat.quantizers.base import Quantizer
 from fxqat.passes.annotate import annotate
-from fxqat.passes.insert_quant import insert_quant
+from fxqat.passes.insert_quant import CONTAINER, insert_quant
 from fxqat.passes.normalize import normalize
 
 __all__ = ["Region", "CaptureReport", "capture_eager", "CAPTURE_ATTR"]
@@ -139,7 +139,8 @@ class _Capturer:
             return False
         w_bits = ov.w_bits if ov and ov.w_bits else None
         a_bits = ov.a_bits if ov and ov.a_bits else None
-        if name in self.first_last and not (ov and (ov.w_bits or ov.a_bits)):
+        by_policy = name in self.first_last and not (ov and (ov.w_bits or ov.a_bits))
+        if by_policy:
             if cfg.first_last is None:
                 return False
             w_bits = a_bits = cfg.first_last
@@ -154,7 +155,7 @@ class _Capturer:
             aspec = cfg.spec_for("act", bits=a_bits, method=method, signed=signed)
         weight = getattr(module, weight_layer_entry(module).weight)
         shared = self.param_quant.get(id(weight))
-        self.param_quant[id(weight)] = quantize_layer(module, wspec, aspec, name, shared)
+        self.param_quant[id(weight)] = quantize_layer(module, wspec, aspec, name, shared, first_last=by_policy)
         return True
 
     # ---------------------------------------------------------------- graph regions
@@ -182,6 +183,9 @@ class _Capturer:
         if name in self.force_leaves:  # a chain layer: its FP graph gives cuts inside it (HybridConfig.cuts)
             region.meta[FP_GRAPH] = copy.deepcopy(region.graph)
         insert_quant(region, self.config, prefix=name + ".")
+        for q in getattr(region, CONTAINER).modules() if hasattr(region, CONTAINER) else ():
+            if isinstance(q, Quantizer) and getattr(q, "weight_target", None):  # region-relative -> from the root
+                q.weight_target = _join(name, q.weight_target)
         region.train(child.training)
         return region, tuple(inner)
 

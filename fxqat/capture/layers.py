@@ -30,10 +30,12 @@ from fxqat.layer_registry import WeightLayer, base_forward, weight_layer_entry
 from fxqat.quantizers.base import Quantizer
 from fxqat.quantizers.registry import make_quantizer
 
-__all__ = ["quantize_layer", "is_quantized_layer", "WEIGHT_QUANT", "ACT_QUANT"]
+__all__ = ["quantize_layer", "unquantize_layer", "is_quantized_layer", "WEIGHT_QUANT", "ACT_QUANT", "FIRST_LAST"]
 
 WEIGHT_QUANT = "fxqat_wq"
 ACT_QUANT = "fxqat_aq"
+#: attribute of an in-place quantized layer: True when its bits come from the ``first_last`` policy
+FIRST_LAST = "fxqat_first_last"
 
 
 def is_quantized_layer(module: nn.Module) -> bool:
@@ -81,11 +83,12 @@ def _quant_class(cls: type, entry: WeightLayer) -> type:
 
 def quantize_layer(
     module: nn.Module, wspec: QuantSpec, aspec: Optional[QuantSpec], name: str,
-    weight_quantizer: Optional[Quantizer] = None,
+    weight_quantizer: Optional[Quantizer] = None, first_last: bool = False,
 ) -> Quantizer:
     """Quantize the weight layer ``module`` (called ``name``) in place: weight with ``wspec``, input with ``aspec``.
 
     ``weight_quantizer`` reuses an existing quantizer (a Parameter shared by several layers has one quantizer).
+    ``first_last`` records (as ``module.fxqat_first_last``) that the bits come from the first/last-layer policy.
     Returns the weight quantizer.
 
     Raises:
@@ -104,6 +107,7 @@ def quantize_layer(
         wq.weight_layer = name
     module.add_module(WEIGHT_QUANT, wq)
     module.add_module(ACT_QUANT, make_quantizer(aspec) if aspec is not None else None)
+    setattr(module, FIRST_LAST, bool(first_last))
     module.__class__ = _quant_class(type(module), entry)
     return wq
 
@@ -113,3 +117,23 @@ def layer_spec_axes(module: nn.Module) -> Tuple[int, ...]:
     entry = weight_layer_entry(module)
     w = getattr(module, entry.weight)
     return tuple((entry.to_out_in(w) if entry.to_out_in else w).shape)
+
+
+def unquantize_layer(module: nn.Module) -> Tuple[Quantizer, Optional[Quantizer]]:
+    """Undo :func:`quantize_layer` in place: ``module`` gets its own class back and loses its two quantizers, which
+    are returned ``(weight quantizer, input quantizer or None)``. Its weight is left as it is.
+
+    Example:
+        >>> lin = nn.Linear(8, 4)
+        >>> _ = quantize_layer(lin, QuantSpec(bits=4, kind="weight"), None, "fc")
+        >>> wq, aq = unquantize_layer(lin)
+        >>> type(lin).__name__, type(wq).__name__, aq, hasattr(lin, WEIGHT_QUANT)
+        ('Linear', 'LSQQuantizer', None, False)
+    """
+    if not is_quantized_layer(module):
+        raise TypeError(f"{type(module).__name__} is not a layer quantized in place by fxqat.")
+    wq, aq = getattr(module, WEIGHT_QUANT), getattr(module, ACT_QUANT, None)
+    del module._modules[WEIGHT_QUANT]
+    module._modules.pop(ACT_QUANT, None)
+    module.__class__ = type(module).__bases__[1]  # _quant_class: (_EagerQuantMixin, original class)
+    return wq, aq

@@ -36,7 +36,7 @@ from torch.utils import _pytree as pytree
 
 from fxqat.trace import FxqatTracer, TraceFailure, adopt_hierarchy, trace
 
-__all__ = ["GraphRegion", "Binding", "trace_region", "Unbindable", "bind_call"]
+__all__ = ["GraphRegion", "Binding", "Origin", "trace_region", "Unbindable", "bind_call", "restore_module"]
 
 _INNER = "fxqat_inner"
 _CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device, enum.Enum)
@@ -77,6 +77,27 @@ class Binding:
                     f"{leaves[i]!r}. Prepare the model with example inputs that use the same setting."
                 )
         return [leaves[i] for i in self.tensors]
+
+
+@dataclass(frozen=True)
+class Origin:
+    """What a graph region keeps of the module it was traced from, to rebuild it (:func:`restore_module`).
+
+    Attributes:
+        cls: the module's class.
+        attrs: its plain (public, non-module) attributes, copied onto the region (``config``, ``layer_idx``, ...).
+        children, params, buffers: the names of its own children, parameters and buffers (adopted by the region).
+    """
+
+    cls: type
+    attrs: Tuple[str, ...]
+    children: Tuple[str, ...]
+    params: Tuple[str, ...]
+    buffers: Tuple[str, ...]
+
+
+def _names(entries: Dict[str, Any]) -> Tuple[str, ...]:
+    return tuple(k for k, v in entries.items() if v is not None)
 
 
 def _describe(spec: Any) -> str:
@@ -163,6 +184,12 @@ class GraphRegion(fx.GraphModule):
         res = super().__deepcopy__(memo)
         res.fxqat_binding, res.fxqat_region = self.fxqat_binding, self.fxqat_region
         res.fxqat_output_type = self.fxqat_output_type
+        origin = self.__dict__.get("fxqat_origin")
+        if origin is not None:  # the module's plain attributes, which GraphModule's own copy drops
+            res.fxqat_origin = origin
+            for key in origin.attrs:
+                if key in self.__dict__:
+                    res.__dict__[key] = copy.deepcopy(self.__dict__[key], memo)
         for name, child in self._modules.items():  # children the graph does not reference (kept, like the original)
             if name not in res._modules:
                 res.add_module(name, copy.deepcopy(child, memo))
@@ -246,11 +273,49 @@ def trace_region(
     graph = gm.graph
     _strip_inner(graph)
     region = _region_class(type(module))(module, graph, binding, name, type(module).__name__)
+    attrs = []
     for key, value in module.__dict__.items():  # plain attributes (config, layer_idx, ...) for the class's methods
         if not key.startswith("_") and key not in region.__dict__ and key != "training":
             region.__dict__[key] = value
+            attrs.append(key)
+    region.fxqat_origin = Origin(type(module), tuple(attrs), _names(module._modules), _names(module._parameters),
+                                 _names(module._buffers))
     region.meta["fxqat.opaque"] = tuple(x[len(_INNER) + 1:] for x in gm.meta.get("fxqat.opaque", ()))
     if isinstance(example_output, dict) and type(example_output) is not dict:
         region.fxqat_output_type = type(example_output)
     region.train(module.training)
     return region
+
+
+def restore_module(region: GraphRegion) -> nn.Module:
+    """The module ``region`` was traced from, rebuilt: an instance of its own class holding the region's children,
+    parameters, buffers and plain attributes (the same objects), whose ``forward`` is the class's code again.
+
+    Whatever the region's graph adds to that code (fxqat's quantizer nodes) is not part of the result: call it once
+    those are removed or handed off (:func:`fxqat.export.to_torchao`). Hooks registered on the region are not kept.
+
+    Raises:
+        ValueError: ``region`` has no :class:`Origin` (it was not made by :func:`trace_region`).
+
+    Example:
+        >>> layer = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        >>> region = trace_region(layer, (torch.randn(2, 4),), {}, "layer")
+        >>> back = restore_module(region)
+        >>> type(back).__name__, back[0] is region[0]
+        ('Sequential', True)
+    """
+    origin = region.__dict__.get("fxqat_origin")
+    if origin is None:
+        raise ValueError(f"{type(region).__name__} holds no record of the module it was traced from.")
+    module = origin.cls.__new__(origin.cls)
+    nn.Module.__init__(module)
+    for key in origin.attrs:
+        if key in region.__dict__:
+            module.__dict__[key] = region.__dict__[key]
+    for name in origin.children:
+        module._modules[name] = region._modules[name]
+    for name in origin.params:
+        module._parameters[name] = region._parameters[name]
+    for name in origin.buffers:
+        module.register_buffer(name, region._buffers[name], persistent=name not in region._non_persistent_buffers_set)
+    return module.train(region.training)

@@ -1,8 +1,10 @@
-"""Deploying trained fxqat models: torch.ao (QConfigMapping in, reference model out), torchao PT2E, ONNX QDQ.
+"""Deploying trained fxqat models: torch.ao (QConfigMapping in, reference model out), torchao PT2E, ONNX QDQ,
+torchao tensor subclasses (weight-only / 8da4w LLM layers) and ExecuTorch (XNNPACK ``.pte``).
 
 Every path carries the learned scales and zero points of each quantizer (its eval-mode affine equivalent, see
-:meth:`fxqat.Quantizer.affine_qparams`) for bit-widths up to 8 on int8/uint8 carriers. ``docs/deploy.md`` says
-which path to pick for which runtime. The PT2E and ONNX paths import torchao / onnx lazily (extra ``fxqat[export]``).
+:meth:`fxqat.Quantizer.affine_qparams`) for bit-widths up to 8. ``docs/deploy.md`` says which path to pick for which
+runtime. The PT2E, ONNX and torchao paths import torchao / onnx lazily (extra ``fxqat[export]``), the ExecuTorch
+path executorch (extra ``fxqat[executorch]``).
 
 Example:
     >>> import torch, torch.nn as nn, fxqat
@@ -15,11 +17,14 @@ Example:
 """
 
 from fxqat.export.affine import AffineParams, ExportError, QuantPoint, quant_points
+from fxqat.export.executorch import load_executorch, to_executorch
 from fxqat.export.onnx import to_onnx
 from fxqat.export.pt2e import pt2e_quantizer, to_pt2e
 from fxqat.export.torch_ao import FixedAffineFakeQuantize, fxqat_backend_config, to_qconfig_mapping, to_torch_ao
+from fxqat.export.torchao_handoff import to_torchao, torchao_config, torchao_configs
 
 __all__ = [
     "to_qconfig_mapping", "to_torch_ao", "to_pt2e", "to_onnx", "ExportError", "quant_points", "QuantPoint",
-    "AffineParams", "FixedAffineFakeQuantize", "pt2e_quantizer", "fxqat_backend_config",
+    "AffineParams", "FixedAffineFakeQuantize", "pt2e_quantizer", "fxqat_backend_config", "to_torchao",
+    "torchao_config", "torchao_configs", "to_executorch", "load_executorch",
 ]

@@ -9,8 +9,8 @@ rebuilding the graph with a deployment-specific "quantization point" in place of
 * :func:`fp_module` copies the LP graph (no hybrid paths), pre-quantizes every weight with its own fxqat quantizer
   (so a deployment re-quantizing it on the same grid is exact) and calls ``make_point`` for each quantizer node.
 
-Bit-widths below 8 live on an 8-bit *carrier* (``int8`` when the codes need a sign, else ``uint8``); the real
-range ``[qmin, qmax]`` is kept in :class:`AffineParams` so each path can clip to it.
+Their parameters, per-group weights and 8-bit carriers included, are :class:`~fxqat.export.params.AffineParams`
+(``fxqat/export/params.py``).
 
 Example:
     >>> import torch, torch.nn as nn, fxqat
@@ -33,91 +33,20 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxqat.export.params import AffineParams, ExportError, affine_params
 from fxqat.passes.insert_quant import QROLE, OpaqueWeightQuant
-from fxqat.quantizers.base import NotAffineError, Quantizer
+from fxqat.quantizers.base import Quantizer
 
-__all__ = ["ExportError", "AffineParams", "QuantPoint", "quant_points", "fp_module", "safe_name", "cpu_inputs"]
-
-
-class ExportError(ValueError):
-    """A model (or one of its quantizers) that an export path cannot represent; the message names it."""
+__all__ = [
+    "ExportError", "AffineParams", "QuantPoint", "quant_points", "fp_module", "safe_name", "cpu_inputs",
+    "affine_params", "lp_graph_copy",
+]
 
 
 def safe_name(name: str) -> str:
     """``name`` as a Python identifier (for submodule and buffer names)."""
     return re.sub(r"\W", "_", name) or "root"
 
-
-@dataclass(frozen=True)
-class AffineParams:
-    """Eval-mode affine quantization of one tensor::
-
-        code = clamp(round((x - offset) / scale) + zp, qmin, qmax);   value = (code - zp) * scale + offset
-
-    Attributes:
-        scale: float32, shape ``[1]`` (per tensor) or ``[C]`` (per channel).
-        zero_point: int32, same shape, already shifted onto the carrier (see ``signed``).
-        qmin, qmax: integer range of the real bit-width, on the carrier.
-        ch_axis: channel axis for per-channel parameters, None per tensor.
-        signed: carrier is int8 (True, codes -128..127) or uint8 (False, 0..255).
-        offset: a float shift of the whole grid (0.0 almost always): activation grids whose lowest level is not a
-            multiple of the step (a learned lower bound: LSQ+ without ``offset_on_grid``, DSQ, EWGS) have no integer
-            zero point; they are exported as ``x - offset -> Q/DQ -> + offset``.
-    """
-
-    scale: torch.Tensor
-    zero_point: torch.Tensor
-    qmin: int
-    qmax: int
-    ch_axis: Optional[int]
-    signed: bool
-    offset: float = 0.0
-
-    @property
-    def per_channel(self) -> bool:
-        return self.ch_axis is not None
-
-    @property
-    def carrier_range(self) -> Tuple[int, int]:
-        return (-128, 127) if self.signed else (0, 255)
-
-    @property
-    def narrow(self) -> bool:
-        """Whether the real range is narrower than the carrier's (a clip is needed where the runtime saturates)."""
-        return (self.qmin, self.qmax) != self.carrier_range
-
-    @property
-    def torch_qdtype(self) -> torch.dtype:
-        return torch.qint8 if self.signed else torch.quint8
-
-    @property
-    def int_dtype(self) -> torch.dtype:
-        return torch.int8 if self.signed else torch.uint8
-
-    @property
-    def qscheme(self) -> torch.qscheme:
-        return torch.per_channel_affine if self.per_channel else torch.per_tensor_affine
-
-    def clip_range(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Float bounds ``((qmin - zp)·s, (qmax - zp)·s)`` of ``x - offset``: clipping to them then quantizing on the
-        full carrier range gives the same codes as quantizing on ``[qmin, qmax]``."""
-        z = self.zero_point.float()
-        return (self.qmin - z) * self.scale, (self.qmax - z) * self.scale
-
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        """torch's fake-quant kernel with these parameters (the real range)."""
-        if self.offset:
-            return self._fq(x - self.offset) + self.offset
-        return self._fq(x)
-
-    def _fq(self, x: torch.Tensor) -> torch.Tensor:
-        if self.per_channel:
-            return torch.fake_quantize_per_channel_affine(
-                x, self.scale, self.zero_point, self.ch_axis, self.qmin, self.qmax
-            )
-        return torch.fake_quantize_per_tensor_affine(
-            x, float(self.scale), int(self.zero_point), self.qmin, self.qmax
-        )
 
 
 @dataclass(frozen=True)
@@ -142,106 +71,6 @@ class QuantPoint:
     params: AffineParams
     source: Optional[str]
 
-
-def _carrier(qmin: int, qmax: int, zp: torch.Tensor, where: str) -> Tuple[int, int, torch.Tensor, bool]:
-    """Place the codes ``[qmin, qmax]`` and the zero points on an int8/uint8 carrier (shifting them if needed)."""
-    lo, hi = min(qmin, int(zp.min())), max(qmax, int(zp.max()))
-    if qmax - qmin > 255:
-        raise ExportError(
-            f"{where}: {qmax - qmin + 1} levels do not fit an 8-bit carrier; integer export supports <= 8 bits "
-            "(use an Override with w_bits/a_bits <= 8 for this layer)."
-        )
-    if lo >= 0 and hi <= 255:
-        return qmin, qmax, zp, False
-    if lo >= -128 and hi <= 127:
-        return qmin, qmax, zp, True
-    if hi - lo <= 255:  # shift codes and zero point together: (k + c - (z + c))·s is unchanged
-        return qmin - lo, qmax - lo, zp - lo, False
-    raise ExportError(
-        f"{where}: zero point(s) {zp.flatten().tolist()[:4]} lie too far from the code range [{qmin}, {qmax}] "
-        "for an 8-bit carrier."
-    )
-
-
-def _affine(name: str, q: Quantizer, layer: str) -> AffineParams:
-    where = f"quantizer {name!r} ({type(q).__name__}, {q.bits}-bit {q.kind}) of layer {layer!r}"
-    ev = copy.deepcopy(q).eval()
-    offset = 0.0
-    try:
-        scale, zp, qmin, qmax = ev.affine_qparams()
-    except NotAffineError as exc:
-        from_grid = _grid_affine(ev) if q.kind == "weight" else _probed_act_grid(ev)
-        if from_grid is None:
-            raise ExportError(f"{where} has no integer (affine-uniform) eval-mode equivalent: {exc}") from exc
-        scale, zp, qmin, qmax, offset = from_grid
-    scale = scale.detach().float().reshape(-1).clone()
-    zp = zp.detach().round().to(torch.int32).reshape(-1).clone()
-    if scale.numel() > 1 and zp.numel() == 1:
-        zp = zp.expand(scale.numel()).clone()
-    if not bool(torch.all(scale > 0)):
-        raise ExportError(f"{where}: scale {scale.tolist()[:4]} is not positive.")
-    qmin, qmax, zp, signed = _carrier(int(qmin), int(qmax), zp, where)
-    axis = q.ch_axis if scale.numel() > 1 else None
-    return AffineParams(scale.cpu(), zp.cpu(), qmin, qmax, axis, signed, offset)
-
-
-@torch.no_grad()
-def _grid_affine(q: Quantizer) -> Optional[Tuple[torch.Tensor, torch.Tensor, int, int, float]]:
-    """Affine parameters of a weight quantizer's eval-mode *output grid*, when that grid is uniform with a level at
-    zero (``None`` otherwise).
-
-    Weights are constants: export stores ``q(w)`` (computed by fxqat), so only the levels must be an integer grid,
-    not the map from ``w`` to them. This covers e.g. QIL weights with γ ≠ 1 or a pruning band (levels
-    ``k·o/n``), but not DoReFa/EWGS/DSQ weights (``2^b`` levels symmetric about 0, no zero level).
-    """
-    try:
-        g = q.grid().detach().double()
-    except Exception:  # noqa: BLE001 - no grid, no fallback
-        return None
-    g = g.reshape(-1, g.shape[-1])
-    if g.shape[1] < 2:
-        return None
-    d = g[:, 1:] - g[:, :-1]
-    step = d.mean(dim=1)
-    if not bool(torch.all(step > 0)) or not torch.allclose(d, step[:, None].expand_as(d), rtol=1e-4, atol=0):
-        return None
-    z = -g[:, 0] / step
-    if not torch.allclose(z, z.round(), atol=1e-3, rtol=0) or not bool(torch.all(z.round() == z.round()[0])):
-        return None
-    zc, levels = int(z[0].round()), g.shape[1]
-    return step.float(), torch.zeros(step.shape, dtype=torch.int32), -zc, levels - 1 - zc, 0.0
-
-
-@torch.no_grad()
-def _probed_act_grid(q: Quantizer, per_step: int = 8):
-    """Parameters ``(scale, 0, 0, L-1, offset)`` of a per-tensor activation quantizer whose eval-mode function is
-    nearest-level rounding onto a uniform grid ``offset + k·scale`` (k = 0..L-1) with clipping, but whose lowest
-    level is not a multiple of the step; ``None`` unless a probe of the quantizer confirms exactly that function.
-
-    The probe runs the quantizer (eval mode) on points spread over the grid and three steps beyond each end, at
-    odd multiples of ``step / (2·per_step)`` (never on a rounding tie).
-    """
-    try:
-        g = q.grid().detach().double()
-    except Exception:  # noqa: BLE001
-        return None
-    if g.dim() != 1 or g.numel() < 2:
-        return None
-    d = g[1:] - g[:-1]
-    step = d.mean()
-    if step <= 0 or not torch.allclose(d, step.expand_as(d), rtol=1e-4, atol=0):
-        return None
-    levels, g0 = g.numel(), g[0]
-    k = torch.arange(-3 * per_step, (levels + 2) * per_step, dtype=torch.float64)
-    probe = g0 + step * (k + 0.5) / per_step
-    expected = g0 + step * torch.clamp(torch.round((probe - g0) / step), 0, levels - 1)
-    try:
-        got = q(probe.float()).double()
-    except Exception:  # noqa: BLE001
-        return None
-    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * float(g.abs().max())):
-        return None
-    return step.float().reshape(1), torch.zeros(1, dtype=torch.int32), 0, levels - 1, float(g0)
 
 
 def _check_supported(gm: fx.GraphModule) -> None:
@@ -283,7 +112,12 @@ def quant_points(qm: fx.GraphModule) -> Dict[str, QuantPoint]:
             a quantizer inside, an uninitialised quantizer, a non-affine eval function or more than 8 bits.
     """
     if not isinstance(qm, fx.GraphModule):
-        raise ExportError(f"expected the GraphModule returned by fxqat.prepare_qat, got {type(qm).__name__}.")
+        hint = ""
+        if any(isinstance(m, Quantizer) for m in qm.modules()):
+            hint = (" This model was prepared through hierarchical capture (its root forward runs eagerly, e.g. a "
+                    "Hugging Face model), which the Q/DQ paths do not handle: use fxqat.export.to_torchao(qm) "
+                    "(linear layers, weight-only or 8da4w) and torch.export / fxqat.export.to_executorch.")
+        raise ExportError(f"expected the GraphModule returned by fxqat.prepare_qat, got {type(qm).__name__}.{hint}")
     _check_supported(qm)
     points: Dict[str, QuantPoint] = {}
     for node in qm.graph.nodes:
@@ -301,7 +135,7 @@ def quant_points(qm: fx.GraphModule) -> Dict[str, QuantPoint]:
             )
         src = node.args[0]
         source = str(src.target) if isinstance(src, fx.Node) and src.op == "get_attr" else None
-        params = _affine(str(node.target), q, layer)
+        params = affine_params(str(node.target), q, layer)
         points[node.name] = QuantPoint(len(points), node.name, str(node.target), kind, layer, params, source)
     return points
 
@@ -324,15 +158,17 @@ def fp_module(qm: fx.GraphModule, make_point: MakePoint) -> Tuple[fx.GraphModule
     copy lives on the CPU (export artefacts are built there; move the result afterwards if needed).
     """
     points = quant_points(qm)
-    root = copy.deepcopy(qm).cpu()
-    graph = copy.deepcopy(qm.graph)
-    gm = fx.GraphModule(root, graph, "FxqatExport")
-    for layer in {str(n.meta["fxqat.module"]) for n in graph.nodes if n.meta.get("fxqat.module")}:
-        try:  # keep layer modules whole (GraphModule only copies the attributes the graph reads)
-            gm.add_submodule(layer, root.get_submodule(layer))
-        except AttributeError:
-            pass
-    gm.eval()
+    grouped = [p for p in points.values() if p.params.per_group]
+    if grouped:
+        p = grouped[0]
+        raise ExportError(
+            f"quantizer {p.quantizer!r} of layer {p.layer!r} has per-group weights (group_size="
+            f"{p.params.group_size}; {len(grouped)} such quantizer(s)): the Q/DQ export paths (to_torch_ao, "
+            "to_pt2e, to_onnx) carry per-tensor or per-channel scales only. Use fxqat.export.to_torchao(qm) "
+            "(torchao's IntxUnpackedToInt8Tensor, for torch.export / ExecuTorch: fxqat.export.to_executorch)."
+        )
+    gm = lp_graph_copy(qm, "FxqatExport")
+    graph = gm.graph
     with torch.no_grad():
         for node in list(graph.nodes):
             if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), Quantizer):
@@ -356,6 +192,21 @@ def fp_module(qm: fx.GraphModule, make_point: MakePoint) -> Tuple[fx.GraphModule
     for p in gm.parameters():
         p.requires_grad_(False)
     return gm, points
+
+
+def lp_graph_copy(qm: fx.GraphModule, class_name: str) -> fx.GraphModule:
+    """An eval-mode CPU copy of ``qm``'s LP graph (no hybrid paths) over a copy of its modules; layer modules are
+    kept whole (a ``GraphModule`` only copies the attributes its graph reads)."""
+    root = copy.deepcopy(qm).cpu()
+    graph = copy.deepcopy(qm.graph)
+    gm = fx.GraphModule(root, graph, class_name)
+    for layer in {str(n.meta["fxqat.module"]) for n in graph.nodes if n.meta.get("fxqat.module")}:
+        try:
+            gm.add_submodule(layer, root.get_submodule(layer))
+        except AttributeError:
+            pass
+    gm.eval()
+    return gm
 
 
 def _is_param(gm: nn.Module, target: str) -> bool:

@@ -38,6 +38,7 @@ from torch import nn
 from torch.ao.quantization import FakeQuantizeBase, PlaceholderObserver, QConfig, QConfigMapping
 
 from fxqat.config import QATConfig
+from fxqat.quantizers.registry import get_method
 from fxqat.export.affine import AffineParams, ExportError, QuantPoint, cpu_inputs, fp_module, safe_name
 
 __all__ = ["FixedAffineFakeQuantize", "to_qconfig_mapping", "to_torch_ao", "fxqat_backend_config"]
@@ -124,8 +125,6 @@ def fxqat_backend_config():
 
 # ------------------------------------------------------------------------------------------------ inward
 def _qconfig(config: QATConfig, w_bits: int, a_bits: int, method: Optional[str], act_signed: Optional[bool]) -> QConfig:
-    from fxqat.quantizers.registry import get_method
-
     w_spec = config.spec_for("weight", bits=w_bits, method=method)
     signed = act_signed if act_signed is not None else (config.act_signed is True)
     a_spec = config.spec_for("act", bits=a_bits, method=method, signed=signed)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import networkx as nx
 import torch.fx as fx
@@ -57,6 +57,10 @@ def plot_partition(
     *,
     max_labels: int = 120,
     dpi: int = 100,
+    block_colors: Optional[Mapping[int, Any]] = None,
+    block_labels: Optional[Mapping[int, str]] = None,
+    legend: Optional[Mapping[str, Any]] = None,
+    title: Optional[str] = None,
 ) -> str:
     """Draws ``gm``'s graph with nodes coloured by block and cut nodes highlighted, and saves it as an image.
 
@@ -66,6 +70,11 @@ def plot_partition(
         path: where to write the image (PNG by extension; the directory must exist).
         max_labels: node names are drawn only when the graph has at most this many nodes.
         dpi: resolution of the saved figure.
+        block_colors: a matplotlib colour per block index (default: one ``tab20`` colour per block), e.g. the
+            bit-width each block was given (:func:`fxqat.mixed.plot.plot_allocation`).
+        block_labels: the text drawn next to each block's exit (default ``"{index}: {name}"``).
+        legend: ``{label: colour}`` entries of a legend (default: none).
+        title: the figure title (default: model name, block and node counts).
 
     Returns:
         ``str(path)``.
@@ -81,11 +90,12 @@ def plot_partition(
     block_of = {name: b.index for b in blocks for name in b.nodes}
     exits = {b.exit for b in blocks}
     cmap = plt.get_cmap("tab20")
+    color_of = dict(block_colors) if block_colors is not None else {b.index: cmap(b.index % 20) for b in blocks}
     colors, sizes, edgecolors = [], [], []
     for node in view.nodes:
         op = view.nodes[node]["op"]
         if node in block_of and op != "get_attr":
-            colors.append(cmap(block_of[node] % 20))
+            colors.append(color_of.get(block_of[node], "lightgrey"))
         elif op in ("placeholder", "output"):
             colors.append("white")
         else:
@@ -106,12 +116,18 @@ def plot_partition(
         for b in blocks:
             if b.exit in pos:
                 x, y = pos[b.exit]
-                ax.annotate(f"{b.index}: {b.name}", (x, y), xytext=(-12, 0), textcoords="offset points",
-                            ha="right", va="center", fontsize=7, color=cmap(b.index % 20), fontweight="bold")
+                text = (block_labels or {}).get(b.index, f"{b.index}: {b.name}")
+                label_color = color_of.get(b.index, "black") if block_colors is None else "black"
+                ax.annotate(text, (x, y), xytext=(-12, 0), textcoords="offset points",
+                            ha="right", va="center", fontsize=7, color=label_color, fontweight="bold")
+        if legend:
+            from matplotlib.patches import Patch
+
+            ax.legend(handles=[Patch(color=c, label=k) for k, c in legend.items()], loc="upper right", fontsize=7)
         xs = [x for x, _ in pos.values()] or [0.0]
         ax.set_xlim(min(xs) - 1.5, max(xs) + 1.5)
         ax.set_ylim(-rows, 1.0)
-        ax.set_title(f"{type(gm).__name__}: {len(blocks)} blocks, {view.number_of_nodes()} nodes")
+        ax.set_title(title or f"{type(gm).__name__}: {len(blocks)} blocks, {view.number_of_nodes()} nodes")
         ax.axis("off")
         fig.tight_layout()
         fig.savefig(path, dpi=dpi)

@@ -28,7 +28,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxqat.graph.nxview import is_constant_input
-from fxqat.trace import _adopt_hierarchy
+from fxqat.trace import adopt_hierarchy
 
 __all__ = ["extract", "view", "OUTPUT"]
 
@@ -117,6 +117,6 @@ def _flat_nodes(val) -> List[fx.Node]:
 def view(root: nn.Module, graph: fx.Graph, name: str = "View") -> fx.GraphModule:
     """A GraphModule running ``graph`` on ``root``'s own submodules (nothing copied)."""
     gm = fx.GraphModule(root, graph, name)
-    _adopt_hierarchy(gm, root)
+    adopt_hierarchy(gm, root)
     gm.train(root.training)
     return gm

@@ -43,7 +43,8 @@ from fxqat.config import HybridConfig, QATConfig
 from fxqat.hybrid_output import HybridOutput, select_paths
 from fxqat.passes.annotate import is_weight_layer_node
 from fxqat.graph.subgraph import OUTPUT, extract, view
-from fxqat.trace import _adopt_hierarchy
+from fxqat.graph.blocks import partition
+from fxqat.trace import adopt_hierarchy
 
 __all__ = ["HybridOutput", "HybridGraphModule", "mark_cuts", "build_hybrid", "CUT"]
 
@@ -53,8 +54,6 @@ CUT = "fxqat.cut"  # node.meta key: index i of the cut that ends block i
 
 def mark_cuts(gm: fx.GraphModule, config: QATConfig) -> fx.Graph:
     """Partition the annotated FP graph, write ``meta["fxqat.cut"]`` on block exits, return a copy of the FP graph."""
-    from fxqat.graph.blocks import partition
-
     h = config.hybrid
     blocks = partition(gm, is_weight_layer_node, max_blocks=h.max_blocks, boundaries=h.boundaries,
                        cuts="layers" if h.cuts == "layers" else "residual")
@@ -99,7 +98,7 @@ class HybridGraphModule(fx.GraphModule):
         self, lp: fx.GraphModule, fp_graph: fx.Graph, hybrid: HybridConfig, partner: Optional[nn.Module] = None
     ) -> None:
         super().__init__(lp, lp.graph, type(lp).__name__)
-        _adopt_hierarchy(self, lp)
+        adopt_hierarchy(self, lp)
         self.meta.update(lp.meta)
         self.fxqat_hybrid = hybrid
         self._fp_graph = fp_graph
@@ -116,10 +115,22 @@ class HybridGraphModule(fx.GraphModule):
             for p in partner.parameters():
                 p.requires_grad_(False)
             self.fxqat_partner = partner.eval()
-            fp_root: nn.Module = partner
         else:
             self.fxqat_partner = None
-            fp_root = self
+        self.rebuild_views()
+        if hybrid.path_weights != "uniform" and len(hybrid.path_weights) != self.n_paths:
+            raise ValueError(
+                f"HybridConfig.path_weights has {len(hybrid.path_weights)} entries but this model has "
+                f"{self.n_paths} paths (mode {hybrid.mode!r}); give one weight per path or 'uniform'."
+            )
+
+    def rebuild_views(self) -> None:
+        """(Re)build the sub-graph views the train-mode forward runs, from the LP graph and the FP graph (call it
+        after editing either graph, as :func:`fxqat.training.fsdp.shard_prepared` does)."""
+        hybrid = self.fxqat_hybrid
+        fp_root: nn.Module = self.fxqat_partner if self.fxqat_partner is not None else self
+        fp_graph = self._fp_graph
+        lp_cuts, fp_cuts = _cut_names(self.graph), _cut_names(fp_graph)
         self._views: Dict[str, fx.GraphModule] = {}
         v = self._views
         v["lp_cuts"] = view(self, extract(self.graph, None, [OUTPUT, *lp_cuts]), "Backbone")
@@ -136,19 +147,20 @@ class HybridGraphModule(fx.GraphModule):
         for name, gmv in v.items():
             frozen_fp = hybrid.partner == "frozen" and name.startswith("fp")
             object.__setattr__(gmv, "training", not frozen_fp)
-        if hybrid.path_weights != "uniform" and len(hybrid.path_weights) != self.n_paths:
-            raise ValueError(
-                f"HybridConfig.path_weights has {len(hybrid.path_weights)} entries but this model has "
-                f"{self.n_paths} paths (mode {hybrid.mode!r}); give one weight per path or 'uniform'."
-            )
+        self.train(self.training)  # view() sets the shared modules' mode to its root's: restore the partner's eval
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> "HybridGraphModule":
         base = fx.GraphModule(self, copy.deepcopy(self.graph), type(self).__name__)
-        _adopt_hierarchy(base, self)
+        adopt_hierarchy(base, self)
         base = copy.deepcopy(base, memo)
         new = HybridGraphModule(base, copy.deepcopy(self._fp_graph), self.fxqat_hybrid, base.fxqat_partner)
         new.train(self.training)
         return new
+
+    @property
+    def fp_graph(self) -> fx.Graph:
+        """The FP partner's graph (with ``fxqat.cut`` marks) that the ``fp*`` views are extracted from."""
+        return self._fp_graph
 
     # ------------------------------------------------------------------------------------------------ paths
     @property
@@ -158,6 +170,16 @@ class HybridGraphModule(fx.GraphModule):
     def select_paths(self, step: int) -> List[int]:
         """The path ids run at ``step`` (see :func:`fxqat.hybrid_output.select_paths`)."""
         return select_paths(self.fxqat_hybrid, self.n_paths, step)
+
+    @property
+    def step(self) -> int:
+        """The step counter: how many train-mode calls were made (it decides the sampled paths of the next one)."""
+        return int(self.fxqat_step) if self._step is None else self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.fxqat_step.fill_(int(value))
+        self._step = int(value)
 
     def train(self, mode: bool = True) -> "HybridGraphModule":
         super().train(mode)

@@ -3,10 +3,17 @@
 Per-channel parameters get their shape from the first tensor seen, so a fresh quantizer holds shape-[1]
 placeholders; :class:`StateShapeMixin` resizes them when a ``state_dict`` with other shapes is loaded.
 
+A data spread counts as zero when it is at most :data:`REL_SPREAD` of the data's magnitude (not an absolute
+epsilon): the float32 standard deviation of a constant tensor is a few ulps of its value, not 0.
+
 Example:
     >>> import torch
     >>> act_clip_std(torch.ones(4, 4))  # zero spread: falls back to max|x|
     tensor([1.])
+    >>> act_clip_std(torch.full((8, 512), 0.3))  # float32 std ≈ 3e-8, not 0: still the max, 0.3
+    tensor([0.3000])
+    >>> widen_degenerate(torch.tensor([0.3]), torch.tensor([0.3]))  # a constant: the range [0, 0.3]
+    (tensor([0.]), tensor([0.3000]))
 """
 
 from __future__ import annotations
@@ -21,8 +28,13 @@ from fxqat.quantizers.lsq import scale_grad
 
 __all__ = [
     "grad_scaled", "StateShapeMixin", "set_tensor", "numel_per_scale", "act_clip_std", "axis_of", "check_choice",
-    "reduce", "sum_to", "dot_to",
+    "reduce", "sum_to", "dot_to", "REL_SPREAD", "is_degenerate", "widen_degenerate",
 ]
+
+#: a spread (std, max − min) of at most this fraction of the data's magnitude is treated as zero. The float32 std
+#: of a constant tensor is at most 3.5e-7 of its value (measured for 16 to 4M elements), so 1e-5 leaves a margin of
+#: about 30 while no real data (relative spread 1e-1 or more) comes near it.
+REL_SPREAD = 1e-5
 
 
 def reduce(x: torch.Tensor, axis: Optional[int], fn: str) -> torch.Tensor:
@@ -87,12 +99,28 @@ def numel_per_scale(q, x: torch.Tensor) -> int:
     return max(int(n), 1)
 
 
+def is_degenerate(spread: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """Where ``spread`` is zero relative to ``magnitude`` (``spread <= REL_SPREAD·magnitude``; all-zero data too)."""
+    return spread <= REL_SPREAD * magnitude
+
+
+def widen_degenerate(lo: torch.Tensor, hi: torch.Tensor):
+    """``(lo, hi)``, widened to include 0 where the range is degenerate (a constant tensor: ``[0, c]`` or ``[c, 0]``).
+
+    Where the data are all zero the range stays ``[0, 0]``; callers keep their own absolute fallback for that case.
+    """
+    deg = is_degenerate((hi - lo).abs(), torch.maximum(lo.abs(), hi.abs()))
+    zero = torch.zeros_like(lo)
+    return torch.where(deg, torch.minimum(lo, zero), lo), torch.where(deg, torch.maximum(hi, zero), hi)
+
+
 def act_clip_std(x: torch.Tensor, axis: Optional[int] = None) -> torch.Tensor:
-    """Upper clip ``3·std(x)/√(1 − 2/π)`` (EWGS / LBT activation init), falling back to max|x| when std is 0."""
+    """Upper clip ``3·std(x)/√(1 − 2/π)`` (EWGS / LBT activation init), falling back to max|x| when the spread is
+    zero relative to max|x| (:func:`is_degenerate`)."""
     std = reduce(x.float(), axis, "std")
     u = 3.0 * std / math.sqrt(1.0 - 2.0 / math.pi)
     mx = reduce(x.float(), axis, "absmax")
-    return torch.where(u > 0, u, mx).clamp(min=1e-8)
+    return torch.where(is_degenerate(std, mx), mx, u).clamp(min=1e-8)
 
 
 def check_choice(owner: str, name: str, value, choices) -> None:

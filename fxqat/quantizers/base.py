@@ -25,17 +25,19 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch.ao.quantization import FakeQuantizeBase
 
 from fxqat.config import QuantSpec
 
 __all__ = [
     "Quantizer", "NotAffineError", "int_range", "channel_view", "reduce_except", "grad_inside", "use_function",
-    "to_groups", "from_groups",
+    "to_groups", "from_groups", "all_reduce_",
 ]
 
 
@@ -66,10 +68,8 @@ def int_range(bits: int, signed: bool) -> Tuple[int, int]:
 _FLAG_BUFFERS = {"fake_quant_enabled", "observer_enabled", "signed_flag", "initialized"}
 
 
-def _all_reduce(t: torch.Tensor, op: str) -> None:
+def all_reduce_(t: torch.Tensor, op: str) -> None:
     """In a multi-process run, reduce ``t`` in place across ranks (``"mean"`` or ``"max"``); a no-op otherwise."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return
     if op == "max":
@@ -99,6 +99,8 @@ class Quantizer(FakeQuantizeBase):
 
     #: granularities this method implements; per-group runs the per-channel code on the grouped view (to_groups)
     granularities: Tuple[str, ...] = ("per_tensor", "per_channel", "per_group")
+    #: tensor kinds (``QuantSpec.kind``) this method quantizes
+    kinds: Tuple[str, ...] = ("weight", "act")
 
     def __init__(self, spec: QuantSpec, **kwargs: Any) -> None:
         super().__init__()
@@ -106,6 +108,11 @@ class Quantizer(FakeQuantizeBase):
             raise ValueError(
                 f"{type(self).__name__}: method {self.method!r} does not support granularity={spec.granularity!r}; "
                 f"it supports {list(self.granularities)}."
+            )
+        if spec.kind not in self.kinds:
+            raise ValueError(
+                f"{type(self).__name__}: method {self.method!r} quantizes {list(self.kinds)} tensors, not "
+                f"kind={spec.kind!r}."
             )
         unknown = set(spec.options_dict()) - set(self.default_options)
         if unknown:
@@ -182,12 +189,12 @@ class Quantizer(FakeQuantizeBase):
             )
         if int(self.signed_flag[0]) < 0:
             self.signed_flag.fill_(int(bool((x.detach() < 0).any())))
-            _all_reduce(self.signed_flag, "max")  # signed on one rank -> signed everywhere
+            all_reduce_(self.signed_flag, "max")  # signed on one rank -> signed everywhere
             self._sync_flags()
         self._init_from(x.detach())
         for t in list(self.parameters()) + [b for n, b in self.named_buffers() if n not in _FLAG_BUFFERS]:
             if t.is_floating_point():
-                _all_reduce(t.data, "mean")  # DDP: every rank starts from the same (averaged) initialisation
+                all_reduce_(t.data, "mean")  # DDP: every rank starts from the same (averaged) initialisation
         self.initialized.fill_(1)
         self._sync_flags()
 
@@ -195,6 +202,29 @@ class Quantizer(FakeQuantizeBase):
         """Forget the initialisation: the next forward initialises again from data."""
         self.initialized.fill_(0)
         self._sync_flags()
+
+    def set_bits(self, bits: int, reinit: bool = True) -> "Quantizer":
+        """Change the bit-width in place (``bits`` and ``spec.bits``); returns the quantizer.
+
+        Args:
+            bits: the new bit-width, an integer from 1 to 16.
+            reinit: forget the data-dependent initialisation (:meth:`reset`), so that the next forward initialises
+                the range again, for the new grid (an LSQ step size fitted to 4 bits is far too small for 2 bits).
+                ``False`` keeps the learned parameters as they are.
+
+        Example:
+            >>> from fxqat.quantizers import make_quantizer
+            >>> q = make_quantizer(QuantSpec(bits=4, kind="weight"))
+            >>> _ = q(torch.randn(64))
+            >>> q.set_bits(2).bits, q.spec.bits, q.qrange, q.is_initialized
+            (2, 2, (-2, 1), False)
+        """
+        spec = dataclasses.replace(self.spec, bits=bits)  # validates the range (QuantSpec.__post_init__)
+        self.spec = spec
+        self.bits = spec.bits
+        if reinit:
+            self.reset()
+        return self
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -238,7 +268,15 @@ class Quantizer(FakeQuantizeBase):
         return g[0] if g.shape[0] == 1 else g
 
     def integer_repr(self, x: torch.Tensor) -> torch.Tensor:
-        """The integer code of each element after quantization (used by transition-rate tracking)."""
+        """The integer code of each element after quantization (used by transition-rate tracking); ``x`` has the
+        shape the quantizer is applied to (a per-group quantizer's codes are computed on the grouped view)."""
+        if self.granularity == "per_group":
+            axis = self.spec.ch_axis
+            xg = to_groups(x, axis, self.group_size)
+            return from_groups(self._codes(xg), x.shape, axis)
+        return self._codes(x)
+
+    def _codes(self, x: torch.Tensor) -> torch.Tensor:
         scale, zp, qmin, qmax = self.affine_qparams()
         shape = [1] * x.dim()
         if scale.numel() > 1:

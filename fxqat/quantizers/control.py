@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Iterator
+from typing import Any, Dict, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -48,8 +48,9 @@ def set_quantization(qm: nn.Module, enabled: bool = True, kinds: Iterable[str] =
 def calibrate(qm: nn.Module, batches: Iterable[Any], reset: bool = False) -> nn.Module:
     """Initialise data-dependent quantizer parameters from ``batches`` (eval mode; BN statistics untouched).
 
-    Quantizers initialise from the first batch that reaches them; already initialised ones are kept unless
-    ``reset=True``.
+    Each batch is a tensor, a tuple/list of positional inputs, or a dict of keyword inputs (a Hugging Face batch such
+    as ``{"input_ids": ids, "attention_mask": mask}``). Quantizers initialise from the first batch that reaches them;
+    already initialised ones are kept unless ``reset=True``.
     """
     qs = named_quantizers(qm)
     if reset:
@@ -59,8 +60,10 @@ def calibrate(qm: nn.Module, batches: Iterable[Any], reset: bool = False) -> nn.
     qm.eval()
     try:
         for batch in batches:
-            inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
-            qm(*inputs)
+            if isinstance(batch, Mapping):
+                qm(**batch)
+            else:
+                qm(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
             if all(q.is_initialized for q in qs.values() if q.kind != "grad"):
                 break
     finally:

@@ -33,7 +33,8 @@ fxqat's reconstruction [R] (options):
   (forward value hard-rounded, gradient of ``Q_S``: the ``sign(φ)`` form of public re-implementations [M]).
 * ``alpha_init`` 0.2 [M], ``alpha_range`` (1e-3, 0.5).
 * ``init``: ``"std"`` (default: weights ``l, u = ∓3·std(w)``; activations ``l = min(x)``,
-  ``u = 3·std(x)/√(1 − 2/π)``, the skeleton EWGS and LBT reuse) or ``"minmax"``.
+  ``u = 3·std(x)/√(1 − 2/π)``, the skeleton EWGS and LBT reuse) or ``"minmax"``. A constant first batch (spread
+  zero relative to its magnitude) gives weights ``±max|w|`` and activations ``[0, c]`` (``[c, 0]`` for c < 0).
 * ``impl``: ``"function"`` (default) or ``"autograd"`` (see above).
 
 Example:
@@ -52,7 +53,16 @@ import torch
 from torch import nn
 
 from fxqat.quantizers._dsq_function import DSQFunction, dsq_hard
-from fxqat.quantizers._zoo_utils import StateShapeMixin, act_clip_std, axis_of, check_choice, reduce, set_tensor
+from fxqat.quantizers._zoo_utils import (
+    StateShapeMixin,
+    act_clip_std,
+    axis_of,
+    check_choice,
+    is_degenerate,
+    reduce,
+    set_tensor,
+    widen_degenerate,
+)
 from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, use_function
 from fxqat.quantizers.registry import register
 
@@ -119,11 +129,13 @@ class DSQQuantizer(StateShapeMixin, Quantizer):
                 mx = torch.maximum(lo.abs(), up.abs())
                 lo, up = -mx, mx
         elif self.kind == "weight":
-            sd = reduce(xf, axis, "std")
+            sd, mx = reduce(xf, axis, "std"), reduce(xf, axis, "absmax")
+            sd = torch.where(is_degenerate(sd, mx), mx / 3, sd)  # constant weights: ±max|w| (relative test)
             lo, up = -3 * sd, 3 * sd
         else:
             lo, up = reduce(xf, None, "min"), act_clip_std(x)
-        up = torch.where(up - lo > _EPS, up, lo + 1e-3)
+        lo, up = widen_degenerate(lo, up)  # a constant c: [0, c] (or [c, 0]) instead of a width of ~0
+        up = torch.where(up - lo > _EPS, up, lo + 1e-3)  # all zero
         set_tensor(self, "lower", lo)
         set_tensor(self, "upper", up)
 

@@ -9,7 +9,7 @@ No learned or calibrated range: on every call, each token (a row of the last dim
 
 which is ``torchao.quantization.choose_qparams_affine(..., MappingType.ASYMMETRIC)`` followed by
 ``torchao.quantization.qat.utils._fake_quantize_per_token`` operation by operation (so the values are bit-identical;
-tests/unit/test_granularity.py checks it). The scale and zero point are not differentiated (detached, as usual
+tests/integration/test_torchao_8da4w.py checks it). The scale and zero point are not differentiated (detached, as usual
 for dynamic quantization); ``x`` gets the straight-through gradient, exactly 1 everywhere (the range covers every
 element, so nothing is clipped).
 
@@ -63,6 +63,7 @@ class DynamicQuantizer(Quantizer):
     """
 
     granularities = ("per_token",)
+    kinds = ("act",)
     is_dynamic = True
 
     def __init__(self, spec, **kwargs) -> None:

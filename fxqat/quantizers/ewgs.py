@@ -10,7 +10,8 @@ With learnable bounds ``l < u`` and ``L = 2^b`` levels::
 trace of the loss w.r.t. ``x_q`` estimated by Hutchinson's method (the paper: 10 batches, refreshed every epoch on
 ImageNet, every 10 epochs on CIFAR). Weights are mapped back to [−1, 1] as ``2·x_q − 1`` and multiplied by a
 learnable output scale initialised to ``mean|w| / mean|2·x_q − 1|``.
-Initialisation: ``u_W, l_W = ±3·std(W)``, ``u_A = 3·std(x)/√(1 − 2/π)``, ``l_A = min(x)``.
+Initialisation: ``u_W, l_W = ±3·std(W)``, ``u_A = 3·std(x)/√(1 − 2/π)``, ``l_A = min(x)``; a spread that is zero
+relative to max|x| (constant data) falls back to ``±max|W|`` and ``u_A = max|x|``.
 
 fxqat's reconstruction [R]:
 
@@ -46,7 +47,15 @@ import torch
 from torch import nn
 
 from fxqat.quantizers._ewgs_function import EWGSFunction
-from fxqat.quantizers._zoo_utils import StateShapeMixin, act_clip_std, axis_of, check_choice, reduce, set_tensor
+from fxqat.quantizers._zoo_utils import (
+    StateShapeMixin,
+    act_clip_std,
+    axis_of,
+    check_choice,
+    is_degenerate,
+    reduce,
+    set_tensor,
+)
 from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, use_function
 from fxqat.quantizers.registry import register
 
@@ -117,7 +126,8 @@ class EWGSQuantizer(StateShapeMixin, Quantizer):
     def _init_from(self, x: torch.Tensor) -> None:
         axis = axis_of(self)
         if self.kind == "weight":
-            sd = reduce(x.float(), axis, "std").clamp(min=_EPS)
+            sd, mx = reduce(x.float(), axis, "std"), reduce(x.float(), axis, "absmax")
+            sd = torch.where(is_degenerate(sd, mx), mx / 3, sd).clamp(min=_EPS)  # constant weights: ±max|w|
             set_tensor(self, "upper", 3 * sd)
             set_tensor(self, "lower", -3 * sd)
             if self.opts["out_scale"] != "none":

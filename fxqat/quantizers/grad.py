@@ -58,7 +58,7 @@ from typing import Dict, Optional
 
 import torch
 
-from fxqat.quantizers.base import Quantizer
+from fxqat.quantizers.base import Quantizer, all_reduce_
 from fxqat.quantizers.grad_ops import (
     Scratch,
     clip_fraction,
@@ -101,14 +101,16 @@ class GradQuantizer(Quantizer):
         "init": "ema_search", "init_momentum": 0.999, "init_step": None, "init_max_iters": 5000,
         "update": "backward", "rounding": "stochastic", "noise": "int8",
     }
+    granularities = ("per_tensor",)  # one γ per gradient tensor
+    kinds = ("grad",)
 
     def __init__(self, spec, **kwargs) -> None:
-        super().__init__(spec, **kwargs)
         if spec.kind != "grad":
             raise ValueError(
                 f"GradQuantizer: method 'grad' quantizes gradients only (got kind={spec.kind!r}); choose a weight/"
                 "activation method (e.g. method='lsq') and set QATConfig(g_bits=4) for gradient quantization."
             )
+        super().__init__(spec, **kwargs)
         for name, choices in _CHOICES.items():
             if self.opts[name] not in choices:
                 raise ValueError(f"GradQuantizer: {name}={self.opts[name]!r}; use one of {choices}.")
@@ -198,10 +200,8 @@ class GradQuantizer(Quantizer):
         """Apply one interval update from the R accumulated since the last call (``update="manual"``)."""
         if not self.adaptive or self.opts["update"] != "manual":
             return
-        from fxqat.quantizers.base import _all_reduce
-
-        _all_reduce(self.r_sum, "mean")
-        _all_reduce(self.r_count, "mean")
+        all_reduce_(self.r_sum, "mean")
+        all_reduce_(self.r_count, "mean")
         has = (self.r_count > 0).to(self.gamma.dtype)
         self._apply_update(self.r_sum / self.r_count.clamp(min=1), has)
         self.r_sum.zero_()

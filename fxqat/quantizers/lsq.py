@@ -122,8 +122,11 @@ class LSQQuantizer(Quantizer):
         s = init_scale(x.float(), axis, self.qrange, self.opts["init"], int(self.opts["mse_grid"]))
         s = torch.clamp(s, min=1e-8)
         if self.scale.shape != s.shape:
-            self.scale = nn.Parameter(s.to(self.scale.device))
-            self.zero_point = torch.zeros_like(s)
+            # a new Parameter of the data's shape, with the module's dtype and device (.double()) and the old one's
+            # requires_grad (scales frozen by TALR)
+            self.scale = nn.Parameter(s.to(device=self.scale.device, dtype=self.scale.dtype),
+                                      requires_grad=self.scale.requires_grad)
+            self.zero_point = self.zero_point.new_zeros(s.shape)
         else:
             self.scale.copy_(s)
         n = x.numel() if self.kind == "weight" else x[0].numel() if x.dim() > 1 else x.numel()
@@ -135,8 +138,9 @@ class LSQQuantizer(Quantizer):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "scale"
         if key in state_dict and state_dict[key].shape != self.scale.shape:  # per-channel: shape set on init
-            self.scale = nn.Parameter(torch.empty_like(state_dict[key]))
-            self.zero_point = torch.zeros_like(state_dict[key])
+            self.scale = nn.Parameter(self.scale.new_empty(state_dict[key].shape),
+                                      requires_grad=self.scale.requires_grad)
+            self.zero_point = self.zero_point.new_zeros(state_dict[key].shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._gf = float(self.grad_factor)
 

@@ -13,8 +13,9 @@ Initialisation (option ``init``): ``"auto"`` (default) uses the paper's rules, `
 (``s = max(|μ − 3σ|, |μ + 3σ|)/2^{b−1}``) and ``"mse"`` for activations; ``"minmax"`` sets ``β = min(x)``,
 ``s = (max − min)/(2^b − 1)`` (weights: ``s = max|w|/Q_P``); ``"mse"`` picks, among 40 shrinkings ``p·[min, max]``
 with ``p ∈ [0.2, 1]``, the range with the lowest quantization MSE on the first tensor [R: the grid of
-candidates]. Option ``offset_on_grid`` [R] snaps β to a multiple of s (with STE) so the quantizer is exactly
-affine with an integer zero point, which integer export needs.
+candidates]; a constant first batch gets the range ``[0, c]`` (``[c, 0]``), not a width of ~0. Option
+``offset_on_grid`` [R] snaps β to a multiple of s (with STE) so the quantizer is exactly affine with an integer zero
+point, which integer export needs.
 
 Example:
     >>> import torch
@@ -46,6 +47,7 @@ from fxqat.quantizers._zoo_utils import (
     set_tensor,
     StateShapeMixin,
     sum_to,
+    widen_degenerate,
 )
 from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, grad_inside, int_range, use_function
 from fxqat.quantizers.lsq import round_ste
@@ -92,17 +94,30 @@ def mse_range_search(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(scale, offset)`` minimising ``‖fq(x) − x‖²`` over shrunk ranges ``p·[min, max]``, ``p ∈ [0.2, 1]``.
 
-    ``symmetric=True`` searches ``s = p·max|x|/qmax`` with offset 0, per channel when ``axis`` is given.
+    ``symmetric=True`` searches ``s = p·max|x|/qmax`` with offset 0, per channel when ``axis`` is given. A range
+    that is zero relative to the data's magnitude (a constant tensor) is widened to include 0 first
+    (:func:`~fxqat.quantizers._zoo_utils.widen_degenerate`).
+
+    The search runs in float64 on each row divided by its largest magnitude, so the squared errors neither overflow
+    (``|x| ~ 1e30`` squares to ``1e60``, past float32's range, which left every candidate's error at inf and the
+    result at ``s = 1, β = 0``) nor underflow, and the result scales with the data. Returned in float32.
+
+    Example:
+        >>> s, b = mse_range_search(torch.tensor([0.0, 1e30, 2e30, 3e30]), 0, 3, None, symmetric=False)
+        >>> round(float(s) / 1e30, 6), float(b)  # the data are on the grid k·1e30: s = 1e30, β = 0
+        (1.0, 0.0)
     """
-    x = x.float()
-    flat = x.reshape(1, -1) if axis is None else x.transpose(0, axis).reshape(x.shape[axis], -1)
+    flat = x.detach().double()
+    flat = flat.reshape(1, -1) if axis is None else flat.transpose(0, axis).reshape(x.shape[axis], -1)
     if flat.shape[1] > _MAX_SAMPLES:
         flat = flat[:, :: math.ceil(flat.shape[1] / _MAX_SAMPLES)]
+    mag = flat.abs().amax(dim=1).clamp(min=torch.finfo(torch.float64).tiny)
+    flat = flat / mag[:, None]  # every row in [-1, 1]
     if symmetric:
-        hi, lo = flat.abs().amax(dim=1), torch.zeros(flat.shape[0], device=flat.device)
+        hi, lo = flat.abs().amax(dim=1), torch.zeros(flat.shape[0], dtype=flat.dtype, device=flat.device)
     else:
-        lo, hi = flat.amin(dim=1), flat.amax(dim=1)
-    best_err = torch.full((flat.shape[0],), float("inf"), device=flat.device)
+        lo, hi = widen_degenerate(flat.amin(dim=1), flat.amax(dim=1))
+    best_err = torch.full((flat.shape[0],), float("inf"), dtype=flat.dtype, device=flat.device)
     best_s, best_b = torch.ones_like(best_err), torch.zeros_like(best_err)
     for p in torch.linspace(0.2, 1.0, n_grid).tolist():
         if symmetric:
@@ -113,7 +128,7 @@ def mse_range_search(
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s, best_b = torch.where(better, s, best_s), torch.where(better, b, best_b)
-    return best_s, best_b
+    return (best_s * mag).float(), (best_b * mag).float()
 
 
 @register("lsq_plus")
@@ -172,10 +187,10 @@ class LSQPlusQuantizer(StateShapeMixin, Quantizer):
                 s, b = mse_range_search(x, qmin, qmax, None, symmetric=False)
             elif init == "std":
                 mu, sd = reduce(x, None, "mean"), reduce(x, None, "std")
-                lo, hi = torch.maximum(mu - 3 * sd, reduce(x, None, "min")), mu + 3 * sd
+                lo, hi = widen_degenerate(torch.maximum(mu - 3 * sd, reduce(x, None, "min")), mu + 3 * sd)
                 s, b = (hi - lo) / (qmax - qmin), lo
             else:
-                lo, hi = reduce(x, None, "min"), reduce(x, None, "max")
+                lo, hi = widen_degenerate(reduce(x, None, "min"), reduce(x, None, "max"))
                 s, b = (hi - lo) / (qmax - qmin), lo
         set_tensor(self, "scale", s.clamp(min=_EPS))
         set_tensor(self, "offset", b)

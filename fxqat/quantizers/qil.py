@@ -24,7 +24,8 @@ fxqat's reconstruction [R] (options, not constants):
 
 * ``init``: the paper gives no initialisation. ``"std"`` (default) sets the clipping threshold
   ``u = min(3·std(w), max|w|)`` for weights and ``u = min(3·std(x)/√(1 − 2/π), max|x|)`` for activations;
-  ``"max"`` uses ``u = max|x|``. Then ``c = d = u/2``: an empty pruning band and clipping at ``u``, so the
+  ``"max"`` uses ``u = max|x|``; a spread that is zero relative to max|x| (a constant first batch, whose float32
+  std is a few ulps, not 0) falls back to ``u = max|x|``. Then ``c = d = u/2``: an empty pruning band and clipping at ``u``, so the
   initial quantizer is a uniform grid over ``[0, u]`` (``[−u, u]`` for weights).
 * ``out_scale``: QIL's outputs live in [−1, 1] / [0, 1]. ``"learnable"`` (default) multiplies by a learnable
   scale initialised to ``c + d``; ``"fixed"`` by a buffer set to ``c + d`` at initialisation; ``"interval"`` by
@@ -54,6 +55,7 @@ from fxqat.quantizers._zoo_utils import (
     axis_of,
     check_choice,
     dot_to,
+    is_degenerate,
     reduce,
     set_tensor,
     sum_to,
@@ -213,7 +215,7 @@ class QILQuantizer(StateShapeMixin, Quantizer):
             u = torch.minimum(3.0 * reduce(x.float(), axis, "std"), mx)
         else:
             u = torch.minimum(act_clip_std(x, axis), mx)
-        u = torch.where(u > _EPS, u, mx)
+        u = torch.where(is_degenerate(u, mx), mx, u)  # constant data: clip at max|x| (relative test, not u > ε)
         set_tensor(self, "c", u / 2)
         set_tensor(self, "d", u / 2)
         scale = u if self.opts["out_scale"] in ("learnable", "fixed") else torch.ones_like(u)

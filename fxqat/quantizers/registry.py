@@ -1,78 +1,58 @@
-"""Registry of quantizer methods: name -> Quantizer subclass.
+"""The quantizer-method registry, at its documented path (it lives in the core module :mod:`fxqat.method_registry`,
+so that :mod:`fxqat.config` can validate method names without importing the quantizers), and what the registered
+methods support.
 
-New methods join with the :func:`register` decorator; ``QATConfig(method=name)`` then finds them.
+Each method class declares what it supports (``granularities``, ``kinds``); :func:`granularity_support` and
+:func:`granularity_table` read them (the table in ``docs/quantizers.md`` is this function's output, checked by
+``tests/unit/test_docs_quantizers.py``).
 
 Example:
     >>> from fxqat.quantizers.registry import available_methods
     >>> "lsq" in available_methods()
     True
+    >>> get_method("lqs")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown quantizer method 'lqs'; choose one of [...]. Did you mean 'lsq'?
+    >>> granularity_support()["dynamic"]
+    {'per_token': ('act',)}
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Callable, Dict, List, Type
+from typing import Dict, Tuple
 
-__all__ = ["register", "get_method", "available_methods", "make_quantizer"]
+from fxqat.config import GRANULARITIES
+from fxqat.method_registry import available_methods, get_method, make_quantizer, register
 
-_REGISTRY: Dict[str, type] = {}
-# modules imported lazily the first time the registry is read, so `import fxqat.config` stays cheap and acyclic
-_BUILTIN_MODULES = (
-    "fxqat.quantizers.lsq",
-    "fxqat.quantizers.lsq_plus",
-    "fxqat.quantizers.qil",
-    "fxqat.quantizers.pact",
-    "fxqat.quantizers.dorefa",
-    "fxqat.quantizers.ewgs",
-    "fxqat.quantizers.dsq",
-    "fxqat.quantizers.noise_temper",
-    "fxqat.quantizers.grad",
-    "fxqat.quantizers.dynamic",
-)
-_loaded = False
+__all__ = ["register", "get_method", "available_methods", "make_quantizer", "granularity_support", "granularity_table"]
 
 
-def _load_builtins() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for mod in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a method file not written yet is simply not offered
-            if e.name != mod:
-                raise
+def granularity_support() -> Dict[str, Dict[str, Tuple[str, ...]]]:
+    """method -> granularity -> the tensor kinds it is offered for, from each class's ``granularities`` and ``kinds``
+    and the kinds a granularity applies to (``fxqat.config.GRANULARITIES``)."""
+    out: Dict[str, Dict[str, Tuple[str, ...]]] = {}
+    for name in available_methods():
+        cls = get_method(name)
+        kinds = getattr(cls, "kinds", ("weight", "act"))
+        out[name] = {
+            g: tuple(k for k in kinds if k in GRANULARITIES[g])
+            for g in GRANULARITIES
+            if g in cls.granularities and any(k in GRANULARITIES[g] for k in kinds)
+        }
+    return out
 
 
-def register(name: str) -> Callable[[type], type]:
-    """Class decorator: make a Quantizer subclass selectable as ``method=name``."""
+def granularity_table() -> str:
+    """The method × granularity support table (Markdown) of ``docs/quantizers.md``.
 
-    def deco(cls: type) -> type:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"quantizer method {name!r} is already registered by {_REGISTRY[name].__name__}")
-        cls.method = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def available_methods() -> List[str]:
-    """Names of every registered method."""
-    _load_builtins()
-    return sorted(_REGISTRY)
-
-
-def get_method(name: str) -> Type:
-    """The Quantizer subclass registered as ``name``."""
-    _load_builtins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown quantizer method {name!r}; choose one of {sorted(_REGISTRY)}") from None
-
-
-def make_quantizer(spec):
-    """Build the quantizer module for a :class:`~fxqat.config.QuantSpec`."""
-    return get_method(spec.method).from_spec(spec)
+    Example:
+        >>> print(granularity_table().splitlines()[0])
+        | method | per_tensor | per_channel | per_group | per_token |
+    """
+    support = granularity_support()
+    lines = ["| method | " + " | ".join(GRANULARITIES) + " |", "|---" * (len(GRANULARITIES) + 1) + "|"]
+    for name, row in support.items():
+        cells = [", ".join(row[g]) if g in row else "—" for g in GRANULARITIES]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -34,6 +34,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any, Dict, Union
@@ -42,7 +43,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "CheckpointError", "atomic_save", "atomic_write_text", "load_checkpoint", "rng_state", "set_rng_state", "to_json",
+    "CheckpointError", "atomic_save", "atomic_write_text", "load_checkpoint", "rng_state", "set_rng_state", "seed_rng",
+    "to_json",
     "state_digest", "clean_stale_tmp", "DIGEST_KEY", "FAULT_SLEEP_ENV",
 ]
 
@@ -68,6 +70,20 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # someone else's live process
         return True
     return True
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def clean_stale_tmp(path: PathLike) -> int:
@@ -99,11 +115,11 @@ def _feed(h: "hashlib._Hash", obj: Any) -> None:
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     elif isinstance(obj, dict):
-        h.update(b"D%d" % len(obj))
-        for k in sorted(obj, key=repr):
-            if k != DIGEST_KEY:
-                h.update(repr(k).encode())
-                _feed(h, obj[k])
+        keys = sorted((k for k in obj if k != DIGEST_KEY), key=repr)
+        h.update(b"D%d" % len(keys))
+        for k in keys:
+            h.update(repr(k).encode())
+            _feed(h, obj[k])
     elif isinstance(obj, (list, tuple)):
         h.update(b"L%d" % len(obj))
         for v in obj:
@@ -148,6 +164,7 @@ def atomic_save(obj: Any, path: PathLike, digest: bool = True) -> None:
         if pause > 0:  # test hook, see the module docstring
             time.sleep(pause)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -160,19 +177,36 @@ def atomic_write_text(text: str, path: PathLike) -> None:
     clean_stale_tmp(path)
     tmp = _tmp(path)
     try:
-        tmp.write_text(text)
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
+_GLOBAL = re.compile(r"GLOBAL (\S+?)(?: was not| whose|\.?$)")
+
+
 def _unsafe_message(path: Path, err: Exception) -> str:
-    first = str(err).strip().splitlines()
-    why = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), first[-1] if first else "")
-    return (f"checkpoint {path} needs arbitrary unpickling to load, which can run code from the file ({why}). "
-            f"fxqat's own checkpoints never do; if you wrote or trust this file, load it with "
-            f"load_checkpoint(path, trusted=True) or pass --trust-checkpoint to fxqat train.")
+    """The refusal of a file that the weights-only unpickler will not load (without torch's allow-list advice)."""
+    text = str(err)
+    m = _GLOBAL.search(text)
+    if m:
+        why = f"it calls {m.group(1)} while unpickling, which can run code from the file"
+        what = "fxqat's own checkpoints never need that; if"
+    else:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        detail = next((line for line in lines if line.startswith("Unsupported")), lines[-1] if lines else "")
+        why = (f"it is corrupt, or not a plain torch file of tensors and containers ({detail}) but a pickle that "
+               f"needs arbitrary unpickling, which can run code from the file")
+        what = ("if it is damaged, delete it and start again without --resume (or use another --out); fxqat's own "
+                "checkpoints never need arbitrary unpickling; if")
+    return (f"checkpoint {path} was refused: {why}. {what} you wrote or trust this file, load it with "
+            f"load_checkpoint(path, trusted=True) or pass --trust-checkpoint to fxqat train / inspect.")
 
 
 def load_checkpoint(path: PathLike, required: tuple = (), trusted: bool = False) -> Dict[str, Any]:
@@ -194,7 +228,7 @@ def load_checkpoint(path: PathLike, required: tuple = (), trusted: bool = False)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as e:
-        if not trusted and "unsupported global" in str(e).lower():
+        if not trusted and "weights only load failed" in str(e).lower():
             raise CheckpointError(_unsafe_message(path, e)) from e
         raise CheckpointError(_corrupt_message(path, e)) from e
     except Exception as e:
@@ -236,6 +270,20 @@ def rng_state() -> Dict[str, Any]:
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
+
+
+def seed_rng(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (the three :func:`rng_state` saves), so that a fresh
+    run's whole RNG state, not only torch's, is a function of its seed.
+
+    Example:
+        >>> seed_rng(3); a = rng_state(); seed_rng(3)
+        >>> state_digest(rng_state()) == state_digest(a)
+        True
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:

@@ -29,6 +29,18 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
+import torch
+
+import fxqat
+from fxqat import data as fdata
+from fxqat.data import data_available
+from fxqat.errors import UsageError
+from fxqat.models import get_model
+from fxqat.training.checkpoint import atomic_write_text
+from fxqat.training.loop import TrainConfig
+from fxqat.training.recipes import train_fp, train_qat
+from fxqat.training.report import plot_arms
+
 __all__ = ["DemoConfig", "demo_config", "run_demo", "format_table"]
 
 log = logging.getLogger(__name__)
@@ -62,8 +74,6 @@ def demo_config(quick: bool = False, data: str = "cifar10", **overrides: Any) ->
 
 
 def _pick_data(data: str, data_dir: Optional[str]) -> str:
-    from fxqat.data import data_available
-
     if data != "auto":
         return data
     if data_available("cifar10", data_dir):
@@ -89,19 +99,7 @@ def run_demo(quick: bool = False, data_dir: Optional[str] = None, data: str = "a
 
     ``echo`` receives the header, the result table and the file names (the CLI passes ``print``).
     """
-    import torch
-
-    import fxqat
-    from fxqat import data as fdata
-    from fxqat.models import get_model
-    from fxqat.training.checkpoint import atomic_write_text
-    from fxqat.training.loop import TrainConfig
-    from fxqat.training.recipes import train_fp, train_qat
-    from fxqat.training.report import plot_arms
-
     if data_dir is not None and not Path(data_dir).expanduser().exists():
-        from fxqat.cli import UsageError
-
         raise UsageError(f"--data-dir {data_dir}: no such folder.")
     cfg = demo_config(quick, _pick_data(data, data_dir), bits=bits, qat_steps=steps, fp_steps=fp_steps, seed=seed)
     t_start = time.perf_counter()

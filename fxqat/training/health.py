@@ -114,7 +114,7 @@ class NonFiniteGuard:
         >>> g.before_step(); g.check(2, float("inf"), [])
         'stop'
         >>> g.message
-        'fit(train): 2 consecutive non-finite steps (loss inf) ending at step 2; stopped, the last good checkpoint is kept.'
+        'fit(train): 2 consecutive non-finite steps (loss inf) ending at step 2; stopped.'
     """
 
     def __init__(self, model: nn.Module, policy: str = "skip", max_consecutive: int = 5, desc: str = "train"):
@@ -146,8 +146,7 @@ class NonFiniteGuard:
                                      f"data, or use --nonfinite skip.")
         if self.policy == "stop" or self.consecutive >= self.max_consecutive:
             n = "1 non-finite step" if self.consecutive == 1 else f"{self.consecutive} consecutive non-finite steps"
-            self.message = (f"fit({self.desc}): {n} ({what}) ending at step {step}; stopped, the last good "
-                            f"checkpoint is kept.")
+            self.message = f"fit({self.desc}): {n} ({what}) ending at step {step}; stopped."
             return "stop"
         for b, s in zip(self._buffers, self._snapshot):
             b.copy_(s)

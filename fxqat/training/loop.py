@@ -49,7 +49,7 @@ from fxqat.quantizers.control import calibrate as calibrate_quantizers
 from fxqat.training import distributed as ddp
 from fxqat.training.health import NonFiniteGuard
 from fxqat.training.checkpoint import (
-    CheckpointError, atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state, to_json,
+    CheckpointError, atomic_save, atomic_write_text, load_checkpoint, rng_state, seed_rng, set_rng_state, to_json,
 )
 from fxqat.training.losses import distillation_loss, hybrid_loss, kd_loss
 from fxqat.training.report import plot_run
@@ -73,7 +73,7 @@ class TrainConfig:
         schedule: ``"cosine"`` (to 0 over the run, after ``warmup_steps`` linear warm-up) or ``"constant"``.
         kd_weight, temperature: the distillation term used with a ``teacher`` (same meaning as in HybridConfig).
         grad_clip: max gradient norm (None = no clipping).
-        seed: seeds torch's generator at the start of a fresh run.
+        seed: seeds Python's, NumPy's and torch's global generators at the start of a fresh run.
         progress: tqdm bar (None = only when stderr is a TTY).
         plot: write ``curves.png`` at the end.
         nonfinite: what a step with a non-finite loss or gradient does: ``"skip"`` (no update: parameters, buffers
@@ -259,12 +259,30 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
         log.info("fxqat: resumed %s at step %d (epoch %d, batch %d)", ckpt_path, step, epoch, batch)
     elif resume:
         log.warning("fxqat: --resume given but %s does not exist; starting a fresh run", ckpt_path)
-        torch.manual_seed(cfg.seed)
+        seed_rng(cfg.seed)
     else:
-        torch.manual_seed(cfg.seed)
+        seed_rng(cfg.seed)
     if find_unused_parameters is None:
         find_unused_parameters = getattr(model, "fxqat_hybrid", None) is not None
-    net = ddp.wrap_ddp(model, find_unused_parameters=find_unused_parameters)
+    last_saved: Optional[int] = step if step else None  # the step of the newest complete checkpoint.pt
+
+    def where() -> str:
+        return f"fit({desc}) at step {step + 1}"
+
+    def advice() -> str:
+        """What is on disk after a lost peer, and how to continue (the end of the PeerLost message)."""
+        if out is None:
+            return ""
+        if not main:
+            saved = "rank 0 writes checkpoint.pt atomically, so the newest one is complete"
+        elif last_saved is None:
+            saved = f"no checkpoint was completed yet ({ckpt_path} does not exist)"
+        else:
+            saved = f"{ckpt_path} (step {last_saved}) is complete"
+        return f"{saved}: relaunch the same command with --resume"
+
+    with ddp.peer_guard(where, advice):
+        net = ddp.wrap_ddp(model, find_unused_parameters=find_unused_parameters)
     stop_at = min(total, step + stop_after) if stop_after else total
     if teacher is not None:
         teacher.eval()
@@ -287,70 +305,81 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
     trainable = [p for g in opt.param_groups for p in g["params"]]
     guard = NonFiniteGuard(model, cfg.nonfinite, cfg.max_nonfinite, desc)
 
+    def kept() -> str:
+        """What a diverged run leaves on disk (the end of its error message)."""
+        if out is None or not main:
+            return ""
+        if last_saved is None:
+            return f" No checkpoint was written before ({ckpt_path} does not exist)."
+        return f" The last good checkpoint, {ckpt_path} (step {last_saved}), is kept; --resume continues from it."
+
     def save() -> bool:
         """Write checkpoint.pt + metrics.json (rank 0); refuse a state with non-finite parameters."""
+        nonlocal last_saved
         if out is None or not main:
             return True
         if not all(bool(torch.isfinite(p).all()) for p in trainable):
             hist["status"], hist["error"] = "diverged", (
-                f"fit({desc}): parameters are non-finite at step {step}; {ckpt_path} (the last good state) was kept.")
+                f"fit({desc}): parameters are non-finite at step {step}; stopped without saving them.{kept()}")
             return False
         pos = {"step": step, "epoch": epoch, "batch": batch, "acc": dict(acc),
                "elapsed": elapsed + time.perf_counter() - t0}
         atomic_save({"model": ddp.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "rng": rng_state(), "pos": pos, "history": hist}, ckpt_path)
+        last_saved = step
         atomic_write_text(to_json(hist), out / "metrics.json")
         return True
 
-    while step < stop_at and hist["status"] == "running":
-        train_loader.set_epoch(epoch, batch)
-        for x, y in train_loader:
-            t_logits = None
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits = teacher(x)
-            guard.before_step()
-            o = net(x)
-            loss, parts, logits = compute_loss(o, y, t_logits, cfg.kd_weight, cfg.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            lv = float(loss.detach())
-            verdict = guard.check(step + 1, lv, trainable)
-            if verdict == "ok":
-                if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-                opt.step()
-            sched.step()
-            step, batch = step + 1, batch + 1
-            if verdict != "ok":
-                hist["nonfinite_steps"].append(step)
-                if verdict == "stop":
-                    hist["status"], hist["error"] = "diverged", guard.message
-                    break
+    with ddp.peer_guard(where, advice):
+        while step < stop_at and hist["status"] == "running":
+            train_loader.set_epoch(epoch, batch)
+            for x, y in train_loader:
+                t_logits = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = teacher(x)
+                guard.before_step()
+                o = net(x)
+                loss, parts, logits = compute_loss(o, y, t_logits, cfg.kd_weight, cfg.temperature)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                lv = float(loss.detach())
+                verdict = guard.check(step + 1, lv, trainable)
+                if verdict == "ok":
+                    if cfg.grad_clip:
+                        nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                    opt.step()
+                sched.step()
+                step, batch = step + 1, batch + 1
+                if verdict != "ok":
+                    hist["nonfinite_steps"].append(step)
+                    if verdict == "stop":
+                        hist["status"], hist["error"] = "diverged", guard.message + kept()
+                        break
+                    bar.update(1)
+                    if step >= stop_at:
+                        break
+                    continue
+                acc["loss"] += lv * len(y)
+                acc["n"] += len(y)
+                acc["correct"] += int((logits.detach().argmax(1) == y).sum())
+                rec = {"step": step, "loss": lv, **parts}
+                if isinstance(o, HybridOutput) or teacher is not None:
+                    rec["ce"] = float(F.cross_entropy(logits.detach(), y))
+                hist["steps"].append(rec)
                 bar.update(1)
+                bar.set_postfix(loss=f"{lv:.3f}", epoch=epoch)
                 if step >= stop_at:
                     break
-                continue
-            acc["loss"] += lv * len(y)
-            acc["n"] += len(y)
-            acc["correct"] += int((logits.detach().argmax(1) == y).sum())
-            rec = {"step": step, "loss": lv, **parts}
-            if isinstance(o, HybridOutput) or teacher is not None:
-                rec["ce"] = float(F.cross_entropy(logits.detach(), y))
-            hist["steps"].append(rec)
-            bar.update(1)
-            bar.set_postfix(loss=f"{lv:.3f}", epoch=epoch)
-            if step >= stop_at:
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batch < per_epoch and not save():
+                    break
+            if hist["status"] != "running":
                 break
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batch < per_epoch and not save():
-                break
-        if hist["status"] != "running":
-            break
-        finished_epoch = batch >= per_epoch
-        end_epoch(partial=not finished_epoch)
-        if finished_epoch:
-            epoch, batch, acc = epoch + 1, 0, {"loss": 0.0, "correct": 0, "n": 0}
-        save()
+            finished_epoch = batch >= per_epoch
+            end_epoch(partial=not finished_epoch)
+            if finished_epoch:
+                epoch, batch, acc = epoch + 1, 0, {"loss": 0.0, "correct": 0, "n": 0}
+            save()
     bar.close()
     if hist["status"] == "diverged":
         log.error("%s", hist["error"])

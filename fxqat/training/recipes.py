@@ -24,7 +24,7 @@ from fxqat.quantizers.control import trainable_parameters
 from fxqat.training.lm import FP_RECIPE, LMRecipe, evaluate_lm, train_lm
 from fxqat.training.loop import TrainConfig, calibrate, evaluate, fit
 
-__all__ = ["fp_cache_dir", "train_fp", "train_qat", "pretrained_char_llama"]
+__all__ = ["fp_cache_dir", "train_fp", "train_qat", "pretrained_char_llama", "char_llama_cache_path"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,16 @@ def train_qat(qm: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None
                params=params, desc=desc, run_info=run_info, stop_after=stop_after, trusted=trusted)
 
 
+def char_llama_cache_path(corpus, recipe: LMRecipe = FP_RECIPE, *, seed: int = 0,
+                          model_overrides: Optional[Dict[str, Any]] = None) -> Path:
+    """Where :func:`pretrained_char_llama` caches the FP model of these arguments (whether or not it exists yet)."""
+    sizes = {**CHAR_LLAMA, **(model_overrides or {})}
+    ident = {"model": sizes, "vocab": corpus.vocab_size, "n_train": len(corpus.splits["train"]), "seed": seed,
+             "recipe": asdict(recipe)}
+    digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return fp_cache_dir() / f"char_llama-st{recipe.steps}-s{seed}-{digest}.pt"
+
+
 def pretrained_char_llama(corpus, recipe: LMRecipe = FP_RECIPE, *, seed: int = 0, cache: bool = True,
                           progress: bool = True, n_val: int = 64, val_seed: int = 1337,
                           model_overrides: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Dict]:
@@ -98,11 +108,7 @@ def pretrained_char_llama(corpus, recipe: LMRecipe = FP_RECIPE, *, seed: int = 0
         ``(model, info)`` with info ``{"val_loss", "path", "cached", "time_s", "steps"}``; ``val_loss`` is the mean over
         ``n_val`` validation batches from ``val_seed``.
     """
-    sizes = {**CHAR_LLAMA, **(model_overrides or {})}
-    ident = {"model": sizes, "vocab": corpus.vocab_size, "n_train": len(corpus.splits["train"]), "seed": seed,
-             "recipe": asdict(recipe)}
-    digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    path = fp_cache_dir() / f"char_llama-st{recipe.steps}-s{seed}-{digest}.pt"
+    path = char_llama_cache_path(corpus, recipe, seed=seed, model_overrides=model_overrides)
     model = char_llama(corpus.vocab_size, seed=seed, **(model_overrides or {}))
     if cache and path.exists():
         try:

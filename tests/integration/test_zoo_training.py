@@ -8,6 +8,7 @@ Per-method options that differ from the defaults are listed in ``OPTIONS`` with 
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -18,7 +19,12 @@ from fxqat.models import get_model
 from fxqat.training.loop import TrainConfig
 from fxqat.training.recipes import train_fp, train_qat
 
-METHODS = ["qil", "lsq_plus", "pact", "dorefa", "ewgs", "dsq", "noise_temper"]
+# CI budget (make test < 25 min on 2 cores): the methods with learned ranges and schedules, whose short-run accuracy
+# is the least obvious, run here; pact, dorefa and dsq (about 90 s each) run with FXQAT_ALL_METHODS=1. Their
+# prepare / train-step / block-replacement behaviour stays covered by tests/integration/test_zoo_prepare.py.
+METHODS = ["qil", "lsq_plus", "ewgs", "noise_temper"]
+if os.environ.get("FXQAT_ALL_METHODS"):
+    METHODS += ["pact", "dorefa", "dsq"]
 OPTIONS = {
     # DoReFa's paper clip(x, 0, 1) throws away most of a BN+ReLU activation range of an FP network: take the range
     # from the first batch instead (the documented "std" option).

@@ -157,6 +157,33 @@ def test_calibrate_initialises_without_touching_bn_statistics():
     assert qm.training == model.training
 
 
+class _Keywords(nn.Module):
+    """A model called with keyword inputs only (as Hugging Face models are by transformers.Trainer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _net()
+
+    def forward(self, *, pixel_values, scale=1.0):
+        return self.net(pixel_values) * scale
+
+
+def test_calibrate_accepts_keyword_batches():
+    # a dict batch is passed as keyword inputs: the same initialisation as the positional call on the same tensor
+    # (eval mode: the capture's recording call of the keyword model would otherwise update BatchNorm statistics)
+    positional = fxqat.prepare_qat(_net().eval(), (X,))
+    fxqat.calibrate(positional, [X])
+    wrapped = _Keywords().eval()
+    qm = fxqat.prepare_qat(wrapped, (), example_kwargs={"pixel_values": X})
+    fxqat.calibrate(qm, [{"pixel_values": X, "scale": 2.0}])
+    assert all(q.is_initialized for q in fxqat.named_quantizers(qm).values())
+    # the child is a graph region of its own (the root takes keywords only): same quantizers in the same order
+    scales = [(q.kind, q.scale) for q in fxqat.named_quantizers(qm).values()]
+    ref = [(q.kind, q.scale) for q in fxqat.named_quantizers(positional).values()]
+    assert len(scales) == len(ref) == 6
+    assert all(k == kr and torch.equal(s, sr) for (k, s), (kr, sr) in zip(scales, ref))  # atol=0: same maths, same x
+
+
 def test_quantizers_is_the_package_and_the_old_call_warns_once():
     import warnings
 

@@ -30,6 +30,21 @@ def test_per_channel_init():
     assert torch.equal(q.scale.data, expect)
 
 
+def test_recreated_scale_keeps_requires_grad():
+    # a per-channel scale is a new Parameter after init (and after loading another shape): a frozen scale (TALR's
+    # freeze_weight_scales) must stay frozen, a trainable one trainable
+    w = torch.randn(8, 4)
+    for frozen in (True, False):
+        q = _lsq(bits=4, per_channel=True)
+        q.scale.requires_grad_(not frozen)
+        q(w)
+        assert q.scale.shape == (8,) and q.scale.requires_grad is not frozen
+        fresh = _lsq(bits=4, per_channel=True)
+        fresh.scale.requires_grad_(not frozen)
+        fresh.load_state_dict(q.state_dict())
+        assert torch.equal(fresh.scale, q.scale) and fresh.scale.requires_grad is not frozen
+
+
 @given(st.integers(2, 8), st.floats(0.01, 2.0), st.integers(0, 10_000))
 def test_forward_and_gradients_match_equations(bits, s, seed):
     torch.manual_seed(seed)

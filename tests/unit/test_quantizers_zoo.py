@@ -69,7 +69,7 @@ def test_qatconfig_accepts_method(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_unknown_option_is_rejected(method):
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(ValueError, match="unknown option|has no option"):
         make(method, "weight", no_such_option=1)
 
 

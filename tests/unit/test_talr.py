@@ -306,3 +306,26 @@ def test_resume_continues_the_identical_trajectory(make):
     assert all(torch.equal(a, b) for a, b in zip(losses, losses2))  # bit-exact
     assert (opt2.talr(), opt2.running_rates(), opt2.rates()) == after
     assert all(torch.equal(p, q) for p, q in zip(qm.parameters(), qm2.parameters()))
+
+
+def test_per_group_codes_and_transition_rates():
+    # integer_repr of a per-group quantizer works on the weight's own shape (codes per group), so TALR runs on the
+    # LLM presets; codes × group scale is the eval-mode output bit for bit (both round the same x / s)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = torch.randn(8, 16)
+    qm = fxqat.prepare_qat(model, (x,), fxqat.QATConfig.preset("int4_weight_only", group_size=8,
+                                                                 first_last_layers=()))
+    fxqat.calibrate(qm, [x])
+    q = next(q for q in fxqat.named_quantizers(qm).values() if q.kind == "weight")
+    w = qm.get_parameter(q.weight_target).detach()
+    codes = q.integer_repr(w)
+    scale = q.affine_qparams()[0]
+    assert codes.shape == w.shape and int(codes.min()) >= -8 and int(codes.max()) <= 7
+    q.eval()
+    assert torch.equal((codes.reshape(-1, 8) * scale.reshape(-1, 1)).reshape(w.shape), q(w))
+    opt = SGDT(qm.train(), total_steps=10, lr=0.5)
+    qm(x).square().mean().backward()
+    opt.step()
+    rates = opt.rates()
+    assert len(rates) == 2 and all(0.0 < r <= 1.0 for r in rates.values())  # lr 0.5 moves some weights across

@@ -1,0 +1,13 @@
+"""Mixed precision: per-block sensitivity at candidate bit-widths and an exact bit allocation under a memory budget.
+
+``fxqat.sensitivity(qm, batches, bits=(2, 3, 4, 8), method="paths" | "fisher" | "hessian")`` returns a
+:class:`SensitivityTable`; ``fxqat.allocate_bits(table, avg_bits=... | max_bytes=...)`` returns a ``QATConfig`` with
+per-layer overrides and the :class:`Allocation`. See docs/choosing_bits.md.
+"""
+
+from fxqat.mixed.allocate import Allocation, InfeasibleBudget, allocate_bits, solve_mckp
+from fxqat.mixed.sensitivity import sensitivity, task_loss
+from fxqat.mixed.table import BlockSensitivity, SensitivityTable
+
+__all__ = ["sensitivity", "task_loss", "allocate_bits", "solve_mckp", "Allocation", "InfeasibleBudget",
+           "SensitivityTable", "BlockSensitivity"]
