@@ -21,7 +21,7 @@ Example:
     >>> units = insert_gates(qm, qm.graph, [b.exit for b in blocks[:-1]], [b.name for b in blocks])
     >>> _ = qm.recompile()
     >>> [(u.name, u.enter, u.exit) for u in units][1]
-    ('3', 'fxqat_fsdp.enter1', 'fxqat_fsdp.exit1')
+    ('2', 'fxqat_fsdp.enter1', 'fxqat_fsdp.exit1')
     >>> sorted(units[1].params)  # the layer's weights, its weight quantizer and the input quantizer of block 1
     ['2.bias', '2.weight', 'fxqat_quant.a__1.scale', 'fxqat_quant.w_2.scale']
     >>> bool(torch.equal(qm(x), ref))

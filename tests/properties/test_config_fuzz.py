@@ -128,13 +128,14 @@ QAT_VALID = {
     "g_options": st.none(), "leaf_modules": st.just(()), "w_granularity": st.sampled_from([None, "per_tensor"]),
     "group_size": st.none(), "a_granularity": st.just("per_tensor"),
     "first_last_layers": st.sampled_from([(), ("first",), ("last",), ("first", "last"), "last"]),
+    "quantize_matmuls": st.just(False),  # True needs a_bits (drawn None above); tests/unit/test_matmuls.py covers it
 }
 HYBRID_VALID = {
     "paths": st.sampled_from(["all", 1, 2, 3]), "partner": st.sampled_from(["frozen", "shared"]),
     "mode": st.sampled_from(["lp_prefix", "fp_prefix", "single"]), "kd_weight": st.floats(0, 4),
     "temperature": st.floats(0.1, 8), "path_weights": st.just("uniform"), "task_weight": st.floats(0, 4),
     "seed": st.integers(0, 2**31), "max_blocks": st.none() | st.integers(2, 4), "boundaries": st.just(()),
-    "shared_suffix_grad": st.just(False),
+    "shared_suffix_grad": st.just(False), "cuts": st.sampled_from(["auto", "layers", "residual"]),
 }
 
 
@@ -148,11 +149,12 @@ QAT_BAD = {
     "w_bits": 0, "a_bits": 2.5, "g_bits": "8", "method": "lqs", "w_method": 3, "a_method": [], "per_channel": "yes",
     "first_last": 17, "act_signed": "no", "overrides": "fc", "hybrid": {}, "w_options": 5, "a_options": "init",
     "g_options": [1], "leaf_modules": [3], "w_granularity": "per_chanel", "group_size": 0, "a_granularity": "token",
-    "first_last_layers": ("middle",),
+    "first_last_layers": ("middle",), "quantize_matmuls": "yes",
 }
 HYBRID_BAD = {
     "paths": 0, "partner": "froze", "mode": "lp", "kd_weight": float("nan"), "temperature": 0.0, "path_weights": (),
     "task_weight": -1.0, "seed": 2.5, "max_blocks": 1, "boundaries": [3], "shared_suffix_grad": "yes",
+    "cuts": "blocks",
 }
 
 
