@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import warnings
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Literal, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
-from fxqat.method_registry import available_methods, get_method, make_quantizer
+from fxqat.override_use import (
+    UnmatchedOverrideWarning, current_override_use, track_overrides, warn_unmatched_overrides,
+)
+from fxqat.quant_spec import (
+    GRANULARITIES, Kind, QuantSpec, check_bits, check_buildable, check_group_size, check_method,
+)
 from fxqat.validate import (
     check_bool, check_choice, check_int, check_number, did_you_mean, name_tuple, options_tuple,
 )
@@ -35,149 +37,6 @@ __all__ = [
     "QuantSpec", "Override", "HybridConfig", "QATConfig", "Kind", "GRANULARITIES", "PRESETS",
     "UnmatchedOverrideWarning", "track_overrides", "warn_unmatched_overrides",
 ]
-
-Kind = Literal["weight", "act", "grad"]
-_KINDS = ("weight", "act", "grad")
-#: granularity -> the tensor kinds it applies to
-GRANULARITIES = {
-    "per_tensor": _KINDS,
-    "per_channel": ("weight",),
-    "per_group": ("weight",),
-    "per_token": ("act",),
-}
-
-
-def _check_bits(owner: str, name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16:
-        hint = " or None" if allow_none else ""
-        raise ValueError(
-            f"{owner}.{name}={value!r} is out of range: use an integer from 1 to 16{hint} (e.g. {name}=4)."
-        )
-
-
-def _check_method(owner: str, name: str, value: Optional[str]) -> None:
-    if value is None:
-        return
-    known = available_methods()
-    if not isinstance(value, str):
-        raise TypeError(f"{owner}.{name}={value!r}: give a quantizer method name, one of {sorted(known)}.")
-    if value not in known:
-        raise ValueError(f"{owner}.{name}={value!r} is not a known quantizer method; choose one of {sorted(known)}."
-                         f"{did_you_mean(value, known)}")
-
-
-def _check_options(owner: str, name: str, method: str, options: Tuple[Tuple[str, Any], ...]) -> None:
-    known = getattr(get_method(method), "default_options", {})
-    unknown = [k for k, _ in options if k not in known]
-    if unknown:
-        hint = "".join(did_you_mean(k, known) for k in unknown)
-        raise ValueError(f"{owner}.{name}: method {method!r} has no option(s) {unknown}; its options are "
-                         f"{sorted(known)}.{hint}")
-
-
-def _check_buildable(owner: str, name: str, spec: "QuantSpec") -> None:
-    """Build the quantizer once, so option values the method refuses fail here, naming the field."""
-    try:
-        make_quantizer(spec)
-    except (ValueError, TypeError) as e:
-        raise type(e)(f"{owner}.{name}={dict(spec.options)!r}: the {spec.kind} quantizer (method {spec.method!r}) "
-                      f"cannot be built with these options: {e}") from None
-
-
-def _check_group_size(owner: str, group_size: Any, required: bool) -> None:
-    if group_size is None:
-        if required:
-            raise ValueError(f"{owner}: granularity='per_group' needs group_size (e.g. group_size=32).")
-        return
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"{owner}.group_size={group_size!r}: use a positive integer (e.g. group_size=32).")
-    if not required:
-        raise ValueError(f"{owner}.group_size={group_size!r} is only used with granularity='per_group'.")
-
-
-def _check_granularity_support(method: str, granularity: str, kind: str) -> None:
-    supported = getattr(get_method(method), "granularities", ("per_tensor", "per_channel"))
-    if granularity not in supported:
-        hint = " (per-token activations are dynamic: use method='dynamic')" if granularity == "per_token" else ""
-        raise ValueError(
-            f"QuantSpec: method {method!r} does not support granularity={granularity!r} for kind={kind!r}; "
-            f"it supports {list(supported)}{hint}."
-        )
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How one tensor is quantized.
-
-    Attributes:
-        bits: bit-width, 1..16.
-        method: registered quantizer name (``fxqat.available_methods()``).
-        kind: ``"weight"``, ``"act"`` or ``"grad"``.
-        signed: signed grid (``True``), unsigned (``False``) or decided from the data on the first batch (``None``).
-        per_channel: one scale per output channel (weights only); kept for compatibility, the same as
-            ``granularity="per_channel"``.
-        ch_axis: the output-channel axis (``per_channel`` and ``per_group``).
-        options: method-specific keyword arguments, e.g. ``{"grad_scale": False}``; stored as sorted pairs.
-        granularity: ``"per_tensor"``, ``"per_channel"`` (weights), ``"per_group"`` (weights: one scale per
-            ``group_size`` consecutive input elements of each output channel; the non-channel dims of a conv weight
-            are flattened first) or ``"per_token"`` (activations: dynamic, asymmetric, scale and zero point computed
-            per row of the last dim on every call; method ``"dynamic"``). None: from ``per_channel``.
-        group_size: elements per group (``per_group`` only).
-
-    Example:
-        >>> QuantSpec(bits=4, kind="weight", per_channel=True).granularity
-        'per_channel'
-        >>> QuantSpec(bits=4, kind="weight", granularity="per_group", group_size=32).per_channel
-        False
-    """
-
-    bits: int = 4
-    method: str = "lsq"
-    kind: Kind = "weight"
-    signed: Optional[bool] = None
-    per_channel: bool = False
-    ch_axis: int = 0
-    options: Tuple[Tuple[str, Any], ...] = ()
-    granularity: Optional[str] = None
-    group_size: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        _check_bits("QuantSpec", "bits", self.bits)
-        check_choice("QuantSpec", "kind", self.kind, _KINDS)
-        check_bool("QuantSpec", "signed", self.signed, allow_none=True)
-        check_bool("QuantSpec", "per_channel", self.per_channel)
-        check_int("QuantSpec", "ch_axis", self.ch_axis)
-        check_choice("QuantSpec", "granularity", self.granularity, sorted(GRANULARITIES), allow_none=True)
-        if self.per_channel and self.kind != "weight":
-            raise ValueError(
-                f"QuantSpec(kind={self.kind!r}, per_channel=True): per-channel scales are for weights only; "
-                "set per_channel=False for activations and gradients."
-            )
-        gran = self.granularity
-        if gran is None:
-            gran = "per_channel" if self.per_channel else "per_tensor"
-        if gran not in GRANULARITIES:
-            raise ValueError(f"QuantSpec.granularity={gran!r}: use one of {sorted(GRANULARITIES)}.")
-        if self.per_channel and gran != "per_channel":
-            raise ValueError(f"QuantSpec(per_channel=True, granularity={gran!r}): give one of the two, not both.")
-        if self.kind not in GRANULARITIES[gran]:
-            raise ValueError(
-                f"QuantSpec.granularity={gran!r} is for {GRANULARITIES[gran]} tensors, not kind={self.kind!r}."
-            )
-        object.__setattr__(self, "granularity", gran)
-        object.__setattr__(self, "per_channel", gran == "per_channel")
-        _check_group_size("QuantSpec", self.group_size, gran == "per_group")
-        object.__setattr__(self, "options", options_tuple("QuantSpec", "options", self.options))
-        _check_method("QuantSpec", "method", self.method)
-        _check_granularity_support(self.method, gran, self.kind)
-        _check_options("QuantSpec", "options", self.method, self.options)
-
-    def options_dict(self) -> dict:
-        """The method-specific options as a plain dict."""
-        return dict(self.options)
-
 
 @dataclass(frozen=True)
 class Override:
@@ -223,9 +82,9 @@ class Override:
                 re.compile(self.match[3:])
             except re.error as e:
                 raise ValueError(f"Override.match={self.match!r}: not a valid regular expression ({e}).") from None
-        _check_bits("Override", "w_bits", self.w_bits, allow_none=True)
-        _check_bits("Override", "a_bits", self.a_bits, allow_none=True)
-        _check_method("Override", "method", self.method)
+        check_bits("Override", "w_bits", self.w_bits, allow_none=True)
+        check_bits("Override", "a_bits", self.a_bits, allow_none=True)
+        check_method("Override", "method", self.method)
         check_bool("Override", "skip", self.skip)
         check_bool("Override", "act_signed", self.act_signed, allow_none=True)
 
@@ -385,14 +244,14 @@ class QATConfig:
     quantize_matmuls: bool = False
 
     def __post_init__(self) -> None:
-        _check_bits("QATConfig", "w_bits", self.w_bits)
-        _check_bits("QATConfig", "a_bits", self.a_bits, allow_none=True)
-        _check_bits("QATConfig", "g_bits", self.g_bits, allow_none=True)
-        _check_bits("QATConfig", "first_last", self.first_last, allow_none=True)
+        check_bits("QATConfig", "w_bits", self.w_bits)
+        check_bits("QATConfig", "a_bits", self.a_bits, allow_none=True)
+        check_bits("QATConfig", "g_bits", self.g_bits, allow_none=True)
+        check_bits("QATConfig", "first_last", self.first_last, allow_none=True)
         for name in ("method", "w_method", "a_method"):
             if name == "method" and self.method is None:
                 raise TypeError("QATConfig.method=None: give a quantizer method name (e.g. 'lsq').")
-            _check_method("QATConfig", name, getattr(self, name))
+            check_method("QATConfig", name, getattr(self, name))
         check_bool("QATConfig", "per_channel", self.per_channel)
         if self.act_signed != "auto" and not isinstance(self.act_signed, bool):
             raise ValueError(f"QATConfig.act_signed={self.act_signed!r}: use 'auto', True or False."
@@ -426,7 +285,7 @@ class QATConfig:
             raise ValueError(
                 f"QATConfig(per_channel=True, w_granularity={self.w_granularity!r}): give one of the two, not both."
             )
-        _check_group_size("QATConfig", self.group_size, self.w_granularity == "per_group")
+        check_group_size("QATConfig", self.group_size, self.w_granularity == "per_group")
         # the global specs are valid (method supports the granularity, knows the options) and build
         specs = [("w_options", self.spec_for("weight"))]
         if self.a_bits is not None:
@@ -434,7 +293,7 @@ class QATConfig:
         if self.g_bits is not None:
             specs.append(("g_options", self.spec_for("grad")))
         for name, spec in specs:
-            _check_buildable("QATConfig", name, spec)
+            check_buildable("QATConfig", name, spec)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "QATConfig":
@@ -482,7 +341,7 @@ class QATConfig:
 
     def override_for(self, name: str, module: Optional[nn.Module]) -> Optional[Override]:
         """The first override matching the module called ``name``, or None (recorded by :func:`track_overrides`)."""
-        use = _OVERRIDE_USE.get()
+        use = current_override_use()
         if use is not None:
             use.names.append(name)
         for i, o in enumerate(self.overrides):
@@ -538,57 +397,3 @@ def _check_field_names(owner: str, given: Dict[str, Any]) -> None:
     for k in given:
         if k not in known:
             raise TypeError(f"{owner}: QATConfig has no field {k!r}.{did_you_mean(k, known)}")
-
-
-# ----------------------------------------------------------------------------------------------- override use
-class UnmatchedOverrideWarning(UserWarning):
-    """An ``Override`` of the config applied to no layer of the prepared model (see :func:`warn_unmatched_overrides`)."""
-
-
-@dataclass
-class OverrideUse:
-    """What :meth:`QATConfig.override_for` saw inside :func:`track_overrides`: the layer names asked about and the
-    indices of the overrides that won for at least one of them."""
-
-    names: List[str] = field(default_factory=list)
-    used: Set[int] = field(default_factory=set)
-
-
-_OVERRIDE_USE: ContextVar[Optional[OverrideUse]] = ContextVar("fxqat_override_use", default=None)
-
-
-@contextmanager
-def track_overrides() -> Iterator[OverrideUse]:
-    """Record which overrides decide some layer while the block runs (``prepare_qat`` wraps its passes in it)."""
-    use = OverrideUse()
-    token = _OVERRIDE_USE.set(use)
-    try:
-        yield use
-    finally:
-        _OVERRIDE_USE.reset(token)
-
-
-def warn_unmatched_overrides(config: QATConfig, use: OverrideUse, model_name: str) -> List[Override]:
-    """Warn (:class:`UnmatchedOverrideWarning`) about each override that decided no layer, naming its pattern and the
-    closest layer names; returns those overrides. An override can miss because its pattern matches no quantizable
-    layer, or because an earlier override (first match wins) already takes every layer it matches.
-
-    Example:
-        >>> cfg = QATConfig(overrides=(Override("fc2", skip=True),))
-        >>> use = OverrideUse(names=["features.0", "fc"])
-        >>> with warnings.catch_warnings(record=True) as w:
-        ...     warnings.simplefilter("always")
-        ...     _ = warn_unmatched_overrides(cfg, use, "Net")
-        >>> print(w[0].message)
-        Override(match='fc2') applies to no quantizable layer of Net (first match wins: an earlier override may take its layers). Did you mean 'fc'? Quantizable layers: 'features.0', 'fc'.
-    """
-    missed = [o for i, o in enumerate(config.overrides) if i not in use.used]
-    names = list(dict.fromkeys(use.names))
-    shown = ", ".join(repr(n) for n in names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
-    for o in missed:
-        match = o.match.pattern if isinstance(o.match, re.Pattern) else getattr(o.match, "__name__", o.match)
-        hint = did_you_mean(match, names) if isinstance(match, str) and not match.startswith("re:") else ""
-        msg = (f"Override(match={match!r}) applies to no quantizable layer of {model_name} (first match wins: an "
-               f"earlier override may take its layers).{hint} Quantizable layers: {shown or 'none'}.")
-        warnings.warn(msg, UnmatchedOverrideWarning, stacklevel=3)
-    return missed
