@@ -18,22 +18,18 @@ process of the same torchrun job died or stopped answering) prints one such line
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
-import json
 import logging
-import subprocess
 import sys
-from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
+import torch
+
+from fxqat.commands import cmd_autobits, cmd_bench, cmd_demo, cmd_inspect, cmd_train
 from fxqat.errors import UsageError
+from fxqat.training.checkpoint import CheckpointError
+from fxqat.training.distributed import PeerLost
 
 __all__ = ["main", "build_parser", "parse_bits", "UsageError"]
-
-log = logging.getLogger("fxqat.cli")
-_REPO = Path(__file__).resolve().parent.parent
-
 
 def parse_bits(text: str) -> Tuple[int, int]:
     """``"4/4"`` -> ``(4, 4)``; ``"4"`` -> ``(4, 4)``."""
@@ -67,6 +63,7 @@ def _bit_list(text: str) -> Tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``fxqat`` command and its subcommands."""
     p = argparse.ArgumentParser(prog="fxqat", description="Quantization-aware training as a torch.fx pass.")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the result table")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -177,266 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ------------------------------------------------------------------------------------------------------ train
-def _datasets(name: str, data_dir: Optional[str], train_subset=None, test_subset=None):
-    from fxqat import data
-
-    if data_dir is not None and not Path(data_dir).expanduser().exists():
-        raise UsageError(f"--data-dir {data_dir}: no such folder. Point it to the folder holding the data files.")
-    if name not in data.DATASETS:
-        raise UsageError(f"--data {name!r}: unknown dataset; known datasets: {sorted(data.DATASETS)}.")
-    tr, te = data.load(name, data_dir, train=True), data.load(name, data_dir, train=False)
-    return (tr.subset(train_subset) if train_subset else tr), (te.subset(test_subset) if test_subset else te)
-
-
-def _model(name: str, num_classes: int, in_shape):
-    from fxqat.models import get_model
-
-    try:
-        return get_model(name, num_classes=num_classes, in_shape=in_shape)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    except TypeError as e:  # torchvision model that does not take our arguments
-        raise UsageError(f"--model {name!r} cannot be built for {num_classes} classes: {e}") from e
-
-
-def _load_fp(model, path: str, trusted: bool = False) -> None:
-    from fxqat.training.checkpoint import load_checkpoint
-
-    ck = load_checkpoint(path, trusted=trusted)
-    state = ck.get("model", ck)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UsageError(f"--fp-ckpt {path} does not fit the model: {e}") from e
-
-
-def cmd_train(a: argparse.Namespace) -> int:
-    import torch
-
-    import fxqat
-    from fxqat import data
-    from fxqat.training import distributed as ddp
-    from fxqat.training.checkpoint import atomic_save, atomic_write_text
-    from fxqat.training.loop import TrainConfig, fit
-    from fxqat.training.recipes import train_fp, train_qat
-    from fxqat.validate import did_you_mean
-
-    out = Path(a.out)
-    run = {k: v for k, v in vars(a).items()
-           if k not in ("resume", "stop_after", "progress", "quiet", "command", "threads", "trust_checkpoint",
-                        "nonfinite", "max_nonfinite", "checkpoint_every", "ddp_timeout")}
-    if a.resume and (out / "run.json").exists():
-        old = json.loads((out / "run.json").read_text())
-        diff = [k for k in ("model", "data", "method", "bits", "hybrid", "paths", "kd", "batch_size", "seed")
-                if json.dumps(old.get(k)) != json.dumps(run.get(k))]
-        if diff:
-            raise UsageError(f"--resume: {out} was started with different {diff}; use the same flags or a new --out.")
-    if a.method != "fp" and a.method not in fxqat.available_methods():
-        choices = ["fp", *fxqat.available_methods()]
-        raise UsageError(f"--method {a.method!r}: choose 'fp' or one of {sorted(fxqat.available_methods())}."
-                         f"{did_you_mean(a.method, choices)}")
-    tr, te = _datasets(a.data, a.data_dir, a.train_subset, a.test_subset)
-    if a.ddp_timeout is not None and not a.ddp_timeout > 0:
-        raise UsageError(f"--ddp-timeout {a.ddp_timeout}: give a positive number of seconds (e.g. 600).")
-    rank, world = ddp.init_distributed(a.ddp_timeout)
-    torch.manual_seed(a.seed)  # the initial weights are part of what --seed fixes
-    model = _model(a.model, tr.num_classes, tr.input_shape)
-    loader = data.BatchLoader(tr, a.batch_size, train=True, seed=a.seed)
-    test = data.BatchLoader(te, 512, train=False, rank=0, world_size=1)
-    if ddp.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(json.dumps(run, indent=1, default=str), out / "run.json")
-    cfg = TrainConfig(epochs=a.epochs, steps=a.steps, lr=a.lr, quant_lr=a.quant_lr, optimizer=a.optimizer,
-                      weight_decay=a.weight_decay, seed=a.seed, progress=a.progress, nonfinite=a.nonfinite,
-                      max_nonfinite=a.max_nonfinite, checkpoint_every=a.checkpoint_every)
-    info = {"model": a.model, "data": a.data, "data_source": tr.source, "world_size": world}
-    if a.method == "fp":
-        hist = fit(model, loader, cfg, test_loader=test, out_dir=out, resume=a.resume, desc="fp",
-                   run_info=info, stop_after=a.stop_after, trusted=a.trust_checkpoint)
-        final_model = model
-    else:
-        if a.fp_ckpt:
-            _load_fp(model, a.fp_ckpt, a.trust_checkpoint)
-        elif a.fp_steps != 0:
-            fp_cfg = TrainConfig(epochs=a.fp_epochs, steps=a.fp_steps, lr=a.fp_lr, seed=a.seed, progress=a.progress)
-            key = {"model": a.model, "data": a.data, "batch_size": a.batch_size, "n_train": len(tr),
-                   "source": tr.source, "world_size": world}
-            _, fp_info = train_fp(model, loader, fp_cfg, key=key, test_loader=test)
-            info["fp_top1"] = fp_info["top1"]
-            log.info("FP model: top-1 %.2f%% (%s)", fp_info["top1"], "cached" if fp_info["cached"] else "trained")
-        w, b = a.bits
-        hybrid = fxqat.HybridConfig(paths=a.paths, seed=a.seed) if a.hybrid else None
-        qcfg = fxqat.QATConfig(w_bits=w, a_bits=b, method=a.method, first_last=a.first_last or None, hybrid=hybrid)
-        teacher = None
-        if a.kd:
-            teacher = copy.deepcopy(model).eval().requires_grad_(False)
-            hc = fxqat.HybridConfig()
-            cfg = dataclasses.replace(cfg, kd_weight=hc.kd_weight, temperature=hc.temperature)
-        x0 = tr[0][0].unsqueeze(0).repeat(2, 1, 1, 1)
-        qm = fxqat.prepare_qat(model, (x0,), qcfg)
-        hist = train_qat(qm, loader, cfg, test_loader=test, out_dir=out, resume=a.resume, teacher=teacher,
-                         desc=f"{a.method} W{w}A{b}{' hybrid' if a.hybrid else ''}", run_info=info,
-                         stop_after=a.stop_after, trusted=a.trust_checkpoint)
-        final_model = qm
-    if ddp.is_main() and hist["status"] == "complete":
-        atomic_save({"model": final_model.state_dict(), "run": run, "final": hist["final"]}, out / "model.pt")
-        f = hist["final"]
-        what = "FP" if a.method == "fp" else \
-            f"{a.method} W{a.bits[0]}A{a.bits[1]}{' +KD' if a.kd else ''}{' +hybrid' if a.hybrid else ''}"
-        print(f"{a.model} {a.data} {what}: "
-              f"top-1 {f['test_top1']:.2f}%  steps {f['step']}  time {f['time_s']:.1f}s  -> {out}")
-    elif hist["status"] == "diverged":
-        ddp.cleanup()
-        raise FloatingPointError(hist["error"])
-    elif ddp.is_main():
-        print(f"stopped at step {hist['steps'][-1]['step'] if hist['steps'] else 0}; continue with --resume")
-    ddp.cleanup()
-    return 0
-
-
-# ------------------------------------------------------------------------------------------------------ inspect
-def _default_shape(name: str) -> Tuple[int, ...]:
-    from fxqat.models import MODELS
-
-    if name.startswith("resnet") and name in MODELS:
-        return (3, 32, 32)
-    if name in MODELS:
-        return (1, 28, 28)
-    return (3, 224, 224)
-
-
-def cmd_inspect(a: argparse.Namespace) -> int:
-    import torch
-
-    import fxqat
-
-    from fxqat.models import MODELS
-
-    if a.model.startswith("hf:"):  # a tiny transformers model of that type, random weights
-        from fxqat.models.hf import tiny_hf_model
-
-        try:
-            model, x = tiny_hf_model(a.model[3:])
-        except ValueError as e:
-            raise UsageError(str(e)) from e
-        shape = tuple(x.shape[1:])
-    else:
-        try:
-            shape = tuple(int(s) for s in a.input_shape.split(",")) if a.input_shape else _default_shape(a.model)
-        except ValueError as e:
-            raise UsageError(f"--input-shape {a.input_shape!r}: write C,H,W, e.g. 3,32,32") from e
-        model = _model(a.model, 10 if a.model in MODELS else 1000, shape)
-        x = torch.randn(1, *shape)
-    model = model.eval()
-    find_blocks = getattr(fxqat, "find_blocks", None)
-    if find_blocks is not None:
-        blocks = find_blocks(model, (x,))
-        print(f"{a.model}: {len(blocks)} blocks (input {shape})")
-        print(f"{'#':>3}  {'block':<20} {'nodes':>5}  {'entry':<24} {'exit':<24} modules")
-        for k, blk in enumerate(blocks):
-            mods = list(getattr(blk, "modules", []))
-            shown = ", ".join(mods[:4]) + (f", ... (+{len(mods) - 4})" if len(mods) > 4 else "")
-            print(f"{k:>3}  {str(blk.name):<20} {len(blk.nodes):>5}  {str(blk.entry):<24} {str(blk.exit):<24} {shown}")
-    else:
-        blocks = []
-        log.warning("fxqat.find_blocks is not available in this version; blocks not shown")
-    w, b = a.bits
-    qm = fxqat.prepare_qat(model, (x,), fxqat.QATConfig(w_bits=w, a_bits=b))
-    print("\ncapture: graph regions are traced by torch.fx, eager regions run as written")
-    print(fxqat.capture_report(qm).to_markdown())
-    qs = fxqat.named_quantizers(qm)
-    print(f"\n{len(qs)} quantizers (W{w}A{b}, first/last layer 8 bits)")
-    print(f"{'quantizer':<40} {'kind':<7} {'bits':>4}  method")
-    for name, q in qs.items():
-        print(f"{name:<40} {q.kind:<7} {q.bits:>4}  {getattr(q, 'method', '?')}")
-    if a.health or a.checkpoint:
-        _print_health(qm, a.checkpoint, a.trust_checkpoint)
-    if a.png:
-        from fxqat.training.report import plot_blocks
-
-        plot_blocks(a.model, blocks, a.png)
-        print(f"\npartition written to {a.png}")
-    return 0
-
-
-def _print_health(qm, checkpoint: Optional[str], trusted: bool) -> None:
-    from fxqat.training.checkpoint import load_checkpoint
-    from fxqat.training.health import format_health, quantizer_health, rows_with_problems
-
-    if checkpoint:
-        ck = load_checkpoint(checkpoint, trusted=trusted)
-        try:
-            qm.load_state_dict(ck.get("model", ck))
-        except RuntimeError as e:
-            raise UsageError(f"--checkpoint {checkpoint} does not fit {type(qm).__name__} as inspect builds it "
-                             f"(same model, --bits and --input-shape as the run?): {e}") from e
-    rows = quantizer_health(qm)
-    bad = rows_with_problems(rows)
-    print(f"\nquantizer health{f' of {checkpoint}' if checkpoint else ''}: {len(rows) - len(bad)} ok, "
-          f"{len(bad)} not ({', '.join(sorted({r['status'] for r in bad})) or 'none'})")
-    print(format_health(rows))
-
-
-# ------------------------------------------------------------------------------------------------------ autobits
-def cmd_autobits(a: argparse.Namespace) -> int:
-    from fxqat import data
-    from fxqat.training.autobits import AutobitsConfig, run_autobits
-
-    if a.avg_bits is None and a.max_bytes is None:
-        raise UsageError("autobits needs a budget: --avg-bits B (bits per weight) or --max-bytes N.")
-    if a.data_dir is not None and not Path(a.data_dir).expanduser().exists():
-        raise UsageError(f"--data-dir {a.data_dir}: no such folder. Point it to the folder holding the data files.")
-    if a.data not in data.DATASETS:
-        raise UsageError(f"--data {a.data!r}: unknown dataset; known datasets: {sorted(data.DATASETS)}.")
-    _model(a.model, 10, (3, 32, 32) if a.data == "cifar10" else (1, 28, 28))  # unknown model: a usage error
-    cfg = AutobitsConfig(
-        model=a.model, data=a.data, data_dir=a.data_dir, avg_bits=a.avg_bits, max_bytes=a.max_bytes,
-        choices=a.choices, method=a.sensitivity, sens_batches=a.sens_batches, probes=a.probes, quant_method=a.method,
-        first_last=a.first_last or None, weight_only=a.weight_only, hybrid=a.hybrid, fp_steps=a.fp_steps,
-        fp_epochs=a.fp_epochs, fp_lr=a.fp_lr, steps=a.steps, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
-        seed=a.seed, train_subset=a.train_subset, test_subset=a.test_subset, out=a.out, progress=a.progress)
-    run_autobits(cfg, echo=lambda line: print(line, flush=True))
-    return 0
-
-
-# ------------------------------------------------------------------------------------------------------ bench
-def cmd_bench(a: argparse.Namespace) -> int:
-    scripts = [_REPO / "benchmarks" / n for n in ("step_time.py", "hybrid_cost.py")]
-    present = [s for s in scripts if s.is_file()]
-    for s in scripts:
-        if not s.is_file():
-            log.warning("fxqat bench: %s not found; skipped", s)
-    if not present:
-        raise UsageError(f"no benchmark scripts found under {_REPO / 'benchmarks'} (run from a source checkout).")
-    rc = 0
-    for s in present:
-        print(f"== {s.name}", flush=True)
-        extra = (["--quick"] if a.quick else []) + [x for x in a.args if x != "--"]
-        rc = max(rc, subprocess.call([sys.executable, str(s), *extra]))
-    return rc
-
-
-def cmd_demo(a: argparse.Namespace) -> int:
-    from fxqat.training.demo import run_demo
-
-    run_demo(quick=a.quick, data_dir=a.data_dir, data=a.data, bits=a.bits, steps=a.steps, fp_steps=a.fp_steps,
-             seed=a.seed, out=a.out, progress=a.progress, echo=lambda line: print(line, flush=True))
-    return 0
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``fxqat`` command; returns the exit status (2 for bad input)."""
     parser = build_parser()
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(message)s")
     if getattr(a, "threads", None):
-        import torch
-
         torch.set_num_threads(a.threads)
-    from fxqat.training.checkpoint import CheckpointError
-    from fxqat.training.distributed import PeerLost
-
     try:
         return {"demo": cmd_demo, "train": cmd_train, "inspect": cmd_inspect, "bench": cmd_bench,
                 "autobits": cmd_autobits}[a.command](a)

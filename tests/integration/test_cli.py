@@ -156,15 +156,13 @@ def test_resume_with_other_flags_is_refused(tmp_path, capsys):
 _WORKER = textwrap.dedent("""
     import sys, torch
     import fxqat.training.loop as loop
-    from fxqat.cli import main
-    from fxqat.training import distributed as ddp
     seen = {}
     orig = loop.fit
     def fit(model, *a, **k):
         seen["model"] = model
         return orig(model, *a, **k)
-    loop.fit = fit
-    import fxqat.cli  # the CLI imports fit from loop at call time
+    loop.fit = fit  # before the CLI (and recipes, which binds fit) is imported
+    from fxqat.cli import main
     rank = int(__import__("os").environ["RANK"])
     rc = main(sys.argv[2:])
     flat = torch.cat([p.detach().reshape(-1) for p in seen["model"].parameters()])
@@ -212,10 +210,10 @@ def test_demo_quick_table_is_finite_and_above_chance(tmp_path):
 
 
 def test_bench_runs_both_scripts_with_their_flags(monkeypatch, capsys):
-    import fxqat.cli as cli
+    import fxqat.commands.run_jobs as jobs
 
     calls = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr(jobs.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
     present = [n for n in ("step_time.py", "hybrid_cost.py") if (REPO / "benchmarks" / n).is_file()]
     if not present:
         assert main(["bench"]) == 2 and "no benchmark scripts" in capsys.readouterr().err
