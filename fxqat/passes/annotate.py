@@ -235,23 +235,20 @@ def annotate(
         act = None
         x = node.args[0] if node.args else None
         if config.a_bits is not None and isinstance(x, fx.Node) and is_float_tensor(x):
-            if ov is not None and ov.act_signed is not None:
-                signed: Optional[bool] = ov.act_signed
-            elif config.act_signed != "auto":
-                signed = bool(config.act_signed)
-            else:
-                signed = False if producer_unsigned(gm, x) else None
-            try:
-                act = config.spec_for("act", bits=a_bits, method=method, signed=signed)
-            except ValueError as e:
-                raise ValueError(f"layer {owner or node.name!r}: {e}") from None
+            act = _act_spec(gm, x, config, ov, owner or node.name, a_bits)
         node.meta[QMETA] = LayerQuant(style=style, owner=owner, weights=weights, act=act, first_last=by_policy)
     if config.quantize_matmuls and config.a_bits is not None:
         _annotate_matmuls(gm, config, prefix)
     return gm
 
 
-def _act_spec(gm: fx.GraphModule, x: fx.Node, config: QATConfig, ov: Optional[Override], owner: str) -> QuantSpec:
+def _act_spec(gm: fx.GraphModule, x: fx.Node, config: QATConfig, ov: Optional[Override], owner: str,
+              bits: Optional[int] = None) -> QuantSpec:
+    """The spec of the activation quantizer on input ``x`` of layer ``owner``: signedness from the override, the
+    config, or the producer (after a ReLU: unsigned); ``bits`` (default: the override's ``a_bits``, else the
+    config's) and method from the override."""
+    if bits is None and ov is not None and ov.a_bits:
+        bits = ov.a_bits
     if ov is not None and ov.act_signed is not None:
         signed: Optional[bool] = ov.act_signed
     elif config.act_signed != "auto":
@@ -259,8 +256,7 @@ def _act_spec(gm: fx.GraphModule, x: fx.Node, config: QATConfig, ov: Optional[Ov
     else:
         signed = False if producer_unsigned(gm, x) else None
     try:
-        return config.spec_for("act", bits=ov.a_bits if ov and ov.a_bits else None, method=ov.method if ov else None,
-                               signed=signed)
+        return config.spec_for("act", bits=bits, method=ov.method if ov else None, signed=signed)
     except ValueError as e:
         raise ValueError(f"layer {owner!r}: {e}") from None
 

@@ -9,11 +9,13 @@ import fxqat
 from fxqat.models import get_model
 
 
-def _assert_one_graph(cfg):
-    """A prepared ResNet-20 (quantizers initialised eagerly: they read their first tensor) traces into one graph."""
+def _assert_one_graph(cfg, model=None, x=None):
+    """A prepared model (default ResNet-20; quantizers initialised eagerly: they read their first tensor) traces into
+    one dynamo graph."""
     torch.manual_seed(0)
-    x = torch.randn(4, 3, 32, 32)
-    qm = fxqat.prepare_qat(get_model("resnet20", 10), (x,), cfg)
+    if model is None:
+        model, x = get_model("resnet20", 10), torch.randn(4, 3, 32, 32)
+    qm = fxqat.prepare_qat(model, (x,), cfg)
     qm.train()
     qm(x)
     torch._dynamo.reset()
@@ -44,14 +46,7 @@ def test_8da4w_preset_compiles_without_graph_breaks():
     A Linear-only model: per-group-32 weights need input widths that are multiples of 32 (ResNet-20's stem has 27)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    x = torch.randn(4, 64)
-    qm = fxqat.prepare_qat(model, (x,), fxqat.QATConfig.preset("8da4w", first_last_layers=()))
-    qm.train()
-    qm(x)
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(qm)(x)
-    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
-    assert explanation.graph_count == 1
+    _assert_one_graph(fxqat.QATConfig.preset("8da4w", first_last_layers=()), model, torch.randn(4, 64))
 
 
 @pytest.mark.slow

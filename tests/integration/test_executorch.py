@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 import fxqat
+from qat_helpers import trained
 from fxqat.export import ExportError, load_executorch, to_executorch, to_torchao
 
 pytest.importorskip("torchao", reason="torchao is not installed: pip install -e '.[export]'")
@@ -34,23 +35,11 @@ def _mlp():
     return nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 16)).eval()
 
 
-def _prepared(net, x, preset, steps=3):
-    qm = fxqat.prepare_qat(net, (x,), fxqat.QATConfig.preset(preset))
-    opt = torch.optim.Adam(fxqat.trainable_parameters(qm), lr=1e-2)
-    for _ in range(steps):  # move the learned scales off their initialisation
-        out = qm(x)
-        loss = (out.logits if hasattr(out, "logits") else out).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return qm.eval()
-
-
 @pytest.fixture(scope="module")
 def mlp_program(tmp_path_factory):
     """An 8da4w MLP, briefly trained, and its ``.pte`` (lowered once for the tests that read it)."""
     net, x = _mlp(), torch.randn(8, 128)
-    qm = _prepared(net, x, "8da4w")
+    qm = trained(net, x, "8da4w")
     return net, x, qm, to_executorch(qm, (x,), tmp_path_factory.mktemp("et") / "q.pte")
 
 
@@ -96,7 +85,7 @@ def test_executorch_8da4w_program_is_4_bit(mlp_program):
 
 def test_executorch_refuses_weight_only_with_the_reason():
     net, x = _mlp(), torch.randn(8, 128)
-    qm = _prepared(net, x, "int4_weight_only", steps=1)
+    qm = trained(net, x, "int4_weight_only", steps=1)
     with pytest.raises(ExportError, match="weight-only.*8da4w"):
         to_executorch(qm, (x,))
 

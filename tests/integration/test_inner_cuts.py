@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Dict, List
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from fxqat.training.losses import logits_of
 
 pytest.importorskip("transformers")
 from hf_zoo import ZOO, build  # noqa: E402
+from qat_helpers import block_owners  # noqa: E402
 from fxqat.models.hf import char_llama  # noqa: E402
 
 RESIDUAL = fxqat.QATConfig(hybrid=fxqat.HybridConfig(cuts="residual"))
@@ -35,18 +35,10 @@ def _llama():
     return model, torch.randint(0, 65, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-def _owners(blocks) -> Dict[str, List[int]]:
-    where: Dict[str, List[int]] = {}
-    for b in blocks:
-        for m in b.modules:
-            where.setdefault(m, []).append(b.index)
-    return where
-
-
 def _assert_owned_once(qm, blocks) -> None:
     layers = sorted({q.weight_layer for q in fxqat.named_quantizers(qm).values() if q.kind == "weight"})
     assert layers and all(qm.get_submodule(name) is not None for name in layers)  # qualified names in the model
-    where = _owners(blocks)
+    where = block_owners(blocks)
     unowned = {layer: where.get(layer, []) for layer in layers if len(where.get(layer, [])) != 1}
     assert not unowned, f"weight layers not owned by exactly one block: {unowned}"
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 import fxqat
+from qat_helpers import trained
 from fxqat.export import ExportError, quant_points, to_onnx, to_pt2e, to_torch_ao, to_torchao, torchao_configs
 
 torchao = pytest.importorskip("torchao", reason="torchao is not installed: pip install -e '.[export]'")
@@ -33,20 +34,6 @@ def _mlp():
     return nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
 
 
-def _trained(net, x, preset, steps=3, **overrides):
-    """``net`` prepared with ``preset`` and a few Adam steps, so the learned scales move off their initialisation."""
-    qm = fxqat.prepare_qat(net, (x,), fxqat.QATConfig.preset(preset, **overrides))
-    qm(x)
-    opt = torch.optim.Adam(fxqat.trainable_parameters(qm), lr=1e-2)
-    for _ in range(steps):
-        out = qm(x)
-        loss = (out.logits if hasattr(out, "logits") else out).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return qm.eval()
-
-
 def _weight_quantizers(qm):
     """Layer name -> its weight quantizer, in a graph-root model (quantizer ``fxqat_quant.w_<layer>``)."""
     return {n.rpartition(".w_")[2]: q for n, q in fxqat.named_quantizers(qm).items() if q.kind == "weight"}
@@ -55,7 +42,7 @@ def _weight_quantizers(qm):
 @pytest.mark.parametrize("preset", ["8da4w", "int4_weight_only", "int3_weight_only", "int2_weight_only"])
 def test_graph_model_equals_convert_and_keeps_fxqat_codes(preset):
     net, x = _mlp(), torch.randn(16, 64)
-    qm = _trained(net, x, preset)
+    qm = trained(net, x, preset)
     bits = fxqat.QATConfig.preset(preset).w_bits
     tm = to_torchao(qm)
     xs = torch.randn(32, 64) * 3
@@ -81,7 +68,7 @@ def test_graph_model_equals_convert_and_keeps_fxqat_codes(preset):
 
 def test_scales_are_fxqat_not_torchao_recomputed():
     net, x = _mlp(), torch.randn(16, 64)
-    qm = _trained(net, x, "8da4w", steps=5)
+    qm = trained(net, x, "8da4w", steps=5)
     tm, configs = to_torchao(qm), torchao_configs(qm)
     assert sorted(configs) == ["0", "2"]
     for layer, cfg in configs.items():
@@ -97,7 +84,7 @@ def test_scales_are_fxqat_not_torchao_recomputed():
 
 def test_bfloat16_scales_move_weights_by_at_most_2e_minus_8():
     net, x = _mlp(), torch.randn(16, 64)
-    qm = _trained(net, x, "8da4w")
+    qm = trained(net, x, "8da4w")
     exact, rounded = to_torchao(qm), to_torchao(qm, scale_dtype=torch.bfloat16)
     for layer in ("0", "2"):
         a, b = exact.get_parameter(f"{layer}.weight"), rounded.get_parameter(f"{layer}.weight")
@@ -115,7 +102,7 @@ def test_hf_llama_handoff_is_the_users_model_again():
 
     fp = char_llama(65, num_hidden_layers=2).eval()
     x = torch.randint(0, 65, (2, 32), generator=torch.Generator().manual_seed(0))
-    qm = _trained(fp, x, "8da4w", steps=2)
+    qm = trained(fp, x, "8da4w", steps=2)
     tm = to_torchao(qm)
     with torch.no_grad():
         assert torch.equal(tm(x).logits, fxqat.convert(qm)(x).logits)  # exact (module docstring)
@@ -154,7 +141,7 @@ def test_layers_without_a_torchao_form_are_named():
 # ------------------------------------------------------------------ per-group parameters in the Q/DQ paths
 def test_per_group_params_are_not_per_channel_and_fake_quant_matches():
     x = torch.randn(8, 64)
-    qm = _trained(_mlp(), x, "int4_weight_only")
+    qm = trained(_mlp(), x, "int4_weight_only")
     points = [p for p in quant_points(qm).values() if p.kind == "weight"]
     assert len(points) == 2
     for p in points:
@@ -179,10 +166,10 @@ def test_q_dq_paths_refuse_per_group_and_dynamic_with_a_pointer(path, tmp_path):
               "onnx": lambda m: to_onnx(m, (x,), tmp_path / "m.onnx")}[path]
     if path == "onnx":
         pytest.importorskip("onnx", reason="onnx is not installed: pip install -e '.[export]'")
-    weight_only = _trained(_mlp(), x, "int4_weight_only", steps=1)
+    weight_only = trained(_mlp(), x, "int4_weight_only", steps=1)
     with pytest.raises(ExportError, match=r"per-group weights \(group_size=32.*to_torchao"):
         export(weight_only)
-    dynamic = _trained(_mlp(), x, "8da4w", steps=1)
+    dynamic = trained(_mlp(), x, "8da4w", steps=1)
     with pytest.raises(ExportError, match="dynamic.*to_torchao"):
         export(dynamic)
 
@@ -190,7 +177,7 @@ def test_q_dq_paths_refuse_per_group_and_dynamic_with_a_pointer(path, tmp_path):
 @pytest.mark.slow  # inductor compiles the dequantize + linear on the CPU: tens of seconds on the shared machine
 def test_handoff_runs_under_torch_compile():
     net, x = _mlp(), torch.randn(16, 64)
-    tm = to_torchao(_trained(net, x, "8da4w", steps=1))
+    tm = to_torchao(trained(net, x, "8da4w", steps=1))
     xs = torch.randn(32, 64) * 3
     with torch.no_grad():
         eager, compiled = tm(xs), torch.compile(tm)(xs)

@@ -11,7 +11,7 @@ modules the tracer kept as leaves (attention of levit, pit, cait).
 from __future__ import annotations
 
 import functools
-from typing import Dict, List
+from typing import List
 
 import pytest
 import torch
@@ -25,6 +25,7 @@ from fxqat.api import prepare_fp_graph
 from fxqat.graph import META_KEY, partition
 from fxqat.layer_registry import is_weight_layer
 from fxqat.passes.annotate import QMETA, annotate
+from qat_helpers import block_owners
 from strategies import GeneratedNet, any_model_st
 
 
@@ -92,14 +93,6 @@ class HandMade(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def _owners(blocks) -> Dict[str, List[int]]:
-    where: Dict[str, List[int]] = {}
-    for b in blocks:
-        for m in b.modules:
-            where.setdefault(m, []).append(b.index)
-    return where
-
-
 def _quantized_layers(qm) -> List[str]:
     return sorted(q.weight_layer for q in fxqat.named_quantizers(qm).values() if q.kind == "weight")
 
@@ -110,7 +103,7 @@ def _check_owned(model: nn.Module, x: torch.Tensor, config: fxqat.QATConfig) -> 
     layers = _quantized_layers(qm)
     assert layers == sorted(n for n, m in model.named_modules() if is_weight_layer(m))  # one quantizer per layer
     blocks = fxqat.find_blocks(model, (x,), config)
-    where = _owners(blocks)
+    where = block_owners(blocks)
     unowned = {layer: where.get(layer, []) for layer in layers if len(where.get(layer, [])) != 1}
     assert not unowned, f"weight layers not owned by exactly one block: {unowned}"
     return blocks
@@ -192,9 +185,9 @@ def test_random_models_with_functional_layers_and_leaves_own_every_layer_once(mo
     cfg = fxqat.QATConfig(leaf_modules=leaves)
     blocks = _check_owned(model, x, cfg)
     for leaf in leaves:  # the weight layers inside a leaf are owned by the block that calls it
-        (index,) = _owners(blocks)[leaf]
+        (index,) = block_owners(blocks)[leaf]
         inner = [n for n, m in model.get_submodule(leaf).named_modules() if is_weight_layer(m)]
-        assert all(_owners(blocks)[f"{leaf}.{n}"] == [index] for n in inner)
+        assert all(block_owners(blocks)[f"{leaf}.{n}"] == [index] for n in inner)
 
 
 TIMM = [  # (name, create_model kwargs, input size); depths and resolutions cut down to keep the test short
