@@ -35,6 +35,7 @@ from torch import nn
 from fxqat.quantizers._zoo_utils import StateShapeMixin, act_clip_std, axis_of, check_choice, reduce, set_tensor
 from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, grad_inside, use_function
 from fxqat.quantizers.lsq import round_ste
+from fxqat.quantizers.ste import clip_ste
 from fxqat.quantizers.registry import register
 
 __all__ = ["DoReFaQuantizer", "dorefa_weight", "quantize_k", "DoReFaWeightMixin"]
@@ -151,7 +152,7 @@ class DoReFaQuantizer(DoReFaWeightMixin, StateShapeMixin, Quantizer):
         r, n, lo = self.act_range, self._act_levels, -1.0 if self.signed else 0.0
         if use_function():
             return _DoReFaActFunction.apply(x, r, n, lo)
-        return round_ste(torch.clamp(x / r, lo, 1.0) * n) / n * r  # torch.compile: plain ops, which inductor fuses
+        return round_ste(clip_ste(x / r, lo, 1.0, False, False) * n) / n * r  # torch.compile: plain ops, which inductor fuses
 
     @torch.no_grad()
     def grid(self) -> torch.Tensor:

@@ -61,6 +61,7 @@ from fxqat.quantizers._zoo_utils import (
 from fxqat.quantizers.base import Quantizer, channel_view, grad_inside, use_function
 from fxqat.quantizers.grad_ops import uniform_noise
 from fxqat.quantizers.lsq import round_ste
+from fxqat.quantizers.ste import clip_ste
 from fxqat.quantizers.registry import register
 
 __all__ = ["NoiseTemperQuantizer", "NoiseTemperFunction"]
@@ -191,7 +192,7 @@ class NoiseTemperQuantizer(StateShapeMixin, Quantizer):
         if self.per_channel:
             s = channel_view(s, x, self.ch_axis)
         xd = x.detach()
-        z = torch.clamp(xd / s, qmin, qmax)
+        z = clip_ste(xd / s, qmin, qmax, lo_closed=False, hi_closed=False)  # as torch.clamp, float masks
         q = round_ste(z) * s  # LSQ value and step-size gradient; x's gradient comes through κ below
         if noise is not None:
             if noise == "uniform":

@@ -40,6 +40,7 @@ from fxqat.quantizers._zoo_utils import StateShapeMixin, act_clip_std, check_cho
 from fxqat.quantizers.base import NotAffineError, Quantizer, grad_inside, use_function
 from fxqat.quantizers.dorefa import DoReFaWeightMixin
 from fxqat.quantizers.registry import register
+from fxqat.quantizers.ste import clip_ste
 
 __all__ = ["PACTQuantizer", "PACTFunction", "pact_clip"]
 
@@ -83,10 +84,12 @@ class PACTFunction(torch.autograd.Function):
 
 
 def pact_clip(x: torch.Tensor, alpha: torch.Tensor, signed: bool = False) -> torch.Tensor:
-    """``clip(x, 0, α)`` or ``clip(x, −α, α)``: ∂/∂α = 1 above α (−1 below −α), ∂/∂x = 1 inside."""
-    lo = -alpha if signed else torch.zeros_like(alpha)
-    y = torch.where(x >= alpha, alpha, x)
-    return torch.where(x <= lo, lo, y) if signed else torch.where(x < 0, torch.zeros_like(x), y)
+    """``clip(x, 0, α)`` or ``clip(x, −α, α)``: ∂/∂α = 1 above α (−1 below −α), ∂/∂x = 1 inside; ties as
+    :class:`PACTFunction` (``x = α`` and ``x = −α`` are clipped, ``x = 0`` is inside). Float-mask gradients
+    (:func:`fxqat.quantizers.ste.clip_ste`), the form that compiles fast."""
+    if signed:
+        return clip_ste(x, -alpha, alpha, lo_closed=False, hi_closed=False)
+    return clip_ste(x, 0.0, alpha, lo_closed=True, hi_closed=False)
 
 
 @register("pact")
