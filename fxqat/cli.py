@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ddp-timeout", type=float, default=None, metavar="SECONDS",
                    help="under torchrun: how long a process waits for the others (rendezvous, each collective) before "
                         "the run stops with an error instead of hanging (default 600)")
+    t.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the prepared model with FSDP2 instead of DDP; checkpoints are sharded "
+                        "DCP folders OUT/dcp/step-* (docs/fsdp.md)")
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
@@ -239,6 +242,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     tr, te = _datasets(a.data, a.data_dir, a.train_subset, a.test_subset)
     if a.ddp_timeout is not None and not a.ddp_timeout > 0:
         raise UsageError(f"--ddp-timeout {a.ddp_timeout}: give a positive number of seconds (e.g. 600).")
+    if a.fsdp and a.method == "fp":
+        raise UsageError("--fsdp shards a prepared QAT model; use DDP (no --fsdp) for --method fp.")
     rank, world = ddp.init_distributed(a.ddp_timeout)
     torch.manual_seed(a.seed)  # the initial weights are part of what --seed fixes
     model = _model(a.model, tr.num_classes, tr.input_shape)
@@ -277,10 +282,13 @@ def cmd_train(a: argparse.Namespace) -> int:
         qm = fxqat.prepare_qat(model, (x0,), qcfg)
         hist = train_qat(qm, loader, cfg, test_loader=test, out_dir=out, resume=a.resume, teacher=teacher,
                          desc=f"{a.method} W{w}A{b}{' hybrid' if a.hybrid else ''}", run_info=info,
-                         stop_after=a.stop_after, trusted=a.trust_checkpoint)
+                         stop_after=a.stop_after, trusted=a.trust_checkpoint, fsdp=a.fsdp)
         final_model = qm
+    if a.fsdp and hist["status"] == "complete":  # gathering the sharded state is a collective: every rank
+        from fxqat.training.fsdp import full_state_dict
+        final_state = full_state_dict(final_model, rank0_only=True)
     if ddp.is_main() and hist["status"] == "complete":
-        atomic_save({"model": final_model.state_dict(), "run": run, "final": hist["final"]}, out / "model.pt")
+        atomic_save({"model": final_state if a.fsdp else final_model.state_dict(), "run": run, "final": hist["final"]}, out / "model.pt")
         f = hist["final"]
         what = "FP" if a.method == "fp" else \
             f"{a.method} W{a.bits[0]}A{a.bits[1]}{' +KD' if a.kd else ''}{' +hybrid' if a.hybrid else ''}"

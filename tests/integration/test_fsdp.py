@@ -315,3 +315,35 @@ def test_fsdp_metadata_needing_arbitrary_unpickling_is_refused(runs, tmp_path):
     with pytest.raises(CheckpointError, match="metadata was refused"):
         load_sharded(bad, qm, torch.optim.SGD(fxqat.trainable_parameters(qm), lr=0.1))
     assert not Path("/tmp/fxqat_fsdp_pwned").exists()
+
+
+def test_fsdp_cli_train_under_torchrun(tmp_path):
+    """``torchrun --nproc_per_node 2 -m fxqat train --fsdp``: complete run, sharded checkpoint, gathered model.pt."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "fxqat", "-q", "train", "--model", "mlp", "--data", "digits", "--bits", "4/4", "--fp-steps", "0",
+           "--steps", "6", "--batch-size", "32", "--train-subset", "256", "--test-subset", "64", "--checkpoint-every",
+           "3", "--no-progress", "--threads", "1", "--fsdp", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    import json
+
+    from fxqat.models import get_model
+    from fxqat.training.checkpoint import load_checkpoint
+
+    hist = json.loads((out / "metrics.json").read_text())
+    assert hist["status"] == "complete" and [s["step"] for s in hist["steps"]] == list(range(1, 7))
+    assert hist["final"]["test_top1"] is not None and hist["run"]["world_size"] == 2
+    ckpts = sorted(p.name for p in (out / "dcp").iterdir())
+    assert ckpts == ["step-00000006"]  # step 3 was replaced once step 6 was complete; no temporary folder left
+    model = load_checkpoint(out / "model.pt")["model"]
+    assert not any(type(v).__name__ == "DTensor" for v in model.values())
+    torch.manual_seed(0)
+    qm = fxqat.prepare_qat(get_model("mlp", in_shape=(1, 8, 8)), (torch.randn(2, 1, 8, 8),),
+                           fxqat.QATConfig(w_bits=4, a_bits=4, first_last=8))
+    fxqat.calibrate(qm, [torch.randn(4, 1, 8, 8)])
+    assert qm.load_state_dict(model, strict=True) is not None  # the gathered state of the unsharded model
+    extra = load_sharded(out / "dcp", qm, None, restore_rng=False)
+    assert extra["pos"]["step"] == 6
+    assert all(torch.equal(v, model[k]) for k, v in qm.state_dict().items())  # model.pt == the last DCP checkpoint
