@@ -288,7 +288,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         from fxqat.training.fsdp import full_state_dict
         final_state = full_state_dict(final_model, rank0_only=True)
     if ddp.is_main() and hist["status"] == "complete":
-        atomic_save({"model": final_state if a.fsdp else final_model.state_dict(), "run": run, "final": hist["final"]}, out / "model.pt")
+        state = final_state if a.fsdp else final_model.state_dict()
+        atomic_save({"model": state, "run": run, "final": hist["final"]}, out / "model.pt")
         f = hist["final"]
         what = "FP" if a.method == "fp" else \
             f"{a.method} W{a.bits[0]}A{a.bits[1]}{' +KD' if a.kd else ''}{' +hybrid' if a.hybrid else ''}"

@@ -293,7 +293,7 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
         if out is None:
             return ""
         if not main:
-            saved = "rank 0 writes checkpoint.pt atomically, so the newest one is complete"
+            saved = f"{'every' if fsdp else 'rank 0 writes each'} checkpoint atomically, so the newest one is complete"
         elif last_saved is None:
             saved = f"no checkpoint was completed yet ({ckpt_path} does not exist)"
         else:

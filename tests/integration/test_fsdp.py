@@ -223,8 +223,9 @@ def test_fsdp_loss_curve_matches_single_process(runs, case):
     ref = _single_process_losses(case)
     assert len(fsdp) == len(ref) >= 4
     assert r0[f"{case}_full"]["losses"] != r1[f"{case}_full"]["losses"]  # each rank saw its own half
-    torch.testing.assert_close(torch.tensor(fsdp, dtype=torch.float64), torch.tensor(ref, dtype=torch.float64),
-                               rtol=1e-5, atol=0)
+    rel = max(abs(a - b) / abs(b) for a, b in zip(fsdp, ref))
+    print(f"fsdp vs single process, {case}: max relative loss difference {rel:.1e}")
+    assert rel <= 1e-5, (case, rel, fsdp, ref)
 
 
 @pytest.mark.parametrize("case", ["mlp_hybrid", "llama_hybrid"])
