@@ -6,9 +6,11 @@ break and, separately, up to a sharded DCP checkpoint at step ``K``; the second,
 A single-process run of the same global batches (in the test process) gives the reference loss curve.
 
 Tolerances: the resumed run is compared bit-exactly (atol=0) with the uninterrupted one: the same collectives run
-in the same order on the same values. The FSDP loss curve vs the single-process one is compared with rtol=1e-5:
-gradients are averaged by a reduce-scatter of per-rank sums (rank 0's half of the batch plus rank 1's, then / 2)
-instead of one mean over the whole batch, a different float summation order (measured: ~1e-7 relative).
+in the same order on the same values. The FSDP loss curve vs the single-process one is compared with rtol=2e-5:
+gradients are averaged by a reduce-scatter of per-rank gradients (rank 0's half of the batch plus rank 1's, then
+/ 2) instead of one mean over the whole batch, a different float summation order. Measured max relative difference
+over the curve: mlp 4e-8, llama 6e-8, llama_hybrid 1e-7, mlp_hybrid 5e-6 (Adam on 4-bit LSQ: a rounding-sized
+change of a weight or scale moves the next steps' losses more).
 """
 
 import os
@@ -35,6 +37,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 STEPS, K, B = 6, 3, 8  # optimizer steps, checkpoint step, global batch (B / 2 per rank)
 LLAMA_STEPS, LLAMA_K = 4, 2
+RTOL = 2e-5  # FSDP vs single-process loss curve (see the module docstring)
 CASES = ("mlp", "mlp_hybrid", "llama", "llama_hybrid")
 
 
@@ -225,7 +228,7 @@ def test_fsdp_loss_curve_matches_single_process(runs, case):
     assert r0[f"{case}_full"]["losses"] != r1[f"{case}_full"]["losses"]  # each rank saw its own half
     rel = max(abs(a - b) / abs(b) for a, b in zip(fsdp, ref))
     print(f"fsdp vs single process, {case}: max relative loss difference {rel:.1e}")
-    assert rel <= 1e-5, (case, rel, fsdp, ref)
+    assert rel <= RTOL, (case, rel, fsdp, ref)
 
 
 @pytest.mark.parametrize("case", ["mlp_hybrid", "llama_hybrid"])
