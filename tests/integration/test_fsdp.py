@@ -13,6 +13,8 @@ over the curve: mlp 4e-8, llama 6e-8, llama_hybrid 1e-7, mlp_hybrid 5e-6 (Adam o
 change of a weight or scale moves the next steps' losses more).
 """
 
+import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -28,7 +30,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fxqat
-from fxqat.training.checkpoint import CheckpointError
+from fxqat.models import get_model
+from fxqat.training.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from fxqat.training.dcp import MARKER, latest_sharded, load_sharded, save_sharded, verify_sharded
 from fxqat.training.fsdp import full_state_dict, shard_prepared
 from fxqat.training.loop import TrainConfig, fit
@@ -136,7 +139,7 @@ def _llama_run(hybrid, rank, world, ckpt, resume):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step + 1 == LLAMA_K and not resume and ckpt is not None:
             save_sharded(ckpt, qm, opt, step=step + 1, extra={"step": step + 1})
     return {**_record(qm, opt, losses), "partner0": partner0}
@@ -203,7 +206,7 @@ def _single_process_losses(case):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
@@ -308,11 +311,9 @@ def test_fsdp_metadata_needing_arbitrary_unpickling_is_refused(runs, tmp_path):
     shutil.copytree(latest_sharded(out / "mlp_full" / "dcp"), bad)
     (bad / ".metadata").write_bytes(pickle.dumps(_Boom()))
     # a forger could rewrite the marker too: then only the restricted unpickler stands in the way
-    from fxqat.training.checkpoint import atomic_save, load_checkpoint
-    from fxqat.training.dcp import _digest  # noqa: PLC2701 - the test forges a marker
-
     marker = load_checkpoint(bad / MARKER)
-    marker["files"][".metadata"] = {"size": (bad / ".metadata").stat().st_size, "sha256": _digest(bad / ".metadata")}
+    forged = (bad / ".metadata").read_bytes()
+    marker["files"][".metadata"] = {"size": len(forged), "sha256": hashlib.sha256(forged).hexdigest()}
     atomic_save(marker, bad / MARKER)
     Path("/tmp/fxqat_fsdp_pwned").unlink(missing_ok=True)
     qm = _mlp(False)
@@ -331,11 +332,6 @@ def test_fsdp_cli_train_under_torchrun(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
-    import json
-
-    from fxqat.models import get_model
-    from fxqat.training.checkpoint import load_checkpoint
-
     hist = json.loads((out / "metrics.json").read_text())
     assert hist["status"] == "complete" and [s["step"] for s in hist["steps"]] == list(range(1, 7))
     assert hist["final"]["test_top1"] is not None and hist["run"]["world_size"] == 2
