@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ddp-timeout", type=float, default=None, metavar="SECONDS",
                    help="under torchrun: how long a process waits for the others (rendezvous, each collective) before "
                         "the run stops with an error instead of hanging (default 600)")
+    t.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the prepared model with FSDP2 instead of DDP; checkpoints are sharded "
+                        "DCP folders OUT/dcp/step-* (docs/fsdp.md)")
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 

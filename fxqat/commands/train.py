@@ -23,6 +23,7 @@ from fxqat.errors import UsageError
 from fxqat.training import distributed as ddp
 from fxqat.training import loop, recipes
 from fxqat.training.checkpoint import atomic_save, atomic_write_text
+from fxqat.training.fsdp import full_state_dict
 from fxqat.validate import did_you_mean
 
 __all__ = ["cmd_train"]
@@ -49,6 +50,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     tr, te = load_datasets(a.data, a.data_dir, a.train_subset, a.test_subset)
     if a.ddp_timeout is not None and not a.ddp_timeout > 0:
         raise UsageError(f"--ddp-timeout {a.ddp_timeout}: give a positive number of seconds (e.g. 600).")
+    if a.fsdp and a.method == "fp":
+        raise UsageError("--fsdp shards a prepared QAT model; use DDP (no --fsdp) for --method fp.")
     rank, world = ddp.init_distributed(a.ddp_timeout)
     torch.manual_seed(a.seed)  # the initial weights are part of what --seed fixes
     model = build_model(a.model, tr.num_classes, tr.input_shape)
@@ -88,10 +91,13 @@ def cmd_train(a: argparse.Namespace) -> int:
         qm = fxqat.prepare_qat(model, (x0,), qcfg)
         hist = recipes.train_qat(qm, loader, cfg, test_loader=test, out_dir=out, resume=a.resume, teacher=teacher,
                          desc=f"{a.method} W{w}A{b}{' hybrid' if a.hybrid else ''}", run_info=info,
-                         stop_after=a.stop_after, trusted=a.trust_checkpoint)
+                         stop_after=a.stop_after, trusted=a.trust_checkpoint, fsdp=a.fsdp)
         final_model = qm
+    if a.fsdp and hist["status"] == "complete":  # gathering the sharded state is a collective: every rank
+        final_state = full_state_dict(final_model, rank0_only=True)
     if ddp.is_main() and hist["status"] == "complete":
-        atomic_save({"model": final_model.state_dict(), "run": run, "final": hist["final"]}, out / "model.pt")
+        state = final_state if a.fsdp else final_model.state_dict()
+        atomic_save({"model": state, "run": run, "final": hist["final"]}, out / "model.pt")
         f = hist["final"]
         what = "FP" if a.method == "fp" else \
             f"{a.method} W{a.bits[0]}A{a.bits[1]}{' +KD' if a.kd else ''}{' +hybrid' if a.hybrid else ''}"

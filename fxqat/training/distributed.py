@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 __all__ = [
-    "init_distributed", "is_distributed", "is_main", "rank_world", "barrier", "unwrap", "wrap_ddp", "cleanup",
+    "init_distributed", "is_distributed", "is_main", "rank_world", "barrier", "all_ranks", "unwrap", "wrap_ddp", "cleanup",
     "PeerLost", "is_peer_failure", "peer_guard", "DEFAULT_TIMEOUT_S",
 ]
 
@@ -113,6 +113,15 @@ def init_distributed(timeout_s: Optional[float] = None) -> Tuple[int, int]:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def all_ranks(flag: bool) -> bool:
+    """True when ``flag`` is true on every rank (a collective under a process group; ``flag`` outside one)."""
+    if not is_distributed() or dist.get_world_size() < 2:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def unwrap(model: nn.Module) -> nn.Module:

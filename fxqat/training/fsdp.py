@@ -140,7 +140,7 @@ def _shard_eager(qm: nn.Module, mesh, reshard: bool) -> List[str]:
 
 
 def shard_prepared(qm: nn.Module, mesh=None, *, reshard_after_forward: bool = True,
-                   broadcast_buffers: bool = True) -> nn.Module:
+                   broadcast_buffers: bool = True, sync_module_states: bool = True) -> nn.Module:
     """Shard a prepared, calibrated model with FSDP2 in place (see the module docstring); returns ``qm``.
 
     Call it on every rank after ``torch.distributed.init_process_group``, then build the optimizer from
@@ -151,6 +151,8 @@ def shard_prepared(qm: nn.Module, mesh=None, *, reshard_after_forward: bool = Tr
         mesh: a 1-D ``DeviceMesh`` (None: all ranks of the default process group, on the default device type).
         reshard_after_forward: free each block's gathered parameters after its forward (re-gathered for backward).
         broadcast_buffers: broadcast rank 0's buffers before every forward (DDP's default behaviour).
+        sync_module_states: first broadcast rank 0's parameters and buffers (as DDP does when it wraps), so that
+            ranks that calibrated on different batches shard one and the same model.
 
     Raises:
         RuntimeError: no process group.
@@ -161,6 +163,8 @@ def shard_prepared(qm: nn.Module, mesh=None, *, reshard_after_forward: bool = Tr
     if is_sharded(qm):
         return qm
     _check_ready(qm)
+    if sync_module_states:
+        _broadcast([p.detach() for p in qm.parameters()] + list(qm.buffers()))
     if is_eager_model(qm):
         units = _shard_eager(qm, mesh, reshard_after_forward)
     elif isinstance(qm, fx.GraphModule):
@@ -179,10 +183,15 @@ def shard_prepared(qm: nn.Module, mesh=None, *, reshard_after_forward: bool = Tr
 @torch.no_grad()
 def sync_buffers(model: nn.Module, src: int = 0) -> None:
     """Broadcast ``src``'s buffers to every rank (one collective per dtype); a no-op outside a process group."""
+    _broadcast(list(model.buffers()), src)
+
+
+@torch.no_grad()
+def _broadcast(tensors: List[torch.Tensor], src: int = 0) -> None:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return
     by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
-    for b in model.buffers():
+    for b in tensors:
         if b.numel():
             by_dtype.setdefault(b.dtype, []).append(b)
     for bufs in by_dtype.values():

@@ -14,7 +14,9 @@ step) and ``curves.png``. ``resume=True`` continues from ``checkpoint.pt``: the 
 functions of (seed, epoch, batch), so the next loss is the one an uninterrupted run would have seen.
 
 Under ``torchrun`` (see :mod:`fxqat.training.distributed`) the model is wrapped in DDP and each process reads its
-shard of every epoch; evaluation runs on rank 0.
+shard of every epoch; evaluation runs on rank 0. With ``fsdp=True`` the model is sharded with FSDP2 instead
+(:func:`fxqat.training.fsdp.shard_prepared`, after calibration), every rank evaluates, and the checkpoints are
+sharded DCP folders ``out_dir/dcp/step-*`` (:mod:`fxqat.training.dcp`) instead of ``checkpoint.pt``.
 
 Example:
     >>> import torch
@@ -41,12 +43,15 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from fxqat.config import HybridConfig
 from fxqat.hybrid_output import HybridOutput
 from fxqat.quantizers.base import Quantizer
 from fxqat.quantizers.control import calibrate as calibrate_quantizers
 from fxqat.training import distributed as ddp
+from fxqat.training.dcp import latest_sharded, load_sharded, save_sharded
+from fxqat.training.fsdp import shard_prepared
 from fxqat.training.health import NonFiniteGuard
 from fxqat.training.checkpoint import (
     CheckpointError, atomic_save, atomic_write_text, load_checkpoint, rng_state, seed_rng, set_rng_state, to_json,
@@ -201,7 +206,7 @@ def _progress(cfg: TrainConfig, total: int, initial: int, desc: str):
 def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, out_dir=None, resume: bool = False,
         teacher: Optional[nn.Module] = None, params: Optional[Iterable] = None, desc: str = "train",
         run_info: Optional[Dict[str, Any]] = None, stop_after: Optional[int] = None,
-        find_unused_parameters: Optional[bool] = None, trusted: bool = False) -> Dict[str, Any]:
+        find_unused_parameters: Optional[bool] = None, trusted: bool = False, fsdp: bool = False) -> Dict[str, Any]:
     """Train ``model`` in place; returns the history (``epochs``, ``steps``, ``final``) also written to metrics.json.
 
     Args:
@@ -220,6 +225,8 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
             blocks without gradient).
         trusted: load the resume checkpoint with arbitrary unpickling (only for files you trust; fxqat's own
             checkpoints never need it).
+        fsdp: shard a prepared, calibrated model with FSDP2 (every rank of a process group) instead of wrapping it
+            in DDP; ``params`` are taken by name after sharding; checkpoints and ``resume`` use ``out_dir/dcp``.
 
     Returns:
         The history; ``status`` is ``"complete"``, ``"interrupted"`` (``stop_after``) or ``"diverged"`` (non-finite
@@ -236,12 +243,21 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
     total = cfg.steps or cfg.epochs * per_epoch
     out = Path(out_dir) if out_dir is not None else None
     main = ddp.is_main()
+    if fsdp:
+        names = {id(p): n for n, p in model.named_parameters()}
+        chosen = None if params is None else [names[id(p)] for p in params]
+        with ddp.peer_guard(lambda: f"fit({desc}): shard_prepared", lambda: ""):
+            shard_prepared(model)
+        params = None if chosen is None else [model.get_parameter(n) for n in chosen]
     opt, sched = _optimizer(param_groups(model, cfg, params), cfg, total)
     hist: Dict[str, Any] = {"status": "running", "run": run_info or {}, "config": asdict(cfg), "epochs": [],
                             "steps": [], "nonfinite_steps": []}
     step, epoch, batch, acc, elapsed = 0, 0, 0, {"loss": 0.0, "correct": 0, "n": 0}, 0.0
-    ckpt_path = out / "checkpoint.pt" if out is not None else None
-    if resume and ckpt_path is not None and ckpt_path.exists():
+    ckpt_path = (out / "dcp" if fsdp else out / "checkpoint.pt") if out is not None else None
+    if fsdp and resume and ckpt_path is not None and latest_sharded(ckpt_path) is not None:
+        ck = load_sharded(ckpt_path, model, opt)  # model, optimizer and RNG; the plain rest is ck
+        sched.load_state_dict(ck["scheduler"])
+    elif not fsdp and resume and ckpt_path is not None and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path, required=("model", "optimizer", "scheduler", "rng", "pos", "history"),
                              trusted=trusted)
         try:
@@ -251,6 +267,9 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"checkpoint {ckpt_path} does not match this model/optimizer: {e}") from e
         set_rng_state(ck["rng"])
+    else:
+        ck = None
+    if ck is not None:
         step, epoch, batch, acc, elapsed = (ck["pos"][k] for k in ("step", "epoch", "batch", "acc", "elapsed"))
         hist = ck["history"]
         hist["status"] = "running"
@@ -274,7 +293,7 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
         if out is None:
             return ""
         if not main:
-            saved = "rank 0 writes checkpoint.pt atomically, so the newest one is complete"
+            saved = f"{'every' if fsdp else 'rank 0 writes each'} checkpoint atomically, so the newest one is complete"
         elif last_saved is None:
             saved = f"no checkpoint was completed yet ({ckpt_path} does not exist)"
         else:
@@ -282,7 +301,7 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
         return f"{saved}: relaunch the same command with --resume"
 
     with ddp.peer_guard(where, advice):
-        net = ddp.wrap_ddp(model, find_unused_parameters=find_unused_parameters)
+        net = model if fsdp else ddp.wrap_ddp(model, find_unused_parameters=find_unused_parameters)
     stop_at = min(total, step + stop_after) if stop_after else total
     if teacher is not None:
         teacher.eval()
@@ -295,7 +314,7 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
         rec = {"epoch": epoch, "step": step, "partial": partial, "lr": opt.param_groups[0]["lr"],
                "train_loss": acc["loss"] / max(acc["n"], 1), "train_top1": 100.0 * acc["correct"] / max(acc["n"], 1),
                "time_s": elapsed + time.perf_counter() - t0}
-        if test_loader is not None and main:
+        if test_loader is not None and (main or fsdp):  # a sharded forward is a collective
             rec["test_top1"] = evaluate(model, test_loader)
         ddp.barrier()
         hist["epochs"].append(rec)
@@ -316,18 +335,26 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
     def save() -> bool:
         """Write checkpoint.pt + metrics.json (rank 0); refuse a state with non-finite parameters."""
         nonlocal last_saved
-        if out is None or not main:
+        if out is None or not (main or fsdp):
             return True
-        if not all(bool(torch.isfinite(p).all()) for p in trainable):
+        finite = all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()) for p in trainable)
+        if fsdp:
+            finite = ddp.all_ranks(finite)
+        if not finite:
             hist["status"], hist["error"] = "diverged", (
                 f"fit({desc}): parameters are non-finite at step {step}; stopped without saving them.{kept()}")
             return False
         pos = {"step": step, "epoch": epoch, "batch": batch, "acc": dict(acc),
                "elapsed": elapsed + time.perf_counter() - t0}
-        atomic_save({"model": ddp.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "rng": rng_state(), "pos": pos, "history": hist}, ckpt_path)
+        if fsdp:
+            save_sharded(ckpt_path, model, opt, step=step,
+                         extra={"scheduler": sched.state_dict(), "pos": pos, "history": hist})
+        else:
+            atomic_save({"model": ddp.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "rng": rng_state(), "pos": pos, "history": hist}, ckpt_path)
         last_saved = step
-        atomic_write_text(to_json(hist), out / "metrics.json")
+        if main:
+            atomic_write_text(to_json(hist), out / "metrics.json")
         return True
 
     with ddp.peer_guard(where, advice):

@@ -74,18 +74,19 @@ def train_fp(model: nn.Module, train_loader, cfg: TrainConfig, *, key: Dict[str,
 def train_qat(qm: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, out_dir=None,
               resume: bool = False, teacher: Optional[nn.Module] = None, desc: str = "qat",
               run_info: Optional[Dict[str, Any]] = None, stop_after: Optional[int] = None,
-              trusted: bool = False) -> Dict[str, Any]:
+              trusted: bool = False, fsdp: bool = False) -> Dict[str, Any]:
     """QAT of a prepared model: calibrate the quantizers on the first training batch, then :func:`fit` over
     ``fxqat.trainable_parameters(qm)`` (the FP partner of a hybrid model stays frozen).
 
-    Works for plain outputs, ``teacher`` distillation and hybrid outputs alike (see :func:`compute_loss`).
+    Works for plain outputs, ``teacher`` distillation and hybrid outputs alike (see :func:`compute_loss`). With
+    ``fsdp`` the calibrated model is sharded with FSDP2 (see :func:`fit`).
     """
     train_loader.set_epoch(0)
     x0, _ = next(iter(train_loader))
     calibrate(qm, x0)
     params = list(trainable_parameters(qm))
     return fit(qm, train_loader, cfg, test_loader=test_loader, out_dir=out_dir, resume=resume, teacher=teacher,
-               params=params, desc=desc, run_info=run_info, stop_after=stop_after, trusted=trusted)
+               params=params, desc=desc, run_info=run_info, stop_after=stop_after, trusted=trusted, fsdp=fsdp)
 
 
 def char_llama_cache_path(corpus, recipe: LMRecipe = FP_RECIPE, *, seed: int = 0,
