@@ -12,7 +12,10 @@ Variants (each a full SGD step: forward, loss, backward, optimizer step):
 Run: ``python benchmarks/step_time.py [--quick] [--no-compile] [--models resnet20] [--out STEM]``; writes
 ``benchmarks/results/step_time.{json,md}`` (or ``STEM``). ``--methods`` times one row per quantizer method instead
 (``step_time_methods``), ``--methods --compile-methods`` the same under ``torch.compile``
-(``step_time_methods_compiled``).
+(``step_time_methods_compiled``). ``--llm`` times the LLM benchmark's character-level Llama (random weights: step
+time does not depend on them; batch 32 x 128 tokens, AdamW): per-group-32 int4 weight-only and 8da4w QAT, fxqat
+(LSQ) beside torchao's QAT (``quantize_(QATConfig(base, step="prepare"))``), eager and compiled, each relative to
+the FP step of the same mode (``step_time_llm``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import fxqat  # noqa: E402
 from _common import machine, time_steps, write_results  # noqa: E402
 from fxqat.models import get_model  # noqa: E402
+from fxqat.models.hf import char_llama  # noqa: E402
+from fxqat.method_registry import get_method  # noqa: E402
+from llm import fxqat_prepare, torchao_qat_prepare  # noqa: E402 (the LLM benchmark's preparation of both arms)
+from fxqat.training.lm import lm_loss  # noqa: E402
 
 log = logging.getLogger("step_time")
 
@@ -77,7 +84,9 @@ def _brevitas(model, x):
 def bench_methods(model, x, y, rounds, compiled=False):
     """One row per quantizer method (W4A4): QAT step / FP step, and relative to LSQ's (issue #4); ``compiled``: every
     variant (FP included) under ``torch.compile``, quantizers initialised eagerly first."""
-    methods = [m for m in fxqat.available_methods() if m != "grad"]
+    # every method that quantizes per-tensor weights and activations ('grad' is for gradients, 'dynamic' per token)
+    methods = [m for m in fxqat.available_methods()
+               if "per_tensor" in getattr(get_method(m), "granularities", ("per_tensor",)) and m != "grad"]
     steps = {"fp": _step_fn(copy.deepcopy(model), x, y, compiled=compiled)}
     for m in methods:
         qm = fxqat.prepare_qat(model, (x,), fxqat.QATConfig(w_bits=4, a_bits=4, method=m))
@@ -89,6 +98,52 @@ def bench_methods(model, x, y, rounds, compiled=False):
     over = t["lsq"] - t["fp"]
     return {k: {"seconds": v, "ratio_to_fp": v / t["fp"], "ratio_to_lsq": v / t["lsq"],
                 "overhead_ratio_to_lsq": (v - t["fp"]) / over if over > 0 else float("nan")} for k, v in t.items()}
+
+
+def bench_llm(rounds: int, batch: int = 32, context: int = 128, settings=("int4", "8da4w")):
+    """Step time of FP, torchao QAT and fxqat LSQ on the tiny Llama, eager and compiled, per setting."""
+    torch.manual_seed(0)
+    fp = char_llama()
+    x = torch.randint(0, 65, (batch, context))
+    y = torch.randint(0, 65, (batch, context))
+    out = {}
+    for setting in settings:
+        models = {"fp": copy.deepcopy(fp), "torchao_qat": torchao_qat_prepare(fp, setting),
+                  "fxqat_lsq": fxqat_prepare(fp, setting, x, hybrid=False)}
+        steps = {}
+        for name, m in models.items():
+            m.train()
+            for compiled in (False, True):
+                opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-6)
+                fwd = torch.compile(m) if compiled else m
+
+                def step(fwd=fwd, opt=opt):
+                    loss = lm_loss(fwd, x, y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+
+                steps[name + ("_compiled" if compiled else "")] = step
+        t = time_steps(steps, warmup=3, rounds=rounds)
+        out[setting] = {k: {"seconds": v, "ratio_to_fp": v / t["fp_compiled" if k.endswith("_compiled") else "fp"]}
+                        for k, v in t.items()}
+        log.info("llm %s: %s", setting, {k: round(v["ratio_to_fp"], 3) for k, v in out[setting].items()})
+    return out
+
+
+def llm_markdown(res, rounds: int, threads: int, batch: int, context: int) -> str:
+    m = machine()
+    lines = ["# Training-step time on the tiny Llama (LLM benchmark model): QAT / FP step, eager and compiled", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {threads} thread(s); batch {batch} x {context} "
+             f"tokens, AdamW; median of {rounds} interleaved rounds; compiled rows relative to the compiled FP step.",
+             "", "| setting | variant | eager s/step | eager / FP | compiled s/step | compiled / FP |",
+             "|---|---|---|---|---|---|"]
+    for setting, r in res.items():
+        for k in ("fp", "torchao_qat", "fxqat_lsq"):
+            e, c = r[k], r[k + "_compiled"]
+            lines.append(f"| {setting} | {k} | {e['seconds']:.3f} | {e['ratio_to_fp']:.2f}x | {c['seconds']:.3f} | "
+                         f"{c['ratio_to_fp']:.2f}x |")
+    return "\n".join(lines) + "\n"
 
 
 def bench_model(name, model, x, y, compile_=True, rounds=10, brevitas=False):
@@ -123,6 +178,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--methods", action="store_true", help="only the per-method table on ResNet-20 (step_time_methods)")
     ap.add_argument("--compile-methods", action="store_true", help="with --methods: every variant under torch.compile")
+    ap.add_argument("--llm", action="store_true", help="only the tiny-Llama int4 / 8da4w table (step_time_llm)")
     ap.add_argument("--brevitas", action="store_true", help="also time brevitas.graph.quantize (needs brevitas)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--models", default="resnet20,resnet18", help="comma-separated subset of resnet20,resnet18")
@@ -134,6 +190,14 @@ def main(argv=None):
     torch.manual_seed(0)
     b20, b18, hw18 = (16, 4, 64) if args.quick else (128, 32, 112)
     rounds = 3 if args.quick else args.rounds
+    if args.llm:
+        shape = (8, 32) if args.quick else (32, 128)
+        res = bench_llm(rounds, *shape)
+        md = llm_markdown(res, rounds, args.threads, *shape)
+        write_results(args.out or ("step_time_llm" + ("_quick" if args.quick else "")),
+                      {"machine": machine(), "results": res}, md)
+        print(md)
+        return
     if args.methods:
         res = bench_methods(get_model("resnet20", 10), torch.randn(b20, 3, 32, 32), torch.randint(0, 10, (b20,)), rounds,
                             compiled=args.compile_methods)

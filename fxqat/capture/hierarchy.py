@@ -167,7 +167,7 @@ class _Capturer:
                         if isinstance(x, str) and x.startswith(name + "."))
         region = trace_region(child, call.args, call.kwargs, name, leaves, call.output)
         region = normalize(region)
-        propagate_shapes(region, tuple(call.tensors), name)
+        propagate_shapes(region, tuple(region.fxqat_binding.flatten(call.args, call.kwargs, name)), name)
         called = {str(n.target) for n in region.graph.nodes if n.op == "call_module"}
         inner = []
         for leaf_name in sorted(called):  # leaves the tracer did not enter: captured on their own

@@ -3,7 +3,10 @@
 A transformer layer is called as ``layer(hidden, attention_mask=None, position_embeddings=(cos, sin),
 use_cache=False)``: keyword arguments, ``None``/bool flags, tuples of tensors, often through a decorated ``forward``.
 :func:`trace_region` flattens that recorded call: every tensor becomes a graph input, every other value (``None``,
-bools, numbers, strings, dtypes) a constant the graph is specialised to. The result is a :class:`GraphRegion`, a
+bools, numbers, strings, dtypes) a constant the graph is specialised to. A ``None`` that the module only hands on to
+other modules (the attention mask a decoder layer passes to its attention) stays an input instead: the graph traced
+with it as an input must be the graph traced with it fixed to ``None``, op for op, so either value runs the same
+code. Transformers passes ``None`` there in eager mode but a mask tensor under ``torch.compile``; both calls work. The result is a :class:`GraphRegion`, a
 ``GraphModule`` over the module's own children (same names, same parameters) that is called exactly like the
 original module and checks, on each call, that the constants still hold (a clear error otherwise).
 
@@ -54,11 +57,24 @@ class Binding:
         spec: the pytree structure of ``(args, sorted kwargs)``.
         constants: ``(leaf index, value)`` for every non-tensor leaf the graph was specialised to.
         tensors: leaf indices of the tensor inputs, in placeholder order.
+        optional: leaf indices recorded as ``None`` that are graph inputs too (after ``tensors``): a call may pass
+            ``None`` or a tensor there.
     """
 
     spec: Any
     constants: Tuple[Tuple[int, Any], ...]
     tensors: Tuple[int, ...]
+    optional: Tuple[int, ...] = ()
+
+    @property
+    def inputs(self) -> Tuple[int, ...]:
+        """Leaf indices of the graph inputs, in placeholder order."""
+        return self.tensors + self.optional
+
+    def with_optional(self, optional: Tuple[int, ...]) -> "Binding":
+        """This binding with the ``None`` constants at ``optional`` turned into inputs."""
+        keep = tuple((i, v) for i, v in self.constants if i not in optional)
+        return Binding(self.spec, keep, self.tensors, tuple(optional))
 
     def flatten(self, args: Tuple, kwargs: Dict[str, Any], where: str) -> List[torch.Tensor]:
         """The flat tensor inputs of one call; ``ValueError`` naming ``where`` when the call does not match."""
@@ -76,7 +92,14 @@ class Binding:
                     f"module {where!r} was captured with an argument fixed to {value!r}, but it is now called with "
                     f"{leaves[i]!r}. Prepare the model with example inputs that use the same setting."
                 )
-        return [leaves[i] for i in self.tensors]
+        for i in self.optional:
+            if leaves[i] is not None and not isinstance(leaves[i], torch.Tensor):
+                raise ValueError(
+                    f"module {where!r} was captured with None or a tensor at an argument it passes on, but it is now "
+                    f"called with {type(leaves[i]).__name__} there. Prepare the model with example inputs that use "
+                    "the same setting."
+                )
+        return [leaves[i] for i in self.inputs]
 
 
 @dataclass(frozen=True)
@@ -134,7 +157,7 @@ class _Shim(nn.Module):
         leaves: List[Any] = [None] * self.n_leaves
         for i, v in self.binding.constants:
             leaves[i] = v
-        for i, t in zip(self.binding.tensors, flat):
+        for i, t in zip(self.binding.inputs, flat):
             leaves[i] = t
         args, kwargs = pytree.tree_unflatten(leaves, self.binding.spec)
         inner = getattr(self, _INNER)
@@ -248,6 +271,37 @@ def _strip_inner(graph: fx.Graph) -> None:
             }
 
 
+def _trace_shim(module: nn.Module, binding: Binding, inner_leaves: Tuple, name: str) -> fx.GraphModule:
+    shim = _Shim(module, binding, len(binding.constants) + len(binding.inputs))
+    try:
+        return trace(shim, tuple(fx.PH for _ in binding.inputs), inner_leaves, tracer_cls=_RegionTracer, warn=False)
+    except TraceFailure as exc:
+        raise TraceFailure(str(exc).replace(f"{_Shim.__name__} (the root module)", f"{name} ({type(module).__name__})")
+                           .replace(_INNER + ".", "")) from exc.__cause__
+
+
+def _program(graph: fx.Graph, n_fixed: int) -> List[Any]:
+    """The graph's non-placeholder nodes as (op, target, args, kwargs), inputs past the first ``n_fixed`` as None."""
+    index: Dict[fx.Node, Any] = {}
+    out = []
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            index[node] = ("input", len(index)) if len(index) < n_fixed else None
+            continue
+        index[node] = ("node", len(out))
+        args = fx.node.map_arg((node.args, node.kwargs), lambda a: index[a])
+        out.append((node.op, node.target, args))
+    return out
+
+
+def _same_program(fixed: fx.Graph, passing: fx.Graph, n_tensors: int) -> bool:
+    """Whether ``passing`` (extra inputs after the first ``n_tensors``) runs ``fixed``'s code with them as None."""
+    try:
+        return _program(fixed, n_tensors) == _program(passing, n_tensors)
+    except Exception:  # noqa: BLE001 - arguments that do not compare (tensors): not provably the same
+        return False
+
+
 def trace_region(
     module: nn.Module, args: Tuple, kwargs: Dict[str, Any], name: str, leaf_modules: Sequence = (),
     example_output: Any = None,
@@ -261,15 +315,18 @@ def trace_region(
         Unbindable: an argument is neither a tensor nor a constant.
         TraceFailure: the module's own code cannot be traced.
     """
-    binding, tensors = bind_call(args, kwargs, name)
-    n_leaves = len(binding.constants) + len(binding.tensors)
-    shim = _Shim(module, binding, n_leaves)
+    binding, _ = bind_call(args, kwargs, name)
     inner_leaves = tuple(f"{_INNER}.{x}" if isinstance(x, str) else x for x in leaf_modules)
-    try:
-        gm = trace(shim, tuple(fx.PH for _ in tensors), inner_leaves, tracer_cls=_RegionTracer, warn=False)
-    except TraceFailure as exc:
-        raise TraceFailure(str(exc).replace(f"{_Shim.__name__} (the root module)", f"{name} ({type(module).__name__})")
-                           .replace(_INNER + ".", "")) from exc.__cause__
+    gm = _trace_shim(module, binding, inner_leaves, name)
+    nones = tuple(i for i, v in binding.constants if v is None)
+    if nones:  # Nones the module only passes on become inputs, if that traces to the same graph
+        passing = binding.with_optional(nones)
+        try:
+            gm_opt = _trace_shim(module, passing, inner_leaves, name)
+        except TraceFailure:
+            gm_opt = None
+        if gm_opt is not None and _same_program(gm.graph, gm_opt.graph, len(binding.tensors)):
+            gm, binding = gm_opt, passing
     graph = gm.graph
     _strip_inner(graph)
     region = _region_class(type(module))(module, graph, binding, name, type(module).__name__)
