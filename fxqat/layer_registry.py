@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["WeightLayer", "register_weight_layer", "weight_layer_entry", "is_weight_layer", "base_forward",
-           "registered_types"]
+__all__ = ["WeightLayer", "register_weight_layer", "weight_layer_entry", "is_weight_layer", "holds_weight_layer",
+           "base_forward", "registered_types"]
 
 
 @dataclass(frozen=True)
@@ -125,3 +125,8 @@ def weight_layer_entry(module: nn.Module) -> Optional[WeightLayer]:
 def is_weight_layer(module: nn.Module) -> bool:
     """True when ``module`` is a registered weight layer holding its weight as a Parameter."""
     return weight_layer_entry(module) is not None
+
+
+def holds_weight_layer(module: nn.Module) -> bool:
+    """True when ``module`` or one of its descendants is a weight layer."""
+    return any(is_weight_layer(m) for m in module.modules())

@@ -36,6 +36,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxqat.layer_registry import holds_weight_layer
+
 __all__ = ["trace", "FxqatTracer", "TraceFailure", "adopt_hierarchy"]
 
 log = logging.getLogger(__name__)
@@ -140,6 +142,18 @@ def _leaf_spec(leaves: Sequence[Union[str, type]]) -> Tuple[Tuple[type, ...], Se
     return types, names
 
 
+def _same_code(model: nn.Module, failing: str, done: Set[str]) -> List[str]:
+    """``failing`` and, when it holds no weight layer, every other module of its class (they run the same code and
+    fail the same way: timm's BatchNormAct2d branches on the training flag in each of mobileone_s0's 113 blocks).
+    Modules holding weight layers stay one at a time, so a class that fails only in some configurations keeps its
+    other instances traced."""
+    mod = model.get_submodule(failing)
+    if holds_weight_layer(mod):
+        return [failing]
+    same = [n for n, m in model.named_modules() if n and n != failing and type(m) is type(mod) and n not in done]
+    return [failing] + same
+
+
 def adopt_hierarchy(gm: fx.GraphModule, root: nn.Module) -> None:
     """Give ``gm`` the root's own children, parameters and buffers (same objects).
 
@@ -199,8 +213,10 @@ def trace(
             if stack and stack[-1]:
                 failing = stack[-1]
                 log.debug("tracing %s failed (%s: %s); retrying it as a leaf", failing, type(exc).__name__, exc)
-                auto.append(failing)
-                reasons[failing] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                for name in _same_code(model, failing, set(auto)):
+                    auto.append(name)
+                    reasons[name] = reason if name == failing else f"{reason} (as {failing}, same class)"
                 continue
             if dynamic_training and not root_specialised:  # maybe `if self.training:` in the root: retry static
                 root_specialised = True
@@ -226,10 +242,15 @@ def trace(
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     adopt_hierarchy(gm, tracer.root)
+    alike = {m: sum(r.endswith(f"(as {m}, same class)") for r in reasons.values()) for m in auto}
     for mod in auto:
+        if reasons[mod].endswith(", same class)"):  # reported with the module it was made a leaf with
+            continue
+        more = f" (and {alike[mod]} more of its class)" if alike[mod] else ""
         log.log(logging.WARNING if warn else logging.DEBUG,
-            "fxqat: module %r (%s) could not be traced (%s); it is kept as a leaf: its conv/linear weights are still "
-            "quantized, activations inside it are not.", mod, type(model.get_submodule(mod)).__name__, reasons[mod]
+            "fxqat: module %r%s (%s) could not be traced (%s); it is kept as a leaf: its conv/linear weights are "
+            "still quantized, activations inside it are not.", mod, more, type(model.get_submodule(mod)).__name__,
+            reasons[mod]
         )
     gm.meta["fxqat.opaque"] = tuple(auto)
     gm.meta["fxqat.opaque_reasons"] = {m: reasons[m] for m in auto}

@@ -49,7 +49,7 @@ from fxqat.capture.record import Call, record_calls
 from fxqat.capture.region import GraphRegion, Unbindable, trace_region
 from fxqat.capture.shapes import propagate_shapes
 from fxqat.config import QATConfig
-from fxqat.layer_registry import is_weight_layer, registered_types, weight_layer_entry
+from fxqat.layer_registry import holds_weight_layer, is_weight_layer, registered_types, weight_layer_entry
 from fxqat.quantizers.base import Quantizer
 from fxqat.passes.annotate import annotate
 from fxqat.passes.insert_quant import CONTAINER, insert_quant
@@ -108,10 +108,6 @@ class CaptureReport:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
-
-
-def _holds_weight_layer(m: nn.Module) -> bool:
-    return any(is_weight_layer(s) for s in m.modules())
 
 
 def _first_reason(exc: BaseException) -> str:
@@ -174,7 +170,7 @@ class _Capturer:
             leaf = region.get_submodule(leaf_name)
             full = _join(name, leaf_name)
             foreign = is_weight_layer(leaf) and isinstance(leaf, _foreign_layer_types())
-            if foreign or (not is_weight_layer(leaf) and _holds_weight_layer(leaf) and full in self.calls):
+            if foreign or (not is_weight_layer(leaf) and holds_weight_layer(leaf) and full in self.calls):
                 parent_name, _, cname = leaf_name.rpartition(".")
                 self.capture_module(region.get_submodule(parent_name), cname, leaf, full)
                 if not foreign:  # a foreign weight layer is quantized in place but belongs to this graph region
@@ -200,7 +196,7 @@ class _Capturer:
     def capture_module(self, parent: nn.Module, cname: str, child: nn.Module, name: str) -> Tuple[str, ...]:
         """Capture one module (replacing it in ``parent`` when it becomes a graph region); returns the weight layers
         quantized in place directly under the calling eager region."""
-        if not _holds_weight_layer(child) or _holds_quantizer(child):
+        if not holds_weight_layer(child) or _holds_quantizer(child):
             return ()
         if is_weight_layer(child):
             if name not in self.calls:

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import fxqat
+from fxqat.trace import FxqatTracer
 
 
 class DataDepRoot(nn.Module):
@@ -206,6 +207,44 @@ def test_leaf_fallback_has_no_retry_cap():
 
     gm = fxqat.trace(Many())
     assert len(gm.meta["fxqat.opaque"]) == 80
+
+
+class _CountingTracer(FxqatTracer):
+    traces = 0
+
+    def trace(self, root, concrete_args=None):
+        type(self).traces += 1
+        return super().trace(root, concrete_args)
+
+
+def test_failing_class_without_weight_layers_becomes_a_leaf_in_one_retry():
+    """mobileone_s0: 113 BatchNormAct2d fail alike (a branch on the training flag); one retry, not 113."""
+
+    class BranchyNorm(nn.Module):  # no weight layer: every instance runs (and fails on) the same code
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn(x) if self.training else x
+
+    class WithLinear(BranchyNorm):  # holds a weight layer: its instances stay one retry each
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) if self.training else x
+
+    model = nn.Sequential(*[BranchyNorm() for _ in range(30)], WithLinear(), WithLinear(), nn.Linear(4, 2))
+    _CountingTracer.traces = 0
+    gm = fxqat.trace(model, tracer_cls=_CountingTracer)
+    assert len(gm.meta["fxqat.opaque"]) == 32
+    assert _CountingTracer.traces == 4  # BranchyNorm (all 30), each WithLinear, then the success
+    assert "same class" in gm.meta["fxqat.opaque_reasons"]["1"]
+    x = torch.randn(3, 4)
+    for mode in (True, False):  # leaves run their own code: train and eval outputs of the original
+        torch.testing.assert_close(gm.train(mode)(x), model.train(mode)(x), atol=0, rtol=0)
 
 
 def test_reading_a_weight_attribute_is_not_a_second_layer():
