@@ -22,7 +22,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 __all__ = [
-    "quantize_gradient", "uniform_noise", "clip_fraction", "max_and_count_above", "ema_search_gamma", "Scratch",
+    "quantize_gradient", "uniform_noise", "uniform_noise_op", "clip_fraction", "max_and_count_above", "ema_search_gamma", "Scratch",
     "scratch_buffer", "reusable_output", "grid_step", "quantize_into",
 ]
 
@@ -50,6 +50,26 @@ def uniform_noise(like: torch.Tensor, kind: str = "int8", out: Optional[torch.Te
         return out.add_(0.5).mul_(2.0**-8)
     out.copy_(bits.view(torch.int16)[:n].view_as(like))
     return out.mul_(2.0**-16)
+
+
+@torch.library.custom_op("fxqat::uniform_noise", mutates_args=())
+def uniform_noise_op(like: torch.Tensor, kind: str) -> torch.Tensor:
+    """:func:`uniform_noise` as a torch operator (``kind`` ``"exact"`` is ``"uniform"``), for compiled code.
+
+    Inductor calls it as one extern kernel instead of generating per-element Philox draws (about 3x slower on CPU
+    than the packed 8-bit draw), and it consumes torch's global RNG exactly as the eager path does.
+
+    Example:
+        >>> torch.manual_seed(0); a = uniform_noise_op(torch.empty(5), "int8")
+        >>> torch.manual_seed(0); bool(torch.equal(a, uniform_noise(torch.empty(5), "int8")))
+        True
+    """
+    return uniform_noise(like, "uniform" if kind == "exact" else kind)
+
+
+@uniform_noise_op.register_fake
+def _uniform_noise_shape(like: torch.Tensor, kind: str) -> torch.Tensor:
+    return torch.empty_like(like)
 
 
 class Scratch(dict):
