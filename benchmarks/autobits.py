@@ -104,10 +104,14 @@ def _estimates(fp, tr, prof: Profile, base: fxqat.QATConfig, step_s: float) -> D
     return out
 
 
-def _uniform(table: fxqat.SensitivityTable, budget: float, base: fxqat.QATConfig, choices):
+def uniform_config(table: fxqat.SensitivityTable, budget: float, base: fxqat.QATConfig, choices,
+                   activations: bool = True):
+    """The uniform arm: every allocatable layer at the largest choice within ``budget`` (activations too, unless
+    ``activations=False``: weight-only configs), and its allocation record."""
     b = max(c for c in choices if c <= budget)
     n = table.total_weight_count
-    return base.with_(w_bits=b, a_bits=b), {"bits": {r.block: b for r in table.rows if r.weight_count},
+    cfg = base.with_(w_bits=b, a_bits=b) if activations else base.with_(w_bits=b)
+    return cfg, {"bits": {r.block: b for r in table.rows if r.weight_count},
                                             "avg_bits": float(b), "used_bits": b * n, "predicted_loss": None}
 
 
@@ -150,8 +154,8 @@ def run(prof: Profile, name: str) -> Dict:
     allocs: Dict[Tuple[float, str], Dict] = {}
     configs: Dict[Tuple[float, str], fxqat.QATConfig] = {}
     for budget in prof.budgets:
-        configs[(budget, "uniform")], allocs[(budget, "uniform")] = _uniform(est["paths"]["table"], budget, base,
-                                                                              prof.choices)
+        configs[(budget, "uniform")], allocs[(budget, "uniform")] = uniform_config(est["paths"]["table"], budget,
+                                                                                    base, prof.choices)
         for method in ARMS[1:]:
             cfg, alloc = fxqat.allocate_bits(est[method]["table"], avg_bits=budget, choices=prof.choices,
                                              base_config=base)
