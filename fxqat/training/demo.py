@@ -65,8 +65,8 @@ class DemoConfig:
 def demo_config(quick: bool = False, data: str = "cifar10", **overrides: Any) -> DemoConfig:
     """The demo's budget for ``data`` (``quick`` for CI); ``overrides`` replace single fields (None = keep)."""
     if data == "cifar10":
-        cfg = DemoConfig("cifar10", "resnet20", fp_steps=120, qat_steps=15, test_subset=1000) if quick else \
-            DemoConfig("cifar10", "resnet20")
+        cfg = DemoConfig("cifar10", "resnet20", fp_steps=80, qat_steps=12, batch_size=64, test_subset=500) if quick \
+            else DemoConfig("cifar10", "resnet20")
     else:
         cfg = DemoConfig("digits", "cnn", fp_steps=150, qat_steps=40, batch_size=64, test_subset=None) if quick \
             else DemoConfig("digits", "cnn", fp_steps=400, qat_steps=150, batch_size=64, test_subset=None)
