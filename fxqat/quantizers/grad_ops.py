@@ -22,7 +22,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 __all__ = [
-    "quantize_gradient", "uniform_noise", "uniform_noise_op", "clip_fraction", "max_and_count_above", "ema_search_gamma", "Scratch",
+    "quantize_gradient", "uniform_noise", "uniform_noise_codes", "noise_from_codes", "clip_fraction", "max_and_count_above", "ema_search_gamma", "Scratch",
     "scratch_buffer", "reusable_output", "grid_step", "quantize_into",
 ]
 
@@ -52,24 +52,42 @@ def uniform_noise(like: torch.Tensor, kind: str = "int8", out: Optional[torch.Te
     return out.mul_(2.0**-16)
 
 
-@torch.library.custom_op("fxqat::uniform_noise", mutates_args=())
-def uniform_noise_op(like: torch.Tensor, kind: str) -> torch.Tensor:
-    """:func:`uniform_noise` as a torch operator (``kind`` ``"exact"`` is ``"uniform"``), for compiled code.
+@torch.library.custom_op("fxqat::uniform_noise_codes", mutates_args=())
+def uniform_noise_codes(like: torch.Tensor, kind: str) -> torch.Tensor:
+    """The random integers behind :func:`uniform_noise` as a torch operator, for compiled code.
 
-    Inductor calls it as one extern kernel instead of generating per-element Philox draws (about 3x slower on CPU
-    than the packed 8-bit draw), and it consumes torch's global RNG exactly as the eager path does.
+    ``"int8"``: int8 codes ``k`` (the noise is ``(k + ½)/2^8``); ``"int16"``: int16 codes (``k/2^16``); ``"uniform"``
+    and ``"exact"``: the float noise itself. Inductor calls it as one extern kernel, instead of generating a Philox
+    draw per element (several times slower on CPU than the packed draw), and fuses the conversion to float into the
+    code that uses the noise (:func:`noise_from_codes`). It consumes torch's global RNG exactly as
+    :func:`uniform_noise` does.
 
     Example:
-        >>> torch.manual_seed(0); a = uniform_noise_op(torch.empty(5), "int8")
+        >>> torch.manual_seed(0); a = noise_from_codes(uniform_noise_codes(torch.empty(5), "int8"), "int8")
         >>> torch.manual_seed(0); bool(torch.equal(a, uniform_noise(torch.empty(5), "int8")))
         True
     """
-    return uniform_noise(like, "uniform" if kind == "exact" else kind)
+    if kind in ("uniform", "exact"):
+        return torch.empty_like(like).uniform_(-0.5, 0.5)
+    per_word = 8 if kind == "int8" else 4
+    n = like.numel()
+    bits = torch.empty((n + per_word - 1) // per_word, dtype=torch.int64, device=like.device).random_(-(2**63), None)
+    return bits.view(torch.int8 if kind == "int8" else torch.int16)[:n].view(like.shape).clone()
 
 
-@uniform_noise_op.register_fake
-def _uniform_noise_shape(like: torch.Tensor, kind: str) -> torch.Tensor:
-    return torch.empty_like(like)
+@uniform_noise_codes.register_fake
+def _noise_codes_shape(like: torch.Tensor, kind: str) -> torch.Tensor:
+    dtype = {"int8": torch.int8, "int16": torch.int16}.get(kind, like.dtype)
+    return torch.empty(like.shape, dtype=dtype, device=like.device)
+
+
+def noise_from_codes(codes: torch.Tensor, kind: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Noise in [−½, ½) from :func:`uniform_noise_codes` (the same values :func:`uniform_noise` writes)."""
+    if kind == "int8":
+        return (codes.to(dtype) + 0.5) * 2.0**-8
+    if kind == "int16":
+        return codes.to(dtype) * 2.0**-16
+    return codes.to(dtype)
 
 
 class Scratch(dict):

@@ -11,7 +11,7 @@ The abstract is all that was recovered (methods.md §5), so the equations are fx
 ``e`` is noise at the bin size: ``"uniform"`` ``U(−s/2, s/2)`` (option ``uniform_draw`` [R]: ``"int8"``, the
 default, draws it as ``s·(k + ½)/256`` with ``k`` a uniform 8-bit integer, eight per 64-bit random draw, about 5x
 cheaper on CPU than ``uniform_`` with mean exactly 0 and variance ``(s²/12)(1 − 2^-16)``; ``"int16"`` as ``s·k/2^16``;
-``"exact"`` with ``uniform_``; under ``torch.compile`` the same draw, through the ``fxqat::uniform_noise`` operator), or ``"resampled"`` rounding errors
+``"exact"`` with ``uniform_``; under ``torch.compile`` the same draw, through the ``fxqat::uniform_noise_codes`` operator), or ``"resampled"`` rounding errors
 ``s·(⌊z⌉ − z)`` of the same tensor (``z = clip(x/s)``) in a random permutation. ``ρ`` is set to 0 once it drops
 below ``rho_floor``, so training ends on exact hard quantization. In evaluation the output is ``Q(x)``.
 
@@ -59,7 +59,7 @@ from fxqat.quantizers._zoo_utils import (
     StateShapeMixin,
 )
 from fxqat.quantizers.base import Quantizer, channel_view, grad_inside, use_function
-from fxqat.quantizers.grad_ops import uniform_noise, uniform_noise_op
+from fxqat.quantizers.grad_ops import noise_from_codes, uniform_noise, uniform_noise_codes
 from fxqat.quantizers.lsq import round_ste
 from fxqat.quantizers.ste import clip_ste
 from fxqat.quantizers.registry import register
@@ -196,7 +196,8 @@ class NoiseTemperQuantizer(StateShapeMixin, Quantizer):
         q = round_ste(z) * s  # LSQ value and step-size gradient; x's gradient comes through κ below
         if noise is not None:
             if noise == "uniform":  # the eager draw as one operator (inductor's per-element Philox is slower)
-                u = uniform_noise_op(xd, self.opts["uniform_draw"])
+                draw = self.opts["uniform_draw"]
+                u = noise_from_codes(uniform_noise_codes(xd, draw), draw, xd.dtype)
             else:
                 err = (torch.round(z) - z).detach().reshape(-1)
                 u = err[torch.randperm(err.numel(), device=err.device)].reshape(x.shape)
