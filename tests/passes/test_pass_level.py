@@ -115,6 +115,29 @@ def test_propagate_shapes(traced):
                       "output": (2, 3)}
 
 
+def test_propagate_shapes_leaves_the_module_as_it_was():
+    """Shape propagation runs on fake parameters; what a module stores while running is put back afterwards."""
+
+    class Caching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.tag = nn.Linear(4, 3), "kept"
+
+        def forward(self, x):
+            y = self.fc(x)
+            self.last, self.tag = y, "changed"  # attributes set in forward (as some caching modules do)
+            return y
+
+    model = Caching()
+    leafy = fxqat.trace(nn.Sequential(model), leaf_modules=(Caching,))
+    before = {k: v for k, v in vars(model).items()}
+    weight = model.fc.weight
+    propagate_shapes(leafy, (X,), "Sequential")
+    assert [tuple(n.meta["tensor_meta"].shape) for n in leafy.graph.nodes if n.op == "call_module"] == [(2, 3)]
+    assert vars(model).keys() == before.keys() and all(vars(model)[k] is v for k, v in before.items())
+    assert model.fc.weight is weight and type(model.fc.weight) is nn.Parameter
+
+
 def _annotated(traced, config):
     gm = normalize(traced)
     propagate_shapes(gm, (X,), "MLP")
