@@ -387,7 +387,7 @@ def cifar():
     if not fdata.data_available("cifar10"):
         pytest.skip("CIFAR-10 not found (see ../shared/data/README.md or set $FXQAT_DATA)")
     tr = fdata.load("cifar10", train=True)
-    te = fdata.load("cifar10", train=False).subset(1000)
+    te = fdata.load("cifar10", train=False).subset(500)
     x_test = torch.cat([x for x, _ in fdata.BatchLoader(te, 500, train=False, rank=0, world_size=1)])
     return tr, x_test
 

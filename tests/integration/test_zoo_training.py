@@ -1,7 +1,7 @@
 """Slow: every zoo method fine-tunes a CIFAR-10 ResNet-20 from its FP checkpoint to W4A4 within 5 points of FP.
 
-The FP model trains 400 SGD steps (cached by ``train_fp`` under ``~/.cache/fxqat/ckpt``); each method then trains
-100 steps (SGD + Nesterov, lr 0.01, cosine) with first/last layers at 8 bits: a CI-sized budget (about a minute per
+The FP model trains 300 SGD steps (cached by ``train_fp`` under ``~/.cache/fxqat/ckpt``); each method then trains
+70 steps (SGD + Nesterov, lr 0.01, cosine) with first/last layers at 8 bits: a CI-sized budget (under a minute per
 method on 2 cores). Accuracy is measured on the first 2,000 test images (the JPEG CIFAR-10 of ``../shared/data``).
 
 Per-method options that differ from the defaults are listed in ``OPTIONS`` with the reason.
@@ -30,7 +30,7 @@ OPTIONS = {
     # DoReFa's paper clip(x, 0, 1) throws away most of a BN+ReLU activation range of an FP network: take the range
     # from the first batch instead (the documented "std" option).
     "dorefa": {"a_options": {"act_clip": "std"}},
-    # 100 steps: temper over the first ~30 so the last two thirds train on hard quantization.
+    # 70 steps: temper over the first ~30 so the rest trains on hard quantization.
     "noise_temper": {"w_options": {"tau": 8.0}, "a_options": {"tau": 8.0}},
 }
 # Per-method training settings that differ from the shared ones, with the reason.
@@ -53,7 +53,7 @@ def cifar_fp():
     test = fdata.BatchLoader(te, 500, train=False, rank=0, world_size=1)
     torch.manual_seed(0)
     fp = get_model("resnet20", num_classes=tr.num_classes, in_shape=tr.input_shape)
-    fp_cfg = TrainConfig(steps=400, lr=0.1, seed=0, progress=False, plot=False, warmup_steps=40)
+    fp_cfg = TrainConfig(steps=300, lr=0.1, seed=0, progress=False, plot=False, warmup_steps=30)
     key = {"model": "resnet20", "data": "cifar10", "batch_size": 128, "source": tr.source, "n_test": len(te)}
     fp, info = train_fp(fp, loader, fp_cfg, key=key, test_loader=test, desc="FP")
     x0 = tr[0][0].unsqueeze(0).repeat(2, 1, 1, 1)
@@ -66,7 +66,7 @@ def test_w4a4_from_fp_is_within_five_points(cifar_fp, method):
     assert fp_top1 > 40.0  # the FP reference itself trained
     cfg = fxqat.QATConfig(w_bits=4, a_bits=4, method=method, **OPTIONS.get(method, {}))
     qm = fxqat.prepare_qat(copy.deepcopy(fp), (x0,), cfg)
-    hist = train_qat(qm, loader, TrainConfig(steps=100, lr=0.01, seed=0, progress=False, plot=False,
+    hist = train_qat(qm, loader, TrainConfig(steps=70, lr=0.01, seed=0, progress=False, plot=False,
                                                    **TRAIN.get(method, {})),
                      test_loader=test, desc=method)
     top1 = hist["final"]["test_top1"]
