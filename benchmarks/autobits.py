@@ -188,6 +188,31 @@ def stem(profile: str) -> str:
     return "autobits" if profile == "short" else f"autobits_{profile}"
 
 
+def arm_rows(table: Dict, digits: int) -> List[str]:
+    """Markdown rows ``| budget | arm cells |`` of a result table (mean ± half-range, bits used)."""
+    rows = []
+    for budget, arms in table.items():
+        cells = ["–" if arms.get(a) is None else f"{arms[a]['mean']:.{digits}f} ± {arms[a]['spread']:.{digits}f} "
+                 f"({arms[a]['avg_bits']:.2f} b)" for a in ARMS]
+        rows.append(f"| {budget} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def cost_rows(estimate_cost: Dict) -> List[str]:
+    return [f"| {m} | {c['cpu_s']:.1f} | {c['step_equiv']:.1f} | {c['wall_s']:.1f} |" for m, c in estimate_cost.items()]
+
+
+def allocation_rows(res: Dict) -> List[str]:
+    """The allocations table (bits per block of every budget and arm)."""
+    blocks = [r["block"] for r in res["sensitivity"]["paths"]["rows"] if r["weight_count"]]
+    rows = ["| budget / arm | " + " | ".join(blocks) + " | avg | predicted ΔL |", "|---|" + "---|" * (len(blocks) + 2)]
+    for key, a in res["allocations"].items():
+        pl = "–" if a["predicted_loss"] is None else f"{a['predicted_loss']:.3g}"
+        rows.append(f"| {key} | " + " | ".join(str(a["bits"].get(b, "")) for b in blocks)
+                    + f" | {a['avg_bits']:.2f} | {pl} |")
+    return rows
+
+
 def markdown(res: Dict) -> str:
     s = res["settings"]
     lines = [f"# Mixed precision on CIFAR-10 ResNet-20: uniform vs path / Fisher / Hessian sensitivity "
@@ -202,27 +227,14 @@ def markdown(res: Dict) -> str:
              f"{s['sens_batches']} training batches of {s['batch_size']}"
              f" ({s['probes']} Hutchinson probe(s) per block and batch).", "",
              "| avg bits (budget) | uniform | paths | Fisher | Hessian |", "|---|---|---|---|---|"]
-    for budget, arms in res["table"].items():
-        cells = []
-        for arm in ARMS:
-            v = arms.get(arm)
-            cells.append("–" if v is None else f"{v['mean']:.2f} ± {v['spread']:.2f} ({v['avg_bits']:.2f} b)")
-        lines.append(f"| {budget} | " + " | ".join(cells) + " |")
+    lines += arm_rows(res["table"], 2)
     lines += ["", "Top-1 %, mean ± half-range over seeds; in brackets the average bits per allocated weight the arm "
               "used (uniform at a 2.5-bit budget: 2 bits everywhere).", "",
               "## Cost of each estimate", "",
               f"One W3A3 LSQ training step (batch {s['batch_size']}): {res['qat_step_cpu_s']:.2f} CPU s.", "",
               "| estimate | CPU s | training-step equivalents | wall s |", "|---|---:|---:|---:|"]
-    for m, c in res["estimate_cost"].items():
-        lines.append(f"| {m} | {c['cpu_s']:.1f} | {c['step_equiv']:.1f} | {c['wall_s']:.1f} |")
-    lines += ["", "## Allocations (bits per block)", ""]
-    blocks = [r["block"] for r in res["sensitivity"]["paths"]["rows"] if r["weight_count"]]
-    lines += ["| budget / arm | " + " | ".join(blocks) + " | avg | predicted ΔL |",
-              "|---|" + "---|" * (len(blocks) + 2)]
-    for key, a in res["allocations"].items():
-        pl = "–" if a["predicted_loss"] is None else f"{a['predicted_loss']:.3g}"
-        lines.append(f"| {key} | " + " | ".join(str(a["bits"].get(b, "")) for b in blocks)
-                     + f" | {a['avg_bits']:.2f} | {pl} |")
+    lines += cost_rows(res["estimate_cost"])
+    lines += ["", "## Allocations (bits per block)", ""] + allocation_rows(res)
     lines += ["", f"Total: {res['total_cpu_s'] / 60:.0f} CPU min, {res['total_wall_s'] / 60:.0f} min wall (shared machine)."
               + ("" if res.get("complete") else " **Incomplete run**: only the rows above finished.")]
     return "\n".join(lines) + "\n"

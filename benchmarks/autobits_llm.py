@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import fxqat  # noqa: E402
 from _common import machine, write_results  # noqa: E402
-from autobits import ARMS, uniform_config  # noqa: E402
+from autobits import ARMS, allocation_rows, arm_rows, cost_rows, uniform_config  # noqa: E402
 from fxqat.text_data import tiny_shakespeare  # noqa: E402
 from fxqat.training.lm import FINETUNE_RECIPE, FP_RECIPE, LMRecipe, evaluate_lm, lm_loss, train_lm  # noqa: E402
 from fxqat.training.recipes import pretrained_char_llama  # noqa: E402
@@ -144,24 +144,14 @@ def markdown(res: Dict) -> str:
              f"attention and the MLP of each decoder layer) among {list(CHOICES)}, embedding and lm_head in FP (outside the budget). Sensitivities from "
              f"{res['sens_batches']} training batches.", "",
              "| avg bits (budget) | uniform | paths | Fisher | Hessian |", "|---|---|---|---|---|"]
-    for budget, arms in res["table"].items():
-        cells = ["–" if arms.get(a) is None else
-                 f"{arms[a]['mean']:.4f} ± {arms[a]['spread']:.4f} ({arms[a]['avg_bits']:.2f} b)" for a in ARMS]
-        lines.append(f"| {budget} | " + " | ".join(cells) + " |")
+    lines += arm_rows(res["table"], 4)
     lines += ["", "Validation loss (lower is better), mean ± half-range over seeds; in brackets the average bits per "
               "allocated weight the arm used (uniform at a 2.5-bit budget: 2 bits everywhere).", "",
               "## Cost of each estimate", "",
               f"One LSQ fine-tuning step: {res['step_cpu_s']:.2f} CPU s.", "",
               "| estimate | CPU s | fine-tuning-step equivalents | wall s |", "|---|---:|---:|---:|"]
-    for k, c in res["estimate_cost"].items():
-        lines.append(f"| {k} | {c['cpu_s']:.1f} | {c['step_equiv']:.1f} | {c['wall_s']:.1f} |")
-    blocks = [r["block"] for r in res["sensitivity"]["paths"]["rows"] if r["weight_count"]]
-    lines += ["", "## Allocations (bits per block)", "",
-              "| budget / arm | " + " | ".join(blocks) + " | avg | predicted ΔL |", "|---|" + "---|" * (len(blocks) + 2)]
-    for key, a in res["allocations"].items():
-        pl = "–" if a["predicted_loss"] is None else f"{a['predicted_loss']:.3g}"
-        lines.append(f"| {key} | " + " | ".join(str(a["bits"].get(b, "")) for b in blocks)
-                     + f" | {a['avg_bits']:.2f} | {pl} |")
+    lines += cost_rows(res["estimate_cost"])
+    lines += ["", "## Allocations (bits per block)", ""] + allocation_rows(res)
     lines += ["", f"Total: {res['total_wall_s'] / 60:.0f} min wall (shared machine)."
               + ("" if res["complete"] else " **Incomplete run**: only the rows above finished.")]
     return "\n".join(lines) + "\n"
