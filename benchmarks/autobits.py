@@ -190,7 +190,7 @@ def stem(profile: str) -> str:
 
 def arm_rows(table: Dict, digits: int) -> List[str]:
     """Markdown rows ``| budget | arm cells |`` of a result table (mean ± half-range, bits used)."""
-    rows = []
+    rows = ["| avg bits (budget) | uniform | paths | Fisher | Hessian |", "|---|---|---|---|---|"]
     for budget, arms in table.items():
         cells = ["–" if arms.get(a) is None else f"{arms[a]['mean']:.{digits}f} ± {arms[a]['spread']:.{digits}f} "
                  f"({arms[a]['avg_bits']:.2f} b)" for a in ARMS]
@@ -198,8 +198,9 @@ def arm_rows(table: Dict, digits: int) -> List[str]:
     return rows
 
 
-def cost_rows(estimate_cost: Dict) -> List[str]:
-    return [f"| {m} | {c['cpu_s']:.1f} | {c['step_equiv']:.1f} | {c['wall_s']:.1f} |" for m, c in estimate_cost.items()]
+def cost_rows(estimate_cost: Dict, unit: str) -> List[str]:
+    """The estimate-cost table, costs in ``unit`` (e.g. "training-step") equivalents."""
+    return [f"| estimate | CPU s | {unit} equivalents | wall s |", "|---|---:|---:|---:|"] + [f"| {m} | {c['cpu_s']:.1f} | {c['step_equiv']:.1f} | {c['wall_s']:.1f} |" for m, c in estimate_cost.items()]
 
 
 def allocation_rows(res: Dict) -> List[str]:
@@ -225,15 +226,13 @@ def markdown(res: Dict) -> str:
              f"(same batches per seed). Bits per block among {list(s['choices'])} for the weights and the input "
              "activation of each layer; first conv and classifier at 8 bits, outside the budget. Sensitivities from "
              f"{s['sens_batches']} training batches of {s['batch_size']}"
-             f" ({s['probes']} Hutchinson probe(s) per block and batch).", "",
-             "| avg bits (budget) | uniform | paths | Fisher | Hessian |", "|---|---|---|---|---|"]
+             f" ({s['probes']} Hutchinson probe(s) per block and batch).", ""]
     lines += arm_rows(res["table"], 2)
     lines += ["", "Top-1 %, mean ± half-range over seeds; in brackets the average bits per allocated weight the arm "
               "used (uniform at a 2.5-bit budget: 2 bits everywhere).", "",
               "## Cost of each estimate", "",
-              f"One W3A3 LSQ training step (batch {s['batch_size']}): {res['qat_step_cpu_s']:.2f} CPU s.", "",
-              "| estimate | CPU s | training-step equivalents | wall s |", "|---|---:|---:|---:|"]
-    lines += cost_rows(res["estimate_cost"])
+              f"One W3A3 LSQ training step (batch {s['batch_size']}): {res['qat_step_cpu_s']:.2f} CPU s.", ""]
+    lines += cost_rows(res["estimate_cost"], "training-step")
     lines += ["", "## Allocations (bits per block)", ""] + allocation_rows(res)
     lines += ["", f"Total: {res['total_cpu_s'] / 60:.0f} CPU min, {res['total_wall_s'] / 60:.0f} min wall (shared machine)."
               + ("" if res.get("complete") else " **Incomplete run**: only the rows above finished.")]

@@ -142,15 +142,13 @@ def markdown(res: Dict) -> str:
              f"weight-only per-group-32 LSQ fine-tuning steps (AdamW, batch 32 x 128), seeds {res['seeds']}, "
              f"validation loss of the converted model over {res['n_val']} fixed batches; bits per block (the "
              f"attention and the MLP of each decoder layer) among {list(CHOICES)}, embedding and lm_head in FP (outside the budget). Sensitivities from "
-             f"{res['sens_batches']} training batches.", "",
-             "| avg bits (budget) | uniform | paths | Fisher | Hessian |", "|---|---|---|---|---|"]
+             f"{res['sens_batches']} training batches.", ""]
     lines += arm_rows(res["table"], 4)
     lines += ["", "Validation loss (lower is better), mean ± half-range over seeds; in brackets the average bits per "
               "allocated weight the arm used (uniform at a 2.5-bit budget: 2 bits everywhere).", "",
               "## Cost of each estimate", "",
-              f"One LSQ fine-tuning step: {res['step_cpu_s']:.2f} CPU s.", "",
-              "| estimate | CPU s | fine-tuning-step equivalents | wall s |", "|---|---:|---:|---:|"]
-    lines += cost_rows(res["estimate_cost"])
+              f"One LSQ fine-tuning step: {res['step_cpu_s']:.2f} CPU s.", ""]
+    lines += cost_rows(res["estimate_cost"], "fine-tuning-step")
     lines += ["", "## Allocations (bits per block)", ""] + allocation_rows(res)
     lines += ["", f"Total: {res['total_wall_s'] / 60:.0f} min wall (shared machine)."
               + ("" if res["complete"] else " **Incomplete run**: only the rows above finished.")]

@@ -15,12 +15,10 @@ import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, List, Optional, Set
+from typing import Any, Iterator, List, Optional, Set
 
 from fxqat.validate import did_you_mean
 
-if TYPE_CHECKING:  # annotations only: config imports this module
-    from fxqat.config import Override, QATConfig
 
 __all__ = ["UnmatchedOverrideWarning", "OverrideUse", "track_overrides", "current_override_use",
            "warn_unmatched_overrides"]
@@ -58,7 +56,7 @@ def track_overrides() -> Iterator[OverrideUse]:
         _OVERRIDE_USE.reset(token)
 
 
-def warn_unmatched_overrides(config: QATConfig, use: OverrideUse, model_name: str) -> List[Override]:
+def warn_unmatched_overrides(config: Any, use: OverrideUse, model_name: str) -> List[Any]:
     """Warn (:class:`UnmatchedOverrideWarning`) about each override that decided no layer, naming its pattern and the
     closest layer names; returns those overrides. An override can miss because its pattern matches no quantizable
     layer, or because an earlier override (first match wins) already takes every layer it matches.
