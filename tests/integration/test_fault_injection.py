@@ -1,5 +1,6 @@
 """Fault injection on real ``python -m fxqat train`` processes: SIGKILL mid-step, SIGKILL while a checkpoint is being
-written, SIGKILL (and SIGSTOP) of one rank of a 2-process gloo DDP run. After each kill, ``--resume`` must finish
+written, SIGKILL (and SIGSTOP) of one rank of a 2-process gloo DDP run, SIGKILL of one rank of a 2-process FSDP2
+run inside a sharded save. After each kill, ``--resume`` must finish
 with exactly the weights, quantizer state, optimizer state and metrics of an uninterrupted run (atol=0), and no
 incomplete file is ever taken for a checkpoint.
 
@@ -24,6 +25,7 @@ import pytest
 import torch
 
 from fxqat.training.checkpoint import CheckpointError, load_checkpoint
+from fxqat.training.dcp import MARKER, latest_sharded, verify_sharded
 
 pytestmark = pytest.mark.slow
 
@@ -58,12 +60,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_ddp(out: Path, *extra, world: int = 2):
+def _start_ddp(out: Path, *extra, world: int = 2, args=TRAIN, **env):
     port = _free_port()
-    return [_start(out, *extra, args=TRAIN,
+    return [_start(out, *extra, args=args,
                    env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                            GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+                            GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **env))
             for r in range(world)]
+
+
+def _finish_all(procs) -> None:
+    try:
+        for p in procs:
+            _finish(p)
+    finally:
+        _kill_all(procs)
 
 
 def _kill_all(procs):
@@ -140,12 +150,7 @@ def reference(tmp_path_factory, cache):
 @pytest.fixture(scope="module")
 def ddp_reference(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("ddp_ref") / "run"
-    procs = _start_ddp(out)
-    try:
-        for p in procs:
-            _finish(p)
-    finally:
-        _kill_all(procs)
+    _finish_all(_start_ddp(out))
     assert json.loads((out / "metrics.json").read_text())["run"]["world_size"] == 2
     return out
 
@@ -231,12 +236,7 @@ def test_ddp_sigkill_of_one_rank_stops_the_other_then_resume_is_exact(tmp_path, 
     assert f"(rank {1 - victim} of 2)" in last and "--resume" in last and "Traceback" not in err
     ck = load_checkpoint(out / "checkpoint.pt")
     assert 0 < ck["pos"]["step"] < STEPS
-    resumed = _start_ddp(out, "--resume")
-    try:
-        for p in resumed:
-            _finish(p)
-    finally:
-        _kill_all(resumed)
+    _finish_all(_start_ddp(out, "--resume"))
     _assert_same_run(ddp_reference, out)
 
 
@@ -259,3 +259,57 @@ def test_ddp_hung_rank_stops_the_other_after_the_timeout(tmp_path, cache):
     assert "lost contact with another process of the DDP run" in err and "Timed out" in err
     assert "(rank 0 of 2)" in err and "is complete: relaunch the same command with --resume" in err
     load_checkpoint(out / "checkpoint.pt")
+
+
+# --------------------------------------------------------------------------------------------- FSDP2 (gloo)
+FSDP_STEPS, FSDP_EVERY = 20, 4
+FSDP_TRAIN = ["-q", "train", "--model", "mlp", "--data", "digits", "--bits", "4/4", "--fp-steps", "0", "--steps",
+              str(FSDP_STEPS), "--batch-size", "32", "--train-subset", "256", "--test-subset", "64",
+              "--checkpoint-every", str(FSDP_EVERY), "--no-progress", "--threads", "1", "--fsdp"]
+
+
+def test_fsdp_sigkill_of_one_rank_while_checkpointing_then_resume_is_exact(tmp_path):
+    """Under FSDP2 every rank writes its shard: one rank is SIGKILLed inside the nth sharded save (the folder
+    exists under its temporary name; each ``atomic_save`` of the save is held 0.5 s by the test hook). The survivor
+    stops with the message, the half-written folder is never taken for a checkpoint, and a 2-process ``--resume``
+    ends with the model, metrics and training state of an uninterrupted run, bit for bit."""
+    rng = random.Random(1807)
+    victim, nth, delay = rng.randrange(2), rng.randrange(2, 5), rng.uniform(0.05, 0.4)
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    _finish_all(_start_ddp(ref, args=FSDP_TRAIN))
+    procs = _start_ddp(out, args=FSDP_TRAIN, FXQAT_FAULT_SLEEP_IN_SAVE="0.5")
+    tmp = out / "dcp" / f".step-{FSDP_EVERY * nth:08d}.tmp"
+    try:
+        t0 = time.monotonic()
+        while not tmp.exists():
+            assert all(p.poll() is None for p in procs), "the run ended before the kill point"
+            assert time.monotonic() - t0 < 600, f"no save of step {FSDP_EVERY * nth} after 600 s"
+            time.sleep(0.005)
+        time.sleep(delay)
+        procs[victim].send_signal(signal.SIGKILL)
+        t_kill = time.monotonic()
+        survivor = procs[1 - victim]
+        _, err = survivor.communicate(timeout=SURVIVOR_BOUND_S)
+        waited = time.monotonic() - t_kill
+    finally:
+        _kill_all(procs)
+    assert procs[victim].returncode == -signal.SIGKILL
+    assert survivor.returncode == 1 and waited < SURVIVOR_BOUND_S, (survivor.returncode, err[-3000:])
+    last = err.strip().splitlines()[-1]
+    assert "lost contact with another process of the DDP run" in last and "--resume" in last, err
+    assert f"(rank {1 - victim} of 2)" in last and "Traceback" not in err
+    # the interrupted save never became a checkpoint: the newest complete one is the save before it
+    newest = latest_sharded(out / "dcp")
+    assert newest is not None and newest.name == f"step-{FSDP_EVERY * (nth - 1):08d}", newest
+    assert verify_sharded(newest)["world_size"] == 2
+    assert not (tmp.is_dir() and (tmp / MARKER).exists())
+    _finish_all(_start_ddp(out, "--resume", args=FSDP_TRAIN))
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (ref, out))
+    assert mb["status"] == "complete" and [s["step"] for s in mb["steps"]] == list(range(1, FSDP_STEPS + 1))
+    _assert_same(ma, mb, "metrics")
+    _assert_same(*(load_checkpoint(d / "model.pt")["model"] for d in (ref, out)), "model")
+    final = [latest_sharded(d / "dcp") for d in (ref, out)]
+    assert [f.name for f in final] == [f"step-{FSDP_STEPS:08d}"] * 2
+    for name in ("train.pt", "rng-rank0.pt", "rng-rank1.pt"):  # optimizer's plain state, scheduler, RNG, position
+        _assert_same(*(load_checkpoint(f / name) for f in final), name)
+    assert sorted(p.name for p in (out / "dcp").iterdir()) == [f"step-{FSDP_STEPS:08d}"]  # no temporary left
