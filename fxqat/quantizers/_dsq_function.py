@@ -31,6 +31,14 @@ differs from ``dsq_soft`` (another order of operations, and ``tanh`` computed as
 ``tanh`` is about 10x slower than ``sigmoid``), so the soft forward agrees to a few ulps; the hard forward is
 bit-identical to ``l + Δ·⌊(clip(x, l, u) − l)/Δ⌉``.
 
+Under ``torch.compile`` :class:`DSQFusedFunction` takes its place: the same derivatives written for inductor, which
+fuses its forward into one loop and its backward (every sum included) into another. It saves only ``x`` and
+recomputes the rest (a pass over memory costs more there than the arithmetic), multiplies by ``1/Δ`` instead of
+dividing by ``Δ`` in the soft forward (a vector division costs about as much as the rest of the loop on this CPU;
+values differ from the division by an ulp of ``z``), and computes its per-tensor (or per-channel) constants ``Δ``,
+``1/Δ``, ``K``, ``A`` once into one stacked buffer: left inline, inductor would recompute ``atanh`` and the
+divisions for every vector of the loop. Its hard forward divides, as :func:`dsq_hard` does.
+
 Example:
     >>> import torch
     >>> lo, up, a = torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([0.2])
@@ -45,7 +53,7 @@ import torch
 
 from fxqat.quantizers._zoo_utils import dot_to, sum_to
 
-__all__ = ["DSQFunction", "dsq_hard"]
+__all__ = ["DSQFunction", "DSQFusedFunction", "dsq_hard"]
 
 
 def dsq_hard(x: torch.Tensor, lo: torch.Tensor, up: torch.Tensor, n: int) -> torch.Tensor:
@@ -107,5 +115,61 @@ class DSQFunction(torch.autograd.Function):
         s_gt = 2 * s_gs - s_g  # Σ g·T
         g_up = (sum_to(r, lower) / delta - s_gf + 0.5 * a * s_gt) / n  # (Σ g·P − Σ g_x·z)/n
         g_lo = s_g - sum_to(gx, lower) - g_up
+        g_alpha = (delta * a * (0.5 * a * s_gt - 4 * s_gdf / (alpha * (2 - alpha)))).sum().reshape(alpha.shape)
+        return gx, g_lo, g_up.to(upper.dtype), g_alpha.to(alpha.dtype), None, None
+
+
+def _constants(lower: torch.Tensor, upper: torch.Tensor, alpha: torch.Tensor, n: int):
+    """``(Δ, 1/Δ, K, A)`` broadcast to the bounds' shape, stacked: a compiled kernel then loads them (``torch.stack``
+    is realized into a buffer) instead of recomputing ``atanh`` and three divisions per vector."""
+    width = upper - lower
+    parts = torch.broadcast_tensors(width / n, n / width, 2 * torch.atanh(1 - alpha), 1 / (1 - alpha))
+    return torch.stack(parts).unbind(0)
+
+
+class DSQFusedFunction(torch.autograd.Function):
+    """:class:`DSQFunction`'s maths for ``torch.compile`` (see the module docstring): saves ``x`` only, recomputes
+    ``z``, ``f``, ``S`` and the clip weight ``w`` in the backward; same ``apply`` arguments.
+
+    Example:
+        >>> import torch
+        >>> lo, up, a = torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([0.2])
+        >>> x = torch.tensor([0.0, 0.3, 0.5, 2.0], requires_grad=True)
+        >>> y = DSQFusedFunction.apply(x, lo, up, a, 1, False)
+        >>> bool(torch.allclose(y, DSQFunction.apply(x, lo, up, a, 1, False), rtol=1e-6, atol=1e-7))
+        True
+    """
+
+    @staticmethod
+    def forward(ctx, x, lower, upper, alpha, n: int, hard: bool):
+        delta, inv, k, a = _constants(lower, upper, alpha, n)
+        ctx.save_for_backward(lower, upper, alpha, x)
+        ctx.n = n
+        if hard:
+            return dsq_hard(x, lower, upper, n)
+        z = ((x - lower) * inv).clamp(0, n)
+        fr = z - torch.floor(z)  # z − i
+        ad = a * delta
+        # l + Δ·(i + ½ − ½A + A·S), S = σ(2K·(fr − ½))
+        return (z - fr) * delta + (lower + 0.5 * (delta - ad)) + torch.sigmoid(fr * (2 * k) - k) * ad
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        lower, upper, alpha, x = ctx.saved_tensors
+        n = ctx.n
+        delta, inv, k, a = _constants(lower, upper, alpha, n)
+        d = x - lower
+        z = (d * inv).clamp(0, n)
+        f = z - torch.floor(z) - 0.5
+        s = torch.sigmoid(2 * k * f)
+        gss = g * (s * (1 - s))  # g·S(1 − S)
+        w = (1 - torch.sign(d * (d - (upper - lower)))) * 0.5  # 1 inside, ½ at a tie, 0 clipped
+        gx = gss * (2 * a * k) * w  # g·D·w
+        s_g = sum_to(g, lower)
+        s_gt = 2 * sum_to(g * s, lower) - s_g  # Σ g·T
+        g_up = (sum_to((g - gx) * z, lower) - sum_to(g * f, lower) + 0.5 * a * s_gt) / n  # (Σ g·P − Σ g_x·z)/n
+        g_lo = s_g - sum_to(gx, lower) - g_up
+        s_gdf = sum_to(gss * f, lower)
         g_alpha = (delta * a * (0.5 * a * s_gt - 4 * s_gdf / (alpha * (2 - alpha)))).sum().reshape(alpha.shape)
         return gx, g_lo, g_up.to(upper.dtype), g_alpha.to(alpha.dtype), None, None

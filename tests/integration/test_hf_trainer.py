@@ -196,6 +196,32 @@ def test_trainer_checkpoint_reload_and_resume(corpus, tmp_path, optimizer):
         assert sd[TALR_KEY]["step"] == 8 and trainer.optimizer.optimizer.talr.state_dict() == sd[TALR_KEY]
 
 
+class _RunsCode:
+    """Unpickling this object writes ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('pwned')",)
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "rng_state.pth"])
+def test_trainer_resume_refuses_a_checkpoint_file_that_would_run_code(corpus, tmp_path, name):
+    """Resuming a QATTrainer from a shared checkpoint folder: its torch files are read weights-only (transformers
+    passes ``weights_only=True``), so a file carrying a code-running pickle is refused and runs nothing."""
+    _run(corpus, tmp_path / "run", 4)
+    ckpt = tmp_path / "run" / "checkpoint-4"
+    marker = tmp_path / "marker"
+    evil = torch.load(ckpt / name, weights_only=False)  # the real content (written above: trusted), plus the payload
+    evil["payload"] = _RunsCode(marker)
+    torch.save(evil, ckpt / name)
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported global") as e:
+        _run(corpus, tmp_path / "resumed", 8, resume=str(ckpt))
+    assert "exec" in str(e.value)
+    assert not marker.exists()
+
+
 def test_trainer_load_checkpoint_rejects_another_preparation(corpus, tmp_path):
     _, qm = _prepared(corpus)
     fxqat.calibrate(qm, [{"input_ids": _data(corpus, 1)[0]["input_ids"][None]}])

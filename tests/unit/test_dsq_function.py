@@ -1,4 +1,5 @@
-"""DSQ's fast autograd.Function against autograd through the plain-ops reference ``dsq_soft`` (float64).
+"""DSQ's fast autograd.Functions (eager: ``DSQFunction``; under torch.compile: ``DSQFusedFunction``) against autograd
+through the plain-ops reference ``dsq_soft`` (float64).
 
 Gradients to x, lower, upper and alpha must agree to float64 rounding (1e-10), per-tensor and per-channel, in soft
 and ``train_forward="hard"`` modes, including elements exactly at the clip bounds (autograd splits the gradient
@@ -11,7 +12,7 @@ from hypothesis import given, strategies as st
 
 from fxqat.config import QuantSpec
 from fxqat.quantizers import make_quantizer
-from fxqat.quantizers._dsq_function import DSQFunction, dsq_hard
+from fxqat.quantizers._dsq_function import DSQFunction, DSQFusedFunction, dsq_hard
 from fxqat.quantizers.dsq import dsq_soft
 
 seed_st = st.integers(0, 2**16)
@@ -51,17 +52,18 @@ def _grads(fn, x, lo, up, alpha, g):
     return y.detach(), [t.grad for t in leaves]
 
 
+@pytest.mark.parametrize("function", [DSQFunction, DSQFusedFunction], ids=["eager", "fused"])
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("hard", [False, True])
 @given(seed=seed_st, bits=bits_st, alpha=alpha_st)
-def test_function_gradients_equal_dsq_soft_autograd(per_channel, hard, seed, bits, alpha):
+def test_function_gradients_equal_dsq_soft_autograd(function, per_channel, hard, seed, bits, alpha):
     x, lo, up, g = _case(seed, per_channel)
     a = torch.tensor([alpha], dtype=torch.float64)
     view = (-1, 1, 1, 1) if per_channel else (1,)
     n = 2**bits - 1
     y_ref, g_ref = _grads(lambda *t: _reference(t[0], t[1].view(view), t[2].view(view), t[3], bits, hard),
                           x, lo, up, a, g)
-    y_new, g_new = _grads(lambda *t: DSQFunction.apply(t[0], t[1].view(view), t[2].view(view), t[3], n, hard),
+    y_new, g_new = _grads(lambda *t: function.apply(t[0], t[1].view(view), t[2].view(view), t[3], n, hard),
                           x, lo, up, a, g)
     if hard:
         assert torch.equal(y_new, y_ref)
