@@ -21,7 +21,9 @@ Gradients (``z = (clip(x, l, u) − l)/Δ``, ``i = ⌊z⌋``, ``f = z − i − 
 
 ``impl="function"`` (default) computes these in one ``torch.autograd.Function``
 (:class:`~fxqat.quantizers._dsq_function.DSQFunction`: a few elementwise passes and dot products; on CPU about a
-quarter of the step-time overhead of autograd through :func:`dsq_soft`); ``impl="autograd"`` differentiates
+quarter of the step-time overhead of autograd through :func:`dsq_soft`; under ``torch.compile``
+:class:`~fxqat.quantizers._dsq_function.DSQFusedFunction`, the same derivatives written for inductor's fusion);
+``impl="autograd"`` differentiates
 :func:`dsq_soft`'s plain tensor ops (twice differentiable). The two agree up to float rounding, except that
 the function counts an ``x`` whose ``x − l`` rounds to ``u − l`` (within an ulp of ``u``), or whose
 ``(x − l)·(x − u)`` underflows to 0, as a tie (``w = ½``). Hard forwards (``train_forward="hard"``, evaluation)
