@@ -83,6 +83,30 @@ def _kill_all(procs):
         p.communicate()
 
 
+def _kill_one_rank(procs, victim: int, ready, delay: float) -> None:
+    """Once ``ready()`` holds, SIGKILL rank ``victim`` ``delay`` s later; the other rank must exit with status 1
+    within ``SURVIVOR_BOUND_S``, its last line the one-line message naming its rank and ``--resume``."""
+    try:
+        t0 = time.monotonic()
+        while not ready():
+            assert all(p.poll() is None for p in procs), "the run ended before the kill point"
+            assert time.monotonic() - t0 < 600, "the kill point was not reached within 600 s"
+            time.sleep(0.005)
+        time.sleep(delay)
+        procs[victim].send_signal(signal.SIGKILL)
+        t_kill = time.monotonic()
+        survivor = procs[1 - victim]
+        _, err = survivor.communicate(timeout=SURVIVOR_BOUND_S)
+        waited = time.monotonic() - t_kill
+    finally:
+        _kill_all(procs)
+    assert procs[victim].returncode == -signal.SIGKILL
+    assert survivor.returncode == 1 and waited < SURVIVOR_BOUND_S, (survivor.returncode, err[-3000:])
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fxqat: error: fit(") and "lost contact with another process of the DDP run" in last, err
+    assert f"(rank {1 - victim} of 2)" in last and "--resume" in last and "Traceback" not in err
+
+
 def _metrics_step(out: Path) -> int:
     """The newest step of ``metrics.json`` (0 before the first checkpoint); it is replaced atomically, so it parses."""
     try:
@@ -218,22 +242,7 @@ def test_ddp_sigkill_of_one_rank_stops_the_other_then_resume_is_exact(tmp_path, 
     rng = random.Random(1806)  # victim: rank 0, the writer and the store host
     victim, target, delay = rng.randrange(2), rng.randrange(6, 30), rng.uniform(0.0, 0.03)
     out = tmp_path / "run"
-    procs = _start_ddp(out)
-    try:
-        _wait_for_step(out, target, procs)
-        time.sleep(delay)
-        procs[victim].send_signal(signal.SIGKILL)
-        t_kill = time.monotonic()
-        survivor = procs[1 - victim]
-        _, err = survivor.communicate(timeout=SURVIVOR_BOUND_S)
-        waited = time.monotonic() - t_kill
-    finally:
-        _kill_all(procs)
-    assert procs[victim].returncode == -signal.SIGKILL
-    assert survivor.returncode == 1 and waited < SURVIVOR_BOUND_S, (survivor.returncode, err[-3000:])
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("fxqat: error: fit(") and "lost contact with another process of the DDP run" in last, err
-    assert f"(rank {1 - victim} of 2)" in last and "--resume" in last and "Traceback" not in err
+    _kill_one_rank(_start_ddp(out), victim, lambda: _metrics_step(out) >= target, delay)
     ck = load_checkpoint(out / "checkpoint.pt")
     assert 0 < ck["pos"]["step"] < STEPS
     _finish_all(_start_ddp(out, "--resume"))
@@ -279,25 +288,7 @@ def test_fsdp_sigkill_of_one_rank_while_checkpointing_then_resume_is_exact(tmp_p
     _finish_all(_start_ddp(ref, args=FSDP_TRAIN))
     procs = _start_ddp(out, args=FSDP_TRAIN, FXQAT_FAULT_SLEEP_IN_SAVE="0.5")
     tmp = out / "dcp" / f".step-{FSDP_EVERY * nth:08d}.tmp"
-    try:
-        t0 = time.monotonic()
-        while not tmp.exists():
-            assert all(p.poll() is None for p in procs), "the run ended before the kill point"
-            assert time.monotonic() - t0 < 600, f"no save of step {FSDP_EVERY * nth} after 600 s"
-            time.sleep(0.005)
-        time.sleep(delay)
-        procs[victim].send_signal(signal.SIGKILL)
-        t_kill = time.monotonic()
-        survivor = procs[1 - victim]
-        _, err = survivor.communicate(timeout=SURVIVOR_BOUND_S)
-        waited = time.monotonic() - t_kill
-    finally:
-        _kill_all(procs)
-    assert procs[victim].returncode == -signal.SIGKILL
-    assert survivor.returncode == 1 and waited < SURVIVOR_BOUND_S, (survivor.returncode, err[-3000:])
-    last = err.strip().splitlines()[-1]
-    assert "lost contact with another process of the DDP run" in last and "--resume" in last, err
-    assert f"(rank {1 - victim} of 2)" in last and "Traceback" not in err
+    _kill_one_rank(procs, victim, tmp.exists, delay)
     # the interrupted save never became a checkpoint: the newest complete one is the save before it
     newest = latest_sharded(out / "dcp")
     assert newest is not None and newest.name == f"step-{FSDP_EVERY * (nth - 1):08d}", newest
