@@ -192,7 +192,9 @@ class NoiseTemperQuantizer(StateShapeMixin, Quantizer):
         if self.per_channel:
             s = channel_view(s, x, self.ch_axis)
         xd = x.detach()
-        z = clip_ste(xd / s, qmin, qmax, lo_closed=False, hi_closed=False)  # as torch.clamp, float masks
+        # x·(1/s): no per-element division forward or backward (the eager function divides; the values differ
+        # only where an ulp of z moves a rounding tie); clip_ste: torch.clamp with float masks
+        z = clip_ste(xd * (1 / s), qmin, qmax, lo_closed=False, hi_closed=False)
         q = round_ste(z) * s  # LSQ value and step-size gradient; x's gradient comes through κ below
         if noise is not None:
             if noise == "uniform":  # the eager draw as one operator (inductor's per-element Philox is slower)
