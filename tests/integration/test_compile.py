@@ -77,7 +77,7 @@ def test_compiled_training_step_matches_eager():
     assert all(torch.isfinite(p.grad).all() for p in qm.parameters() if p.grad is not None)
 
 
-@pytest.mark.slow  # inductor compiles a 2-layer tiny Llama's forward and backward: ~30 s on 2 cores
+@pytest.mark.slow  # dynamo + AOTAutograd trace a 2-layer tiny Llama: ~6 s on 2 cores
 def test_prepared_hf_llama_runs_under_torch_compile():
     """Transformers passes the attention mask as None in eager mode but as a tensor under torch.compile: the decoder
     layers' graph regions take both (the mask is a passed-on input, not a constant) and agree with eager.
