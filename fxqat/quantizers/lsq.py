@@ -74,8 +74,7 @@ class LSQFunction(torch.autograd.Function):
     def forward(ctx, x, s, grad_factor: float, qmin: int, qmax: int, ch_axis: Optional[int]):
         sv = s if ch_axis is None else channel_view(s, x, ch_axis)
         v = x / sv
-        c = torch.clamp(v, qmin, qmax)
-        q = torch.round(c)
+        q = torch.clamp(v, qmin, qmax).round_()  # one temporary fewer than clamp then round
         ctx.save_for_backward(v, q)
         ctx.grad_factor, ctx.ch_axis, ctx.qrange = grad_factor, ch_axis, (qmin, qmax)
         return q * sv
@@ -87,8 +86,8 @@ class LSQFunction(torch.autograd.Function):
         if ctx.ch_axis is None:
             gs = torch.dot(g.reshape(-1), q.reshape(-1)) - torch.dot(gx.reshape(-1), v.reshape(-1))
             gs = gs.reshape(1)
-        else:  # Σ g·q − Σ g_x·v per channel
-            gs = _sum_except(g * q - gx * v, ctx.ch_axis)
+        else:  # Σ g·q − Σ g_x·v per channel (group): one temporary, two passes
+            gs = _sum_except(torch.mul(g, q).addcmul_(gx, v, value=-1), ctx.ch_axis)
         return gx, gs * ctx.grad_factor, None, None, None, None
 
 
