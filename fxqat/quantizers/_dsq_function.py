@@ -142,11 +142,11 @@ class DSQFusedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lower, upper, alpha, n: int, hard: bool):
-        delta, inv, k, a = _constants(lower, upper, alpha, n)
         ctx.save_for_backward(lower, upper, alpha, x)
         ctx.n = n
         if hard:
             return dsq_hard(x, lower, upper, n)
+        delta, inv, k, a = _constants(lower, upper, alpha, n)
         z = ((x - lower) * inv).clamp(0, n)
         fr = z - torch.floor(z)  # z − i
         ad = a * delta
