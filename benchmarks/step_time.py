@@ -210,7 +210,7 @@ def main(argv=None):
                        + [f"| {k} | {v['seconds']:.3f} | {v['ratio_to_fp']:.2f}x | {v['ratio_to_lsq']:.2f}x | "
                           f"{v['overhead_ratio_to_lsq']:.2f}x |" for k, v in sorted(res.items(), key=lambda kv: kv[1]['seconds'])]
                        ) + "\n"
-        stem = "step_time_methods" + ("_compiled" if args.compile_methods else "")
+        stem = args.out or ("step_time_methods" + ("_compiled" if args.compile_methods else ""))
         write_results(stem, {"machine": machine(), "batch": b20, "compiled": args.compile_methods, "results": res}, md)
         print(md)
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, List
 
 import torch
@@ -31,3 +32,14 @@ def block_owners(blocks) -> Dict[str, List[int]]:
         for m in b.modules:
             where.setdefault(m, []).append(b.index)
     return where
+
+
+class RunsCode:
+    """A pickle payload: unpickling this object executes ``open(marker, 'w').write('pwned')`` (for tests that
+    crafted checkpoints are refused before any of their code runs)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('pwned')",)

@@ -26,6 +26,7 @@ from fxqat.training.checkpoint import (
     DIGEST_KEY, CheckpointError, atomic_save, clean_stale_tmp, load_checkpoint, rng_state,
 )
 from fxqat.training.loop import TrainConfig, fit
+from qat_helpers import RunsCode
 
 PKG = Path(ckpt_mod.__file__).resolve().parents[1]
 # the smallest real CLI run: MLP on digits, no FP stage, 4 QAT steps
@@ -33,20 +34,10 @@ TRAIN = ["train", "--model", "mlp", "--data", "digits", "--fp-steps", "0", "--st
          "--train-subset", "256", "--test-subset", "64", "--no-progress"]
 
 
-class _RunsCode:
-    """Unpickling this object executes ``open(marker, 'w').write('pwned')``."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return exec, (f"open({self.marker!r}, 'w').write('pwned')",)
-
-
 def _craft(path: Path, marker: Path, base=None) -> Path:
     """A torch file that looks like a checkpoint (``base`` or a tiny model dict) plus the code-running object."""
     obj = dict(base) if base is not None else {"model": {"w": torch.ones(3)}}
-    obj["payload"] = _RunsCode(marker)
+    obj["payload"] = RunsCode(marker)
     torch.save(obj, path)
     return path
 
@@ -81,7 +72,7 @@ def test_plain_pickle_file_is_refused_and_runs_nothing(tmp_path):
     marker = tmp_path / "marker"
     for proto in (0, 2, pickle.HIGHEST_PROTOCOL):  # not a torch zip: the legacy loader, same unpickler
         p = tmp_path / f"evil{proto}.pkl"
-        p.write_bytes(pickle.dumps({"model": _RunsCode(marker)}, protocol=proto))
+        p.write_bytes(pickle.dumps({"model": RunsCode(marker)}, protocol=proto))
         with pytest.raises(CheckpointError, match="refused") as e:
             load_checkpoint(p)
         assert str(p) in str(e.value) and "--trust-checkpoint" in str(e.value)
