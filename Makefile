@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(BIN)/fxqat demo
 
 test: $(XSTAMP)
+	$(BIN)/ruff check fxqat tests benchmarks examples
 	$(BIN)/python -m pytest -q -m "not slow" --doctest-modules fxqat tests
 	$(BIN)/python -m pytest -q -m slow tests
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -10,8 +11,10 @@ import time
 from typing import Callable, Dict, List
 
 import torch
+import torch.nn as nn
 
-__all__ = ["machine", "time_steps", "write_results"]
+__all__ = ["machine", "time_steps", "write_results", "torchao_config", "torchao_rtn", "torchao_qat_prepare",
+           "torchao_qat_convert"]
 
 
 def machine() -> Dict[str, object]:
@@ -52,3 +55,49 @@ def write_results(stem: str, payload: Dict[str, object], markdown: str) -> None:
         json.dump(payload, f, indent=2)
     with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write(markdown)
+
+
+# ------------------------------------------------------------------------------------------------- torchao (LLM)
+def torchao_config(setting: str):
+    """torchao's base config of an LLM setting (per-group 32, symmetric weights; asymmetric per-token activations)."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, MappingType, PerGroup
+
+    dtype = {"8da4w": torch.int4, "int4": torch.int4, "int3": torch.int3, "int2": torch.int2}[setting]
+    if setting == "8da4w":
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=PerGroup(32),
+                                                     weight_mapping_type=MappingType.SYMMETRIC,
+                                                     act_mapping_type=MappingType.ASYMMETRIC)
+    return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerGroup(32), mapping_type=MappingType.SYMMETRIC)
+
+
+def not_lm_head(module: nn.Module, fqn: str) -> bool:
+    """torchao filter: every nn.Linear but lm_head (fxqat's presets keep the last layer in FP too)."""
+    return isinstance(module, nn.Linear) and not fqn.endswith("lm_head")
+
+
+def torchao_rtn(model: nn.Module, setting: str) -> nn.Module:
+    """torchao round-to-nearest PTQ of a copy of ``model``."""
+    from torchao.quantization import quantize_
+
+    m = copy.deepcopy(model).eval()
+    quantize_(m, torchao_config(setting), filter_fn=not_lm_head)
+    return m
+
+
+def torchao_qat_prepare(model: nn.Module, setting: str) -> nn.Module:
+    """A copy of ``model`` with torchao's QAT fake quantizers (``QATConfig(base, step="prepare")``)."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig as AOQATConfig
+
+    m = copy.deepcopy(model)
+    quantize_(m, AOQATConfig(torchao_config(setting), step="prepare"), filter_fn=not_lm_head)
+    return m
+
+
+def torchao_qat_convert(model: nn.Module, setting: str) -> nn.Module:
+    """torchao's ``step="convert"``, in place; returns the model in eval mode."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig as AOQATConfig
+
+    quantize_(model, AOQATConfig(torchao_config(setting), step="convert"), filter_fn=not_lm_head)
+    return model.eval()

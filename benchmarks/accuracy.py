@@ -34,8 +34,9 @@ from typing import Dict, List, Tuple
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import fxqat  # noqa: E402
 from _common import machine, write_results  # noqa: E402
+
+import fxqat  # noqa: E402
 from fxqat import data as fdata  # noqa: E402
 from fxqat.models import get_model  # noqa: E402
 from fxqat.training.loop import TrainConfig  # noqa: E402
@@ -83,7 +84,6 @@ def _summary(profile: Profile, name: str, runs: List[Dict], fp_top1: float, sour
 
 def run(profile: Profile, name: str) -> Dict:
     t_start = time.perf_counter()
-    dev = torch.device(profile.device if torch.cuda.is_available() or profile.device == "cpu" else "cpu")
     tr = fdata.cifar10(train=True)
     te = fdata.cifar10(train=False).subset(profile.test_subset)
     loader = fdata.BatchLoader(tr, profile.batch_size, train=True, seed=0, rank=0, world_size=1)

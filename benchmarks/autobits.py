@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import fxqat  # noqa: E402
 from _common import machine, write_results  # noqa: E402
+
+import fxqat  # noqa: E402
 from fxqat import data as fdata  # noqa: E402
 from fxqat.models import get_model  # noqa: E402
 from fxqat.training.loop import TrainConfig  # noqa: E402

@@ -21,7 +21,6 @@ Run: ``OMP_NUM_THREADS=1 python benchmarks/autobits_llm.py`` (writes ``results/a
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import logging
 import math
@@ -33,11 +32,12 @@ from typing import Dict, List, Tuple
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import fxqat  # noqa: E402
 from _common import machine, write_results  # noqa: E402
 from autobits import ARMS, allocation_rows, arm_rows, cost_rows, uniform_config  # noqa: E402
+
+import fxqat  # noqa: E402
 from fxqat.text_data import tiny_shakespeare  # noqa: E402
-from fxqat.training.lm import FINETUNE_RECIPE, FP_RECIPE, LMRecipe, evaluate_lm, lm_loss, train_lm  # noqa: E402
+from fxqat.training.lm import FINETUNE_RECIPE, FP_RECIPE, evaluate_lm, lm_loss, train_lm  # noqa: E402
 from fxqat.training.recipes import pretrained_char_llama  # noqa: E402
 
 log = logging.getLogger("autobits_llm")

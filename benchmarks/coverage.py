@@ -35,8 +35,8 @@ import torch.nn as nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-from _common import machine, time_steps, write_results  # noqa: E402
 import hf_zoo  # noqa: E402  (the test suite's tiny transformers models)
+from _common import machine, time_steps, write_results  # noqa: E402
 
 import fxqat  # noqa: E402
 from fxqat.layer_registry import is_weight_layer  # noqa: E402

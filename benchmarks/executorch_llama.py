@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import fxqat  # noqa: E402
 from _common import machine, write_results  # noqa: E402
+
+import fxqat  # noqa: E402
 from fxqat.export import load_executorch, to_executorch, to_torchao  # noqa: E402
 from fxqat.text_data import tiny_shakespeare  # noqa: E402
 from fxqat.training.lm import FINETUNE_RECIPE, LMRecipe, evaluate_lm, train_lm  # noqa: E402
@@ -108,7 +109,7 @@ def main() -> None:
         "seconds": {"fp_pretrain_or_load": t_fp, "qat": t_qat, "handoff": t_handoff, "export_lower_8da4w": t_q,
                     "export_lower_fp": t_f, "evaluate": t_eval},
     }
-    md = [f"# ExecuTorch (XNNPACK) deployment of the 8da4w char-Llama\n",
+    md = ["# ExecuTorch (XNNPACK) deployment of the 8da4w char-Llama\n",
           f"FP pre-training {args.fp_steps} steps (val loss {info['val_loss']:.4f}), 8da4w QAT {args.qat_steps} steps; "
           f"{args.batches} validation batches of {args.batch}x{args.context}; logit std {logit_std:.3f}.\n",
           "| comparison | max abs Δ logit | mean abs Δ logit | next-token agreement | loss of the second |",

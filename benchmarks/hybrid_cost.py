@@ -16,9 +16,7 @@ Run: ``python benchmarks/hybrid_cost.py [--quick]``; writes ``benchmarks/results
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import resource
 import subprocess
 import sys
 
@@ -27,8 +25,9 @@ import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import fxqat  # noqa: E402
 from _common import machine, time_steps, write_results  # noqa: E402
+
+import fxqat  # noqa: E402
 from fxqat.models import get_model  # noqa: E402
 from fxqat.passes.extract import extract, view  # noqa: E402
 

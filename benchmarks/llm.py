@@ -41,13 +41,21 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine, time_steps  # noqa: E402
+from _common import machine, time_steps, torchao_qat_convert, torchao_qat_prepare, torchao_rtn  # noqa: E402
 
 import fxqat  # noqa: E402
 from fxqat.config import HybridConfig  # noqa: E402
 from fxqat.text_data import tiny_shakespeare  # noqa: E402
-from fxqat.training.lm import FINETUNE_RECIPE, FP_RECIPE, LMRecipe, evaluate_lm, lm_loss, train_lm  # noqa: E402
-from fxqat.training.losses import distillation_loss, hybrid_loss, logits_of  # noqa: E402
+from fxqat.training.lm import (  # noqa: E402
+    FINETUNE_RECIPE,
+    FP_RECIPE,
+    LMRecipe,
+    evaluate_lm,
+    hybrid_lm_loss,
+    kd_lm_loss,
+    lm_loss,
+    train_lm,
+)
 from fxqat.training.recipes import pretrained_char_llama  # noqa: E402
 
 log = logging.getLogger("llm")
@@ -69,49 +77,6 @@ def profile(quick: bool) -> Dict[str, Any]:
     return {"model": small, "fp": fp, "ft": ft, "n_val": 4, "n_curve": 2, "curve_every": 3}
 
 
-# ------------------------------------------------------------------------------------------------- torchao
-def torchao_config(setting: str):
-    """torchao's base config of a setting (per-group 32, symmetric weights; asymmetric per-token activations)."""
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, MappingType, PerGroup
-
-    dtype = {"8da4w": torch.int4, "int4": torch.int4, "int3": torch.int3, "int2": torch.int2}[setting]
-    if setting == "8da4w":
-        return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=PerGroup(32),
-                                                     weight_mapping_type=MappingType.SYMMETRIC,
-                                                     act_mapping_type=MappingType.ASYMMETRIC)
-    return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerGroup(32), mapping_type=MappingType.SYMMETRIC)
-
-
-def _not_lm_head(module: nn.Module, fqn: str) -> bool:
-    """torchao filter: every nn.Linear but lm_head (fxqat's presets keep the last layer in FP too)."""
-    return isinstance(module, nn.Linear) and not fqn.endswith("lm_head")
-
-
-def torchao_rtn(model: nn.Module, setting: str) -> nn.Module:
-    from torchao.quantization import quantize_
-
-    m = copy.deepcopy(model).eval()
-    quantize_(m, torchao_config(setting), filter_fn=_not_lm_head)
-    return m
-
-
-def torchao_qat_prepare(model: nn.Module, setting: str) -> nn.Module:
-    from torchao.quantization import quantize_
-    from torchao.quantization.qat import QATConfig as AOQATConfig
-
-    m = copy.deepcopy(model)
-    quantize_(m, AOQATConfig(torchao_config(setting), step="prepare"), filter_fn=_not_lm_head)
-    return m
-
-
-def torchao_qat_convert(model: nn.Module, setting: str) -> nn.Module:
-    from torchao.quantization import quantize_
-    from torchao.quantization.qat import QATConfig as AOQATConfig
-
-    quantize_(model, AOQATConfig(torchao_config(setting), step="convert"), filter_fn=_not_lm_head)
-    return model.eval()
-
-
 # ------------------------------------------------------------------------------------------------- fxqat
 def fxqat_prepare(fp: nn.Module, setting: str, x0: torch.Tensor, hybrid: bool) -> nn.Module:
     cfg = fxqat.QATConfig.preset(PRESET[setting])
@@ -122,23 +87,8 @@ def fxqat_prepare(fp: nn.Module, setting: str, x0: torch.Tensor, hybrid: bool) -
     return qm
 
 
-def kd_loss_fn(teacher: nn.Module) -> Callable:
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-
-    def loss(model, x, y):
-        with torch.no_grad():
-            t = logits_of(teacher(x))
-        s = logits_of(model(x))
-        total, _ = distillation_loss(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), y.reshape(-1))
-        return total
-
-    return loss
-
-
-def br_loss(model, x, y):
-    return hybrid_loss(model(x), y)[0]
+kd_loss_fn = kd_lm_loss
+br_loss = hybrid_lm_loss
 
 
 # ------------------------------------------------------------------------------------------------- one seed

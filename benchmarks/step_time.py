@@ -32,12 +32,13 @@ import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import fxqat  # noqa: E402
 from _common import machine, time_steps, write_results  # noqa: E402
+from llm import fxqat_prepare, torchao_qat_prepare  # noqa: E402 (the LLM benchmark's preparation of both arms)
+
+import fxqat  # noqa: E402
+from fxqat.method_registry import get_method  # noqa: E402
 from fxqat.models import get_model  # noqa: E402
 from fxqat.models.hf import char_llama  # noqa: E402
-from fxqat.method_registry import get_method  # noqa: E402
-from llm import fxqat_prepare, torchao_qat_prepare  # noqa: E402 (the LLM benchmark's preparation of both arms)
 from fxqat.training.lm import lm_loss  # noqa: E402
 
 log = logging.getLogger("step_time")

@@ -29,14 +29,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import fxqat  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
 from _common import machine, time_steps, write_results  # noqa: E402
-from fxqat.quantizers.grad import GradQuantizer  # noqa: E402
+
+import fxqat  # noqa: E402
 from fxqat.models import get_model  # noqa: E402
 from fxqat.optim import TransitionRateScheduler  # noqa: E402
+from fxqat.quantizers.grad import GradQuantizer  # noqa: E402
 
 log = logging.getLogger("training_overhead")
 

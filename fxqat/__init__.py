@@ -10,6 +10,7 @@ Example:
 
 import logging as _logging
 
+from fxqat import quantizers
 from fxqat.api import (
     calibrate,
     convert,
@@ -20,16 +21,15 @@ from fxqat.api import (
 )
 from fxqat.capture.eager_model import capture_report
 from fxqat.capture.hierarchy import CaptureReport
-from fxqat.export.torch_ao import to_qconfig_mapping
-from fxqat.layer_registry import register_weight_layer
-from fxqat.graph.blocks import Block
-from fxqat.passes.build_hybrid import HybridOutput
-from fxqat.training.losses import distillation_loss, hybrid_loss, kd_loss
 from fxqat.config import HybridConfig, Override, QATConfig, QuantSpec
-from fxqat import quantizers
+from fxqat.export.torch_ao import to_qconfig_mapping
+from fxqat.graph.blocks import Block
+from fxqat.layer_registry import register_weight_layer
 from fxqat.mixed import Allocation, SensitivityTable, allocate_bits, sensitivity
+from fxqat.passes.build_hybrid import HybridOutput
 from fxqat.quantizers import NotAffineError, Quantizer, available_methods, named_quantizers
 from fxqat.trace import TraceFailure, trace
+from fxqat.training.losses import distillation_loss, hybrid_loss, kd_loss
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 

@@ -15,24 +15,22 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from fxqat.capture.eager_model import convert_eager, eager_blocks, is_eager_model, prepare_eager
+from fxqat.capture.layers import is_quantized_layer
 from fxqat.capture.shapes import propagate_shapes
 from fxqat.config import HybridConfig, QATConfig, track_overrides, warn_unmatched_overrides
 from fxqat.graph.blocks import partition
-from fxqat.passes.build_hybrid import build_hybrid, mark_cuts
 from fxqat.passes.annotate import annotate, is_weight_layer_node
-from fxqat.capture.layers import is_quantized_layer
+from fxqat.passes.build_hybrid import build_hybrid, mark_cuts
 from fxqat.passes.insert_quant import CONTAINER, QROLE, OpaqueWeightQuant, insert_quant
 from fxqat.passes.normalize import normalize
 from fxqat.passes.shard_units import prepared_blocks
-from fxqat.quantizers.base import Quantizer
 from fxqat.quantizers.control import calibrate, named_quantizers, set_quantization, trainable_parameters
 from fxqat.trace import TraceFailure, trace
 
@@ -206,7 +204,7 @@ def find_blocks(
     h = config.hybrid or HybridConfig()
     if is_eager_model(model):
         return eager_blocks(model, h.cuts)
-    if isinstance(model, fx.GraphModule) and quantizers(model):  # prepared already: the partition of its FP graph
+    if isinstance(model, fx.GraphModule) and named_quantizers(model):  # prepared already: the partition of its FP graph
         return prepared_blocks(model)
     try:
         gm = prepare_fp_graph(model, example_inputs, config, concrete_args=concrete_args)

@@ -24,13 +24,28 @@ from typing import Any, Dict, Literal, Optional, Sequence, Tuple, Union
 import torch.nn as nn
 
 from fxqat.override_use import (
-    UnmatchedOverrideWarning, current_override_use, track_overrides, warn_unmatched_overrides,
+    UnmatchedOverrideWarning,
+    current_override_use,
+    track_overrides,
+    warn_unmatched_overrides,
 )
 from fxqat.quant_spec import (
-    GRANULARITIES, Kind, QuantSpec, check_bits, check_buildable, check_group_size, check_method,
+    GRANULARITIES,
+    Kind,
+    QuantSpec,
+    check_bits,
+    check_buildable,
+    check_group_size,
+    check_method,
 )
 from fxqat.validate import (
-    check_bool, check_choice, check_int, check_number, did_you_mean, name_tuple, options_tuple,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    did_you_mean,
+    name_tuple,
+    options_tuple,
 )
 
 __all__ = [

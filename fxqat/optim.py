@@ -10,6 +10,6 @@ Example:
     ('TransitionRateScheduler', 0.99)
 """
 
-from fxqat.training.optim import AdamT, AdamWT, SGDT, TransitionRateScheduler, transition_codes
+from fxqat.training.optim import SGDT, AdamT, AdamWT, TransitionRateScheduler, transition_codes
 
 __all__ = ["TransitionRateScheduler", "SGDT", "AdamT", "AdamWT", "transition_codes"]

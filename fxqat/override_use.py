@@ -19,7 +19,6 @@ from typing import Any, Iterator, List, Optional, Set
 
 from fxqat.validate import did_you_mean
 
-
 __all__ = ["UnmatchedOverrideWarning", "OverrideUse", "track_overrides", "current_override_use",
            "warn_unmatched_overrides"]
 

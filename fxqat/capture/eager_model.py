@@ -27,8 +27,8 @@ from torch import nn
 
 from fxqat.capture.chain import chain_blocks, find_chain
 from fxqat.capture.eager_hybrid import make_eager_hybrid, remove_hybrid
-from fxqat.capture.inner_cuts import refine
 from fxqat.capture.hierarchy import CAPTURE_ATTR, CaptureReport, Region, capture_eager
+from fxqat.capture.inner_cuts import refine
 from fxqat.capture.layers import WEIGHT_QUANT, is_quantized_layer
 from fxqat.capture.record import record_calls
 from fxqat.capture.region import GraphRegion

@@ -40,20 +40,19 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-import torch
 from torch import nn
 
 from fxqat.capture.inner_cuts import FP_GRAPH
 from fxqat.capture.layers import quantize_layer
 from fxqat.capture.record import Call, record_calls
-from fxqat.capture.region import GraphRegion, Unbindable, trace_region
+from fxqat.capture.region import GraphRegion, trace_region
 from fxqat.capture.shapes import propagate_shapes
 from fxqat.config import QATConfig
 from fxqat.layer_registry import holds_weight_layer, is_weight_layer, registered_types, weight_layer_entry
-from fxqat.quantizers.base import Quantizer
 from fxqat.passes.annotate import annotate
 from fxqat.passes.insert_quant import CONTAINER, insert_quant
 from fxqat.passes.normalize import normalize
+from fxqat.quantizers.base import Quantizer
 
 __all__ = ["Region", "CaptureReport", "capture_eager", "CAPTURE_ATTR"]
 

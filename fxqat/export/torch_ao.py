@@ -38,8 +38,8 @@ from torch import nn
 from torch.ao.quantization import FakeQuantizeBase, PlaceholderObserver, QConfig, QConfigMapping
 
 from fxqat.config import QATConfig
-from fxqat.quantizers.registry import get_method
 from fxqat.export.affine import AffineParams, ExportError, QuantPoint, cpu_inputs, fp_module, safe_name
+from fxqat.quantizers.registry import get_method
 
 __all__ = ["FixedAffineFakeQuantize", "to_qconfig_mapping", "to_torch_ao", "fxqat_backend_config"]
 

@@ -9,8 +9,8 @@ Example:
 """
 
 from fxqat.graph.blocks import META_KEY, Block, partition, summary_table
-from fxqat.graph.modinfo import block_params, default_is_quantized, module_class, node_stack
 from fxqat.graph.dominance import cut_nodes, immediate_dominators, sink_dominators, source_postdominators
+from fxqat.graph.modinfo import block_params, default_is_quantized, module_class, node_stack
 from fxqat.graph.nxview import SINK, SOURCE, dead_nodes, free_nodes, path_nodes, to_networkx
 from fxqat.graph.plot import plot_partition
 from fxqat.graph.split import prefix_module, suffix_module

@@ -39,13 +39,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fxqat.quantizers.control import named_quantizers
 from fxqat.graph.blocks import Block
 from fxqat.hybrid_output import HybridOutput
 from fxqat.mixed.layers import QuantLayer, model_blocks, split_fixed
 from fxqat.mixed.second_order import math_attention, second_order_per_batch, weight_errors, weight_pairs
 from fxqat.mixed.state import hybrid_of, path_mode, preserved
 from fxqat.mixed.table import METHODS, BlockSensitivity, SensitivityTable
+from fxqat.quantizers.control import named_quantizers
 from fxqat.training.losses import hybrid_loss
 
 __all__ = ["sensitivity", "task_loss"]

@@ -15,7 +15,14 @@ from typing import Any, Callable, Dict, List, Sequence
 import torch.nn as nn
 
 from fxqat.models.resnet_cifar import (
-    BasicBlock, CifarResNet, PadShortcut, resnet20, resnet32, resnet44, resnet56, resnet110,
+    BasicBlock,
+    CifarResNet,
+    PadShortcut,
+    resnet20,
+    resnet32,
+    resnet44,
+    resnet56,
+    resnet110,
 )
 from fxqat.models.small import MLP, SmallCNN
 

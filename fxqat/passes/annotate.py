@@ -48,9 +48,9 @@ from torch import nn
 
 from fxqat.config import Override, QATConfig, QuantSpec
 from fxqat.graph.modinfo import input_free_nodes, parameter_sources
+from fxqat.layer_registry import weight_layer_entry
 from fxqat.passes.matmuls import matmul_inputs
 from fxqat.passes.signedness import is_float_tensor, producer_unsigned
-from fxqat.layer_registry import weight_layer_entry
 from fxqat.quantizers.base import Quantizer
 
 __all__ = ["LayerQuant", "annotate", "annotated_layers", "is_weight_layer_node", "layer_style", "QMETA",

@@ -33,17 +33,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from fxqat.config import HybridConfig, QATConfig
+from fxqat.graph.blocks import partition
+from fxqat.graph.subgraph import OUTPUT, extract, view
 from fxqat.hybrid_output import HybridOutput, select_paths
 from fxqat.passes.annotate import is_weight_layer_node
-from fxqat.graph.subgraph import OUTPUT, extract, view
-from fxqat.graph.blocks import partition
 from fxqat.trace import adopt_hierarchy
 
 __all__ = ["HybridOutput", "HybridGraphModule", "mark_cuts", "build_hybrid", "CUT"]

@@ -35,8 +35,8 @@ from torch import nn
 from fxqat.quantizers._zoo_utils import StateShapeMixin, act_clip_std, axis_of, check_choice, reduce, set_tensor
 from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, grad_inside, use_function
 from fxqat.quantizers.lsq import round_ste
-from fxqat.quantizers.ste import clip_ste
 from fxqat.quantizers.registry import register
+from fxqat.quantizers.ste import clip_ste
 
 __all__ = ["DoReFaQuantizer", "dorefa_weight", "quantize_k", "DoReFaWeightMixin"]
 

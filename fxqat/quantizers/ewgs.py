@@ -40,7 +40,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 from typing import Callable, Iterable, List, Optional
 
 import torch

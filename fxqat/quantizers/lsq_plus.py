@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from fxqat.quantizers._zoo_utils import (
+    StateShapeMixin,
     axis_of,
     check_choice,
     dot_to,
@@ -45,7 +46,6 @@ from fxqat.quantizers._zoo_utils import (
     numel_per_scale,
     reduce,
     set_tensor,
-    StateShapeMixin,
     sum_to,
     widen_degenerate,
 )

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from fxqat.quantizers._zoo_utils import (
+    StateShapeMixin,
     axis_of,
     check_choice,
     dot_to,
@@ -56,13 +57,12 @@ from fxqat.quantizers._zoo_utils import (
     numel_per_scale,
     reduce,
     set_tensor,
-    StateShapeMixin,
 )
 from fxqat.quantizers.base import Quantizer, channel_view, grad_inside, use_function
 from fxqat.quantizers.grad_ops import noise_from_codes, uniform_noise, uniform_noise_codes
 from fxqat.quantizers.lsq import round_ste
-from fxqat.quantizers.ste import clip_ste
 from fxqat.quantizers.registry import register
+from fxqat.quantizers.ste import clip_ste
 
 __all__ = ["NoiseTemperQuantizer", "NoiseTemperFunction"]
 

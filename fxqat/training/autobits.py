@@ -31,8 +31,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from fxqat.api import prepare_fp_graph, prepare_qat
-from fxqat.api import find_blocks
+from fxqat.api import find_blocks, prepare_fp_graph, prepare_qat
 from fxqat.config import HybridConfig, QATConfig
 from fxqat.data import BatchLoader, load
 from fxqat.mixed.allocate import allocate_bits

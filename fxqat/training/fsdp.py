@@ -31,7 +31,7 @@ Example (two processes; see tests/integration/test_fsdp.py and docs/fsdp.md)::
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -41,10 +41,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from fxqat.quantizers.control import named_quantizers
 from fxqat.capture.eager_model import eager_blocks, is_eager_model
 from fxqat.passes.build_hybrid import HybridGraphModule
 from fxqat.passes.shard_units import GateUnit, insert_gates, prepared_blocks
+from fxqat.quantizers.control import named_quantizers
 
 __all__ = ["shard_prepared", "is_sharded", "shard_units", "sync_buffers", "full_state_dict", "FSDP_ATTR"]
 

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fxqat.quantizers.base import Quantizer
-from fxqat.training.losses import logits_of
+from fxqat.training.losses import distillation_loss, hybrid_loss, logits_of
 
 __all__ = ["LMRecipe", "FP_RECIPE", "FINETUNE_RECIPE", "lm_loss", "lm_optimizer", "warmup_cosine", "evaluate_lm",
-           "train_lm", "quantizer_parameter_ids"]
+           "train_lm", "quantizer_parameter_ids", "kd_lm_loss", "hybrid_lm_loss"]
 
 log = logging.getLogger(__name__)
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -75,6 +75,30 @@ def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of ``model(x)`` (a tensor or a ``ModelOutput`` with ``.logits``)."""
     logits = logits_of(model(x))
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def kd_lm_loss(teacher: nn.Module) -> LossFn:
+    """A ``loss_fn`` for :func:`train_lm`: next-token cross-entropy + KD to a frozen ``teacher``'s logits
+    (:func:`~fxqat.training.losses.distillation_loss` with ``HybridConfig()``'s weights: the "LSQ + KD" arm).
+
+    The teacher is put in eval mode and its parameters frozen (pass a copy if it must stay trainable).
+    """
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t = logits_of(teacher(x))
+        s = logits_of(model(x))
+        return distillation_loss(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), y.reshape(-1))[0]
+
+    return loss
+
+
+def hybrid_lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A ``loss_fn`` for :func:`train_lm` on a block-replacement model: :func:`~fxqat.training.losses.hybrid_loss`."""
+    return hybrid_loss(model(x), y)[0]
 
 
 def quantizer_parameter_ids(model: nn.Module) -> set:

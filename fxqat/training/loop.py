@@ -50,12 +50,19 @@ from fxqat.hybrid_output import HybridOutput
 from fxqat.quantizers.base import Quantizer
 from fxqat.quantizers.control import calibrate as calibrate_quantizers
 from fxqat.training import distributed as ddp
+from fxqat.training.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    atomic_write_text,
+    load_checkpoint,
+    rng_state,
+    seed_rng,
+    set_rng_state,
+    to_json,
+)
 from fxqat.training.dcp import latest_sharded, load_sharded, save_sharded
 from fxqat.training.fsdp import shard_prepared
 from fxqat.training.health import NonFiniteGuard
-from fxqat.training.checkpoint import (
-    CheckpointError, atomic_save, atomic_write_text, load_checkpoint, rng_state, seed_rng, set_rng_state, to_json,
-)
 from fxqat.training.losses import distillation_loss, hybrid_loss, kd_loss
 from fxqat.training.report import plot_run
 

@@ -17,10 +17,10 @@ from typing import Any, Dict, Optional, Tuple
 import torch.nn as nn
 
 from fxqat.data import cache_dir
-from fxqat.training import distributed as ddp
-from fxqat.training.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from fxqat.models.hf import CHAR_LLAMA, char_llama
 from fxqat.quantizers.control import trainable_parameters
+from fxqat.training import distributed as ddp
+from fxqat.training.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from fxqat.training.lm import FP_RECIPE, LMRecipe, evaluate_lm, train_lm
 from fxqat.training.loop import TrainConfig, calibrate, evaluate, fit
 

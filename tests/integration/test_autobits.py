@@ -1,7 +1,6 @@
 """Mixed precision end to end: the allocated config prepares and trains ResNet-20 and the tiny Llama; the CLI."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

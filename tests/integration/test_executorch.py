@@ -18,9 +18,9 @@ import os
 import pytest
 import torch
 import torch.nn as nn
+from qat_helpers import trained
 
 import fxqat
-from qat_helpers import trained
 from fxqat.export import ExportError, load_executorch, to_executorch, to_torchao
 
 pytest.importorskip("torchao", reason="torchao is not installed: pip install -e '.[export]'")

@@ -15,16 +15,20 @@ import torch
 import fxqat
 
 pytest.importorskip("transformers")
+from qat_helpers import RunsCode  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from fxqat.integrations.causal_lm import causal_lm_loss  # noqa: E402
 from fxqat.integrations.lm_dataset import CharLMDataset  # noqa: E402
 from fxqat.integrations.optimizers import TALR_KEY, TALROptimizer  # noqa: E402
 from fxqat.integrations.transformers import (  # noqa: E402
-    FxqatCallback, QATTrainer, fxqat_compute_loss, load_checkpoint, prepare_for_trainer,
+    FxqatCallback,
+    QATTrainer,
+    fxqat_compute_loss,
+    load_checkpoint,
+    prepare_for_trainer,
 )
 from fxqat.models.hf import char_llama  # noqa: E402
-from qat_helpers import RunsCode  # noqa: E402
 from fxqat.optim import AdamWT  # noqa: E402
 from fxqat.quantizers.noise_temper import NoiseTemperQuantizer  # noqa: E402
 from fxqat.text_data import tiny_shakespeare  # noqa: E402

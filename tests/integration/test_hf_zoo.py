@@ -6,7 +6,6 @@ trains a step, partitions into at least one block per layer, and builds the hybr
 output with quantization off and a shared partner.
 """
 
-import copy
 
 import pytest
 import torch

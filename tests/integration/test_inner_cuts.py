@@ -23,6 +23,7 @@ from fxqat.training.losses import logits_of
 pytest.importorskip("transformers")
 from hf_zoo import ZOO, build  # noqa: E402
 from qat_helpers import block_owners  # noqa: E402
+
 from fxqat.models.hf import char_llama  # noqa: E402
 
 RESIDUAL = fxqat.QATConfig(hybrid=fxqat.HybridConfig(cuts="residual"))

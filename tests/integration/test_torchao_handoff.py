@@ -18,9 +18,9 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from qat_helpers import trained
 
 import fxqat
-from qat_helpers import trained
 from fxqat.export import ExportError, quant_points, to_onnx, to_pt2e, to_torch_ao, to_torchao, torchao_configs
 
 torchao = pytest.importorskip("torchao", reason="torchao is not installed: pip install -e '.[export]'")

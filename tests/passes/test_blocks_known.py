@@ -18,19 +18,24 @@ from torch import fx, nn
 
 import fxqat
 import fxqat.graph
-from fxqat.models.resnet_cifar import resnet20
-from fxqat.graph import blocks as blocks_mod
-from fxqat.graph import dominance, merge, modinfo, nxview, plot, split
 from fxqat.graph import (
     META_KEY,
     block_params,
+    dominance,
+    merge,
+    modinfo,
     node_stack,
+    nxview,
     partition,
+    plot,
     plot_partition,
     prefix_module,
+    split,
     suffix_module,
     summary_table,
 )
+from fxqat.graph import blocks as blocks_mod
+from fxqat.models.resnet_cifar import resnet20
 
 
 def _block_of_module(gm: fx.GraphModule, path: str):

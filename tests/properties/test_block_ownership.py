@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from qat_helpers import block_owners
+from strategies import GeneratedNet, any_model_st
 from torch import nn
 
 import fxqat
@@ -25,8 +27,6 @@ from fxqat.api import prepare_fp_graph
 from fxqat.graph import META_KEY, partition
 from fxqat.layer_registry import is_weight_layer
 from fxqat.passes.annotate import QMETA, annotate
-from qat_helpers import block_owners
-from strategies import GeneratedNet, any_model_st
 
 
 class StdConv2d(nn.Conv2d):

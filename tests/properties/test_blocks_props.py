@@ -20,6 +20,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import REJOIN_CLASSES, any_model_st, cnn_st
 from torch import fx
 
 from fxqat.graph import (
@@ -35,7 +36,6 @@ from fxqat.graph import (
     suffix_module,
     to_networkx,
 )
-from strategies import REJOIN_CLASSES, any_model_st, cnn_st
 
 STRUCTURAL = pytest.mark.parametrize("structural", [True, False], ids=["structural", "flat"])
 

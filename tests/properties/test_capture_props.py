@@ -1,12 +1,11 @@
 """Property tests of hierarchical capture on random nested module trees with untraceable modules."""
 
 import torch
+from capture_strategies import eager_tree_st
 from hypothesis import given
 
 import fxqat
 from fxqat.layer_registry import is_weight_layer
-
-from capture_strategies import eager_tree_st
 
 
 def _weight_layers(model):

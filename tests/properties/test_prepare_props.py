@@ -4,12 +4,13 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import any_model_st
 
 import fxqat
 from fxqat.quantizers import available_methods
 from fxqat.trace import trace
-from strategies import any_model_st
 
 METHODS = [m for m in available_methods() if m not in ("grad", "dynamic")]  # dynamic: per-token activations only
 

@@ -7,7 +7,6 @@ with a ``__reduce__`` that runs code (here: writes a marker file) the moment it 
 
 import ast
 import logging
-import os
 import pickle
 import random
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from qat_helpers import RunsCode
 
 from fxqat import data
 from fxqat.cli import main
@@ -23,10 +23,14 @@ from fxqat.models import get_model
 from fxqat.training import checkpoint as ckpt_mod
 from fxqat.training import recipes
 from fxqat.training.checkpoint import (
-    DIGEST_KEY, CheckpointError, atomic_save, clean_stale_tmp, load_checkpoint, rng_state,
+    DIGEST_KEY,
+    CheckpointError,
+    atomic_save,
+    clean_stale_tmp,
+    load_checkpoint,
+    rng_state,
 )
 from fxqat.training.loop import TrainConfig, fit
-from qat_helpers import RunsCode
 
 PKG = Path(ckpt_mod.__file__).resolve().parents[1]
 # the smallest real CLI run: MLP on digits, no FP stage, 4 QAT steps

@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 import fxqat
-from fxqat.config import GRANULARITIES
 from fxqat import method_registry
+from fxqat.config import GRANULARITIES
 from fxqat.quantizers.registry import get_method, granularity_support, granularity_table
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"

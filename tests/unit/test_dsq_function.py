@@ -8,7 +8,8 @@ of ``torch.maximum``/``torch.minimum`` evenly there; the Function reproduces the
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fxqat.config import QuantSpec
 from fxqat.quantizers import make_quantizer

@@ -7,7 +7,8 @@ activations (``act_output`` "denorm" and "unit"), including elements exactly at 
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fxqat.config import QuantSpec
 from fxqat.quantizers import make_quantizer

@@ -3,7 +3,8 @@ the ends too, per dtype; the open default is what autograd gives for ``torch.cla
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fxqat.quantizers.base import _next_float, grad_inside
 

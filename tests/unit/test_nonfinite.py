@@ -18,7 +18,7 @@ from fxqat.cli import main
 from fxqat.models import get_model
 from fxqat.training.checkpoint import atomic_save, load_checkpoint
 from fxqat.training.health import HUGE_SCALE, TINY_SCALE, quantizer_health
-from fxqat.training.loop import TrainConfig, fit
+from fxqat.training.loop import TrainConfig
 from fxqat.training.recipes import train_qat
 
 EPOCH = 8

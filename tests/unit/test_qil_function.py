@@ -7,7 +7,8 @@ with and without a pruning band, including ReLU zeros that sit exactly on the pr
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fxqat.config import QuantSpec
 from fxqat.quantizers import make_quantizer

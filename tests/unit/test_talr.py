@@ -15,7 +15,7 @@ import fxqat
 import fxqat.optim
 from fxqat import data
 from fxqat.models import get_model
-from fxqat.optim import AdamT, AdamWT, SGDT, TransitionRateScheduler, transition_codes
+from fxqat.optim import SGDT, AdamT, AdamWT, TransitionRateScheduler, transition_codes
 
 MNIST = data.data_available("mnist")
 needs_mnist = pytest.mark.skipif(not MNIST, reason="MNIST (mnist.npz) not found in ../shared/data or $FXQAT_DATA")
