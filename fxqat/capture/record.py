@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 from torch import nn
 
-from fxqat.capture.region import Binding, Unbindable, bind_call
+from fxqat.capture.region import Binding, Unbindable, bind_call, positional_names
 
 __all__ = ["Call", "record_calls"]
 
@@ -66,7 +66,7 @@ def record_calls(
         if call is None:
             call = calls[name] = Call(tuple(a), dict(k), seq=len(calls))
             try:
-                call.binding, call.tensors = bind_call(a, k, name)
+                call.binding, call.tensors = bind_call(a, k, name, positional_names(mod))
             except Unbindable as exc:
                 call.unbindable_reason = str(exc)
             if call.binding is not None and not call.tensors:
@@ -75,7 +75,7 @@ def record_calls(
                 order.append(name)
         elif call.binding is not None and not call.unbindable_reason:
             try:
-                again: Binding = bind_call(a, k, name)[0]
+                again: Binding = bind_call(a, k, name, positional_names(mod))[0]
             except Unbindable as exc:
                 call.unbindable_reason = str(exc)
             else:

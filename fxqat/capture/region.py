@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import inspect
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -39,7 +40,8 @@ from torch.utils import _pytree as pytree
 
 from fxqat.trace import FxqatTracer, TraceFailure, adopt_hierarchy, trace
 
-__all__ = ["GraphRegion", "Binding", "Origin", "trace_region", "Unbindable", "bind_call", "restore_module"]
+__all__ = ["GraphRegion", "Binding", "Origin", "trace_region", "Unbindable", "bind_call", "restore_module",
+           "positional_names", "canonical_call"]
 
 _INNER = "fxqat_inner"
 _CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device, enum.Enum)
@@ -59,12 +61,15 @@ class Binding:
         tensors: leaf indices of the tensor inputs, in placeholder order.
         optional: leaf indices recorded as ``None`` that are graph inputs too (after ``tensors``): a call may pass
             ``None`` or a tensor there.
+        positional: the names of the forward's parameters that may be passed by position, in order; calls are
+            compared in :func:`canonical_call` form, so ``m(x)`` and ``m(input_ids=x)`` bind alike.
     """
 
     spec: Any
     constants: Tuple[Tuple[int, Any], ...]
     tensors: Tuple[int, ...]
     optional: Tuple[int, ...] = ()
+    positional: Tuple[str, ...] = ()
 
     @property
     def inputs(self) -> Tuple[int, ...]:
@@ -74,10 +79,11 @@ class Binding:
     def with_optional(self, optional: Tuple[int, ...]) -> "Binding":
         """This binding with the ``None`` constants at ``optional`` turned into inputs."""
         keep = tuple((i, v) for i, v in self.constants if i not in optional)
-        return Binding(self.spec, keep, self.tensors, tuple(optional))
+        return Binding(self.spec, keep, self.tensors, tuple(optional), self.positional)
 
     def flatten(self, args: Tuple, kwargs: Dict[str, Any], where: str) -> List[torch.Tensor]:
         """The flat tensor inputs of one call; ``ValueError`` naming ``where`` when the call does not match."""
+        args, kwargs = canonical_call(self.positional, args, kwargs)
         leaves, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
         if spec != self.spec:
             raise ValueError(
@@ -131,8 +137,41 @@ def _same_constant(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def bind_call(args: Tuple, kwargs: Dict[str, Any], where: str) -> Tuple[Binding, List[torch.Tensor]]:
+def positional_names(module: nn.Module) -> Tuple[str, ...]:
+    """The names of ``module.forward``'s parameters that a call may pass by position, in order (``()`` when its
+    signature cannot be read)."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    names = []
+    for p in params:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        names.append(p.name)
+    return tuple(names)
+
+
+def canonical_call(positional: Tuple[str, ...], args: Tuple, kwargs: Dict[str, Any]) -> Tuple[Tuple, Dict[str, Any]]:
+    """``(args, kwargs)`` with the keyword arguments that name the next positional parameters moved into position:
+    ``f(input_ids=x, labels=y)`` and ``f(x, labels=y)`` give the same call when ``input_ids`` is the first parameter.
+
+    Example:
+        >>> canonical_call(("input_ids", "attention_mask"), (), {"input_ids": 1, "labels": 2})
+        ((1,), {'labels': 2})
+    """
+    args, kwargs = tuple(args), dict(kwargs)
+    for name in positional[len(args):]:
+        if name not in kwargs:
+            break
+        args += (kwargs.pop(name),)
+    return args, kwargs
+
+
+def bind_call(args: Tuple, kwargs: Dict[str, Any], where: str,
+              positional: Tuple[str, ...] = ()) -> Tuple[Binding, List[torch.Tensor]]:
     """The :class:`Binding` of a recorded call and its tensors; :class:`Unbindable` for non-constant objects."""
+    args, kwargs = canonical_call(positional, args, kwargs)
     leaves, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
     consts, tensors = [], []
     for i, leaf in enumerate(leaves):
@@ -142,7 +181,7 @@ def bind_call(args: Tuple, kwargs: Dict[str, Any], where: str) -> Tuple[Binding,
             consts.append((i, leaf))
         else:
             raise Unbindable(f"argument of type {type(leaf).__name__} (not a tensor or a constant)")
-    return Binding(spec, tuple(consts), tuple(tensors)), [leaves[i] for i in tensors]
+    return Binding(spec, tuple(consts), tuple(tensors), positional=positional), [leaves[i] for i in tensors]
 
 
 class _Shim(nn.Module):
@@ -315,7 +354,7 @@ def trace_region(
         Unbindable: an argument is neither a tensor nor a constant.
         TraceFailure: the module's own code cannot be traced.
     """
-    binding, _ = bind_call(args, kwargs, name)
+    binding, _ = bind_call(args, kwargs, name, positional_names(module))
     inner_leaves = tuple(f"{_INNER}.{x}" if isinstance(x, str) else x for x in leaf_modules)
     gm = _trace_shim(module, binding, inner_leaves, name)
     nones = tuple(i for i, v in binding.constants if v is None)
