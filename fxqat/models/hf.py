@@ -16,7 +16,7 @@ from torch import nn
 __all__ = ["tiny_hf_model", "char_llama", "CHAR_LLAMA"]
 
 _SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=128)
+              max_position_embeddings=128, num_key_value_heads=2, head_dim=16)
 
 
 def tiny_hf_model(model_type: str, seq_len: int = 16, seed: int = 0) -> Tuple[nn.Module, torch.Tensor]:
@@ -30,12 +30,13 @@ def tiny_hf_model(model_type: str, seq_len: int = 16, seed: int = 0) -> Tuple[nn
     except ImportError as e:
         raise ValueError("hf: models need the optional extra: pip install 'fxqat[hf]'") from e
     try:
-        cfg = transformers.AutoConfig.for_model(model_type, use_cache=False)
+        default = transformers.AutoConfig.for_model(model_type, use_cache=False)
     except ValueError as e:
         raise ValueError(f"transformers does not know the model type {model_type!r}: {e}") from e
-    for key, value in _SIZES.items():
-        if hasattr(cfg, key):
-            setattr(cfg, key, value)
+    # built again with the tiny sizes so that the fields the config derives from them (head_dim, key/value heads)
+    # follow; setting attributes afterwards left e.g. Llama with 4 query heads and 32 key/value heads
+    cfg = transformers.AutoConfig.for_model(
+        model_type, use_cache=False, **{k: v for k, v in _SIZES.items() if hasattr(default, k)})
     torch.manual_seed(seed)
     try:
         model = transformers.AutoModelForCausalLM.from_config(cfg)

@@ -1,0 +1,53 @@
+"""``fxqat.find_blocks`` on a model ``prepare_qat`` returned gives the blocks of the FP model it was prepared from.
+
+Regression: the "prepared already" branch of ``find_blocks`` called an undefined name (``NameError``) on a
+graph-root model.
+"""
+
+import torch
+import torchvision
+from torch import nn
+
+import fxqat
+
+
+class DataDependentRoot(nn.Module):
+    """A root forward torch.fx cannot trace (a data-dependent branch): prepared through the eager-root capture."""
+
+    def __init__(self, n: int = 3, d: int = 8):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(d, d), nn.ReLU()) for _ in range(n)])
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        if x.sum() > 1e9:
+            x = -x
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def _summary(blocks):
+    return [(b.name, tuple(b.modules)) for b in blocks]
+
+
+def test_find_blocks_of_a_prepared_graph_root_model_equals_its_fp_blocks():
+    torch.manual_seed(0)
+    model, x = torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 64, 64)
+    fp = fxqat.find_blocks(model, (x,))
+    qm = fxqat.prepare_qat(model, (x,), fxqat.QATConfig())
+    assert isinstance(qm, torch.fx.GraphModule) and not fxqat.capture_report(qm).regions[1:]  # one graph region
+    got = fxqat.find_blocks(qm, (x,))
+    assert _summary(got) == _summary(fp)
+    assert [b.name for b in got][:3] == ["stem", "layer1.0", "layer1.1"] and len(got) == 10
+
+
+def test_find_blocks_of_a_prepared_eager_root_model_equals_its_fp_blocks():
+    torch.manual_seed(0)
+    model, x = DataDependentRoot(), torch.randn(2, 8)
+    fp = fxqat.find_blocks(model, (x,))
+    qm = fxqat.prepare_qat(model, (x,), fxqat.QATConfig())
+    assert fxqat.capture_report(qm).regions[0].kind == "eager"
+    got = fxqat.find_blocks(qm, (x,))
+    assert _summary(got) == _summary(fp)
+    assert [b.name for b in got] == ["layers.0", "layers.1", "layers.2", "suffix"]
