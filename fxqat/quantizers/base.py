@@ -10,7 +10,14 @@ methods:
   (raise :class:`NotAffineError` when there is none).
 
 Initialisation state lives in the ``initialized`` buffer, so it is saved in the ``state_dict`` and a resumed model
-does not re-initialise. Python-side mirrors of the two flags keep ``forward`` free of tensor reads (and so of graph
+does not re-initialise.
+
+Low-precision models (bfloat16, float16). One rule, kept here for every method: the fake-quantization runs in
+float32 and its result leaves in the dtype it came in (:func:`compute_dtype`, applied by ``forward`` and
+``integer_repr``), and the quantizer's own parameters and buffers stay float32 when the model is cast to a narrower
+float (``model.to(torch.bfloat16)``, ``.half()``; see ``_apply``). So the grid ``k·s`` has the float32 step size ``s``
+of an fp32 model's quantizer, each output is the bf16/fp16 value nearest to ``k·s``, and a converted or exported model
+that computes ``k·s`` in float32 and rounds it to the model's dtype reproduces it exactly. Python-side mirrors of the two flags keep ``forward`` free of tensor reads (and so of graph
 breaks under ``torch.compile``).
 
 Example:
@@ -37,7 +44,7 @@ from fxqat.config import QuantSpec
 
 __all__ = [
     "Quantizer", "NotAffineError", "int_range", "channel_view", "reduce_except", "grad_inside", "use_function",
-    "to_groups", "from_groups", "all_reduce_",
+    "to_groups", "from_groups", "all_reduce_", "compute_dtype", "is_narrow_float",
 ]
 
 
@@ -63,6 +70,31 @@ def int_range(bits: int, signed: bool) -> Tuple[int, int]:
     if signed:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
+
+
+def is_narrow_float(dtype: torch.dtype) -> bool:
+    """True for floating dtypes narrower than float32 (bfloat16, float16, the float8 types).
+
+    Example:
+        >>> is_narrow_float(torch.bfloat16), is_narrow_float(torch.float32), is_narrow_float(torch.int8)
+        (True, False, False)
+    """
+    return dtype.is_floating_point and torch.finfo(dtype).bits < 32
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype fake-quantization of a ``dtype`` tensor runs in: float32 for a narrow float, else ``dtype``.
+
+    Quantizer parameters are float32 (a bfloat16 step size has 8 significant bits: a 4-bit grid on it is another
+    grid than the fp32 model's, and learning it in bf16 loses most updates); ``x / s`` and its rounding to a code are
+    computed in float32, so a bf16 element gets the code its exact value has (and the same code as in an fp32 copy
+    of the model), and only the output ``k·s`` is rounded, once, to bf16.
+
+    Example:
+        >>> compute_dtype(torch.bfloat16), compute_dtype(torch.float16), compute_dtype(torch.float64)
+        (torch.float32, torch.float32, torch.float64)
+    """
+    return torch.float32 if is_narrow_float(dtype) else dtype
 
 
 _FLAG_BUFFERS = {"fake_quant_enabled", "observer_enabled", "signed_flag", "initialized"}
@@ -175,6 +207,20 @@ class Quantizer(FakeQuantizeBase):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._sync_flags()
 
+    def _apply(self, fn, recurse=True):
+        """``Module._apply`` (``.to``, ``.cuda``, ``.half`` ...), except that a cast of a float32 (or wider) parameter or
+        buffer to a narrower float only moves it to the new device: quantizer state stays float32 in a bf16/fp16
+        model (see :func:`compute_dtype`). Casting to a wider float (``.double()``) still applies."""
+
+        def keep_width(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if isinstance(out, torch.Tensor) and is_narrow_float(out.dtype) and t.is_floating_point() \
+                    and not is_narrow_float(t.dtype):
+                return t.detach().to(device=out.device)
+            return out
+
+        return super()._apply(keep_width, recurse)
+
     @property
     def is_initialized(self) -> bool:
         return self._init_done
@@ -230,6 +276,12 @@ class Quantizer(FakeQuantizeBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fq_on:
             return x
+        if is_narrow_float(x.dtype):  # bf16 / fp16: quantize in float32, hand back the input's dtype
+            return self._fake_quant(x.to(compute_dtype(x.dtype))).to(x.dtype)
+        return self._fake_quant(x)
+
+    def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Initialise on the first call, then :meth:`quantize` (on the grouped view for per-group quantizers)."""
         if self.granularity == "per_group":
             axis = self.spec.ch_axis
             xg = to_groups(x, axis, self.group_size)
@@ -270,6 +322,7 @@ class Quantizer(FakeQuantizeBase):
     def integer_repr(self, x: torch.Tensor) -> torch.Tensor:
         """The integer code of each element after quantization (used by transition-rate tracking); ``x`` has the
         shape the quantizer is applied to (a per-group quantizer's codes are computed on the grouped view)."""
+        x = x.to(compute_dtype(x.dtype))  # the codes forward computes (see compute_dtype)
         if self.granularity == "per_group":
             axis = self.spec.ch_axis
             xg = to_groups(x, axis, self.group_size)

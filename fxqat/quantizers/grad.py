@@ -58,7 +58,7 @@ from typing import Dict, Optional
 
 import torch
 
-from fxqat.quantizers.base import Quantizer, all_reduce_
+from fxqat.quantizers.base import Quantizer, all_reduce_, compute_dtype, is_narrow_float
 from fxqat.quantizers.grad_ops import (
     Scratch,
     clip_fraction,
@@ -149,6 +149,8 @@ class GradQuantizer(Quantizer):
     # ------------------------------------------------------------------------------------------- backward
     @torch.no_grad()
     def _hook(self, g: torch.Tensor) -> torch.Tensor:
+        if is_narrow_float(g.dtype):  # a bf16/fp16 gradient is quantized in float32 (base.compute_dtype)
+            return self._hook(g.to(compute_dtype(g.dtype))).to(g.dtype)
         gamma = self.gamma
         cache = self._scratch if g.device.type == "cpu" else None  # CPU: no caching allocator, so reuse buffers
         gmax, above = max_and_count_above(g, gamma)
