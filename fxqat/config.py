@@ -229,6 +229,15 @@ class QATConfig:
             region: attention's ``Q @ K^T`` and ``P @ V`` (``torch.matmul``, ``torch.bmm``, ``@``) and the query, key
             and value of ``F.scaled_dot_product_attention`` (its softmax stays in floating point). Off by default;
             needs ``a_bits``. Overrides match the module the product is written in. See :mod:`fxqat.passes.matmuls`.
+        lora: what the weight quantizer of a LoRA layer (PEFT's, or :mod:`fxqat.capture.lora`'s protocol) sees:
+            ``"merged"`` (default) the effective weight ``W + s·B·A``, so that merging the adapter deploys exactly
+            the trained codes; ``"base"`` the base weight only, the adapter in floating point (torchtune's recipe).
+            See docs/lora.md.
+        quantize_router: also quantize mixture-of-experts routers (a weight whose product flows into ``topk``).
+            Off by default: a router is a tiny share of the weights, and rounding its logits flips which experts a
+            token goes to (docs/capture.md, "Mixture-of-experts and non-layer weights").
+        quantize_embeddings: also quantize embedding tables (``F.embedding`` weights): weight-only, per-group along
+            the embedding dim (``group_size``, default 32), ``w_bits`` bits; no activation quantizer.
 
     Presets (:meth:`preset`) build the usual LLM recipes.
 
@@ -257,6 +266,9 @@ class QATConfig:
     a_granularity: str = "per_tensor"
     first_last_layers: Tuple[str, ...] = ("first", "last")
     quantize_matmuls: bool = False
+    lora: str = "merged"
+    quantize_router: bool = False
+    quantize_embeddings: bool = False
 
     def __post_init__(self) -> None:
         check_bits("QATConfig", "w_bits", self.w_bits)
@@ -293,6 +305,9 @@ class QATConfig:
                      allow_none=True)
         check_choice("QATConfig", "a_granularity", self.a_granularity, ("per_tensor", "per_token"))
         check_bool("QATConfig", "quantize_matmuls", self.quantize_matmuls)
+        check_choice("QATConfig", "lora", self.lora, ("merged", "base"))
+        check_bool("QATConfig", "quantize_router", self.quantize_router)
+        check_bool("QATConfig", "quantize_embeddings", self.quantize_embeddings)
         if self.quantize_matmuls and self.a_bits is None:
             raise ValueError("QATConfig(quantize_matmuls=True, a_bits=None): matmul operands are activations; give "
                              "a_bits (e.g. a_bits=8) or drop quantize_matmuls.")

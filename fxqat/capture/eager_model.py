@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -30,12 +31,15 @@ from fxqat.capture.eager_hybrid import make_eager_hybrid, remove_hybrid
 from fxqat.capture.hierarchy import CAPTURE_ATTR, CaptureReport, Region, capture_eager
 from fxqat.capture.inner_cuts import refine
 from fxqat.capture.layers import WEIGHT_QUANT, is_quantized_layer
+from fxqat.capture.param_quant import ParamUseRecorder, freeze_params, param_quantizers, plan_params
+from fxqat.capture.param_report import NOT_USED, quantized_param_ids, unquantized_params, warn_unexpected
 from fxqat.capture.record import record_calls
 from fxqat.capture.region import GraphRegion
 from fxqat.config import QATConfig
 from fxqat.graph.blocks import Block
-from fxqat.layer_registry import is_weight_layer
+from fxqat.layer_registry import is_weight_layer, weight_layer_entry
 from fxqat.passes.insert_quant import QROLE
+from fxqat.passes.param_weights import MATMUL_OPS, op_name
 from fxqat.quantizers.base import Quantizer
 
 __all__ = [
@@ -66,6 +70,8 @@ def capture_report(qm: nn.Module) -> CaptureReport:
     report = getattr(qm, CAPTURE_ATTR, None)
     if isinstance(report, CaptureReport):
         return report
+    if isinstance(getattr(qm, "meta", None), dict) and "fxqat.unquantized" not in qm.meta:
+        qm.meta["fxqat.unquantized"] = graph_unquantized(qm)
     meta = getattr(qm, "meta", {}) or {}
     opaque = tuple(meta.get("fxqat.opaque", ()))
     reasons = meta.get("fxqat.opaque_reasons", {})
@@ -74,14 +80,39 @@ def capture_report(qm: nn.Module) -> CaptureReport:
     eager = {n for v in inside.values() for n in v}
     regions = [Region("", "graph", "", tuple(n for n in layers if n not in eager))]
     regions += [Region(o, "eager", reasons.get(o, "not traceable"), inside[o]) for o in opaque]
-    return CaptureReport(tuple(regions), layers)
+    return CaptureReport(tuple(regions), layers, unquantized=meta.get("fxqat.unquantized", ()))
+
+
+def graph_unquantized(gm: nn.Module) -> tuple:
+    """:func:`~fxqat.capture.param_report.unquantized_params` of a model whose root traced, reasons from the graph:
+    the ops that read each parameter that got no weight quantizer."""
+    reasons = {}
+    graph = getattr(gm, "graph", None)
+    for node in graph.nodes if graph is not None else ():
+        if node.op != "get_attr":
+            continue
+        ops = sorted({op_name(u.target) if u.op == "call_function" else str(u.op) for u in node.users})
+        products = [o for o in ops if o in MATMUL_OPS and o != "embedding"]
+        if products:
+            reasons[str(node.target)] = (f"enters {', '.join(products)} in the graph; fxqat gives weights read there "
+                                         "no quantizer")
+        elif ops == ["embedding"]:
+            reasons[str(node.target)] = "FP by config: an embedding table (QATConfig.quantize_embeddings=False)"
+        elif ops:
+            reasons[str(node.target)] = f"{NOT_USED} (read by {', '.join(ops)})"
+    for name, m in gm.named_modules():
+        if is_weight_layer(m) and not name.startswith("fxqat_"):
+            reasons.setdefault(f"{name}.{weight_layer_entry(m).weight}",
+                               "FP by config: an Override(skip=True), the first_last=None policy, or a leaf fxqat "
+                               "could not quantize")
+    return unquantized_params(gm, quantized_param_ids(gm), reasons)
 
 
 def _quantized_names(model: nn.Module) -> set:
     """Qualified names of modules that hold a weight quantizer (eager layers and graph regions)."""
     names = set()
     for name, m in model.named_modules():
-        if is_quantized_layer(m):
+        if is_quantized_layer(m) or param_quantizers(m):
             names.add(name)
         elif isinstance(m, GraphRegion):
             for node in m.graph.nodes:
@@ -122,9 +153,20 @@ def prepare_eager(
         fp_model: another copy of the user's FP model, the frozen partner (``config.hybrid.partner="frozen"``).
     """
     fp_model = fp_model if fp_model is not None or config.hybrid is None else copy.deepcopy(model)
-    recorded = record_calls(model, args, kwargs, is_weight_layer)  # before any quantizer exists
+    recorder = ParamUseRecorder(model)  # which parameters enter matmul-like ops, and how
+    recorded = recorder.watch(record_calls, model, args, kwargs, is_weight_layer)  # before any quantizer exists
+    layer_weights = {}
+    for name, m in model.named_modules():
+        entry = weight_layer_entry(m)
+        if entry is not None:
+            layer_weights[id(getattr(m, entry.weight))] = f"{name}.{entry.weight}" if name else entry.weight
+    plan = plan_params(model, recorder.uses, config, layer_weights)
     chain = find_chain(model, recorded[0], is_weight_layer)
-    report = capture_eager(model, args, kwargs, config, reason, recorded, chain[1] if chain else ())
+    report = capture_eager(model, args, kwargs, config, reason, recorded, chain[1] if chain else (), plan)
+    fp = _unquantized(model, recorder.uses, plan.reasons, report, config, layer_weights)
+    report = dataclasses.replace(report, unquantized=fp)
+    setattr(model, CAPTURE_ATTR, report)
+    warn_unexpected(report.unquantized, type(model).__name__, stacklevel=5)
     if not report.weight_layers:
         log.warning("fxqat: %s has no weight layer to quantize; the model is returned unchanged.",
                     type(model).__name__)
@@ -143,6 +185,33 @@ def prepare_eager(
             )
         make_eager_hybrid(model, fp_model, chain[1], cuts, blocks, config.hybrid)
     return model
+
+
+def _unquantized(model: nn.Module, uses: Dict[str, Any], reasons: Dict[str, str], report: CaptureReport,
+                 config: QATConfig, layer_weights: Dict[int, str]) -> tuple:
+    """Every >= 2-D parameter left FP after capture, with its reason (configured ones named as such)."""
+    reasons = dict(reasons)
+    for name in report.uncalled:
+        entry = weight_layer_entry(model.get_submodule(name))
+        reasons.setdefault(f"{name}.{entry.weight}" if entry else name, "not called on the example inputs")
+    order = report.weight_layers
+    ends = {order[i] for i, end in ((0, "first"), (-1, "last")) if order and end in config.first_last_layers}
+    params = dict(model.named_parameters())
+    for pname, use in uses.items():
+        owner = pname.rpartition(".")[0]
+        p = params.get(pname)
+        if p is not None and id(p) in layer_weights:
+            owner = layer_weights[id(p)].rpartition(".")[0]
+        try:
+            ov = config.override_for(owner, model.get_submodule(owner))
+        except AttributeError:
+            ov = None
+        if ov is not None and ov.skip:
+            reasons.setdefault(pname, "FP by config: Override(skip=True)")
+        elif owner in ends and config.first_last is None and not (ov and (ov.w_bits or ov.a_bits)):
+            reasons.setdefault(pname, "FP by config: first/last layer with QATConfig.first_last=None")
+        reasons.setdefault(pname, f"enters {', '.join(use.ops)} in {use.users[0] or '<root>'}; no quantizer reads it")
+    return unquantized_params(model, quantized_param_ids(model), reasons)
 
 
 def eager_blocks(model: nn.Module, cuts: str = "auto") -> List[Block]:
@@ -187,7 +256,9 @@ def convert_eager(qm: nn.Module) -> nn.Module:
             wq = entry.to_out_in(q(entry.to_out_in(w))) if entry.to_out_in else q(w)
             w.copy_(wq)
             q.enable_fake_quant(False)
-        elif isinstance(m, GraphRegion):
+        elif param_quantizers(m):
+            freeze_params(m)
+        if isinstance(m, GraphRegion):
             for node in m.graph.nodes:
                 if node.meta.get(QROLE) == "weight" and node.args and getattr(node.args[0], "op", "") == "get_attr":
                     q = m.get_submodule(node.target)

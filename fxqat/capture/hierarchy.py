@@ -43,7 +43,9 @@ from typing import Any, Dict, List, Optional, Tuple
 from torch import nn
 
 from fxqat.capture.inner_cuts import FP_GRAPH
-from fxqat.capture.layers import quantize_layer
+from fxqat.capture.layers import WEIGHT_QUANT, quantize_layer
+from fxqat.capture.lora import is_lora_layer, lora_parts, wrap_lora_layer
+from fxqat.capture.param_quant import ParamPlan, quantize_params
 from fxqat.capture.record import Call, record_calls
 from fxqat.capture.region import GraphRegion, trace_region
 from fxqat.capture.shapes import propagate_shapes
@@ -85,6 +87,10 @@ class CaptureReport:
     regions: Tuple[Region, ...]
     weight_layers: Tuple[str, ...]
     uncalled: Tuple[str, ...] = ()
+    #: ``(name, reason)`` of every parameter with >= 2 dims left in floating point (:mod:`fxqat.capture.param_report`)
+    unquantized: Tuple[Tuple[str, str], ...] = ()
+    #: qualified names of the parameters quantized by :mod:`fxqat.capture.param_quant` (MoE experts, bare weights)
+    param_weights: Tuple[str, ...] = ()
 
     @property
     def graph_share(self) -> float:
@@ -102,6 +108,11 @@ class CaptureReport:
         lines.append(f"\n{len(self.weight_layers)} weight layers, {self.graph_share:.0%} in graph regions.")
         if self.uncalled:
             lines.append(f"Not called on the example inputs (left in FP): {', '.join(self.uncalled)}.")
+        if self.param_weights:
+            lines.append(f"Parameters quantized where they are used (not layer modules): {len(self.param_weights)}.")
+        if self.unquantized:
+            lines += ["", "| parameter (>= 2 dims) left in FP | why |", "|---|---|"]
+            lines += [f"| `{n}` | {r.replace('|', '/')} |" for n, r in self.unquantized]
         return "\n".join(lines)
 
 
@@ -125,21 +136,38 @@ class _Capturer:
         self.uncalled: List[str] = []
         self.param_quant: Dict[int, Quantizer] = {}  # id(weight Parameter) -> its one weight quantizer
         self.force_leaves: Tuple[str, ...] = ()
+        self.plan = ParamPlan({}, {}, frozenset(), {})  # parameters quantized where used (MoE experts, ...)
+        self.param_weights: List[str] = []
+
+    def holds_params(self, name: str) -> bool:
+        """Whether the module ``name`` or a descendant owns parameters of the plan."""
+        return any(o == name or o.startswith(name + ".") or not name for o in self.plan.owners)
+
+    def quantize_own_params(self, module: nn.Module, name: str) -> None:
+        layouts = self.plan.owners.get(name)
+        if not layouts:
+            return
+        full = {k: _join(name, k) for k in layouts}
+        quantize_params(module, layouts, self.plan.specs[next(iter(full.values()))], name,
+                        {k: self.plan.specs[v] for k, v in full.items()})
+        self.param_weights += list(full.values())
 
     # ---------------------------------------------------------------- eager weight layers
-    def quantize_eager_layer(self, module: nn.Module, name: str) -> bool:
+    def quantize_eager_layer(self, module: nn.Module, name: str, policy_name: Optional[str] = None) -> bool:
         cfg = self.config
         ov = cfg.override_for(name, module)
         if ov is not None and ov.skip:
             return False
         w_bits = ov.w_bits if ov and ov.w_bits else None
         a_bits = ov.a_bits if ov and ov.a_bits else None
-        by_policy = name in self.first_last and not (ov and (ov.w_bits or ov.a_bits))
+        by_policy = (policy_name or name) in self.first_last and not (ov and (ov.w_bits or ov.a_bits))
         if by_policy:
             if cfg.first_last is None:
                 return False
             w_bits = a_bits = cfg.first_last
         method = ov.method if ov else None
+        if _join(name, weight_layer_entry(module).weight) in self.plan.fp_layer_weights:
+            return False  # a router: FP by default (QATConfig.quantize_router)
         wspec = cfg.spec_for("weight", bits=w_bits, method=method)
         aspec = None
         if cfg.a_bits is not None or a_bits is not None:
@@ -153,13 +181,29 @@ class _Capturer:
         self.param_quant[id(weight)] = quantize_layer(module, wspec, aspec, name, shared, first_last=by_policy)
         return True
 
+    def quantize_lora_layer(self, module: nn.Module, name: str) -> Tuple[str, ...]:
+        """A LoRA layer (:mod:`fxqat.capture.lora`): its base layer quantized in place (overrides match the LoRA
+        layer's name), its factors never; ``QATConfig.lora`` decides what the weight quantizer sees."""
+        if name not in self.calls:
+            self.uncalled.append(name)
+            return ()
+        parts = lora_parts(module)
+        base_name = _join(name, next(n for n, m in module.named_modules() if m is parts.base))
+        if not self.quantize_eager_layer(parts.base, name, policy_name=base_name):
+            return ()
+        wq = getattr(parts.base, WEIGHT_QUANT)
+        wq.weight_target, wq.weight_layer = f"{base_name}.weight", base_name
+        wrap_lora_layer(module, self.config.lora, name)
+        return (base_name,)
+
     # ---------------------------------------------------------------- graph regions
     def try_region(self, child: nn.Module, name: str) -> Tuple[GraphRegion, Tuple[str, ...]]:
         """``child`` traced as a graph region, and the names of its leaves captured on their own."""
         call = self.calls[name]
         leaves = tuple(x for x in self.config.leaf_modules if isinstance(x, type)) + _foreign_layer_types()
-        leaves += tuple(x[len(name) + 1:] for x in (*self.config.leaf_modules, *self.force_leaves)
+        leaves += tuple(x[len(name) + 1:] for x in (*self.config.leaf_modules, *self.force_leaves, *self.plan.owners)
                         if isinstance(x, str) and x.startswith(name + "."))
+        leaves += tuple(n for n, m in child.named_modules() if n and is_lora_layer(m))  # captured on their own
         region = trace_region(child, call.args, call.kwargs, name, leaves, call.output)
         region = normalize(region)
         propagate_shapes(region, tuple(region.fxqat_binding.flatten(call.args, call.kwargs, name)), name)
@@ -169,12 +213,14 @@ class _Capturer:
             leaf = region.get_submodule(leaf_name)
             full = _join(name, leaf_name)
             foreign = is_weight_layer(leaf) and isinstance(leaf, _foreign_layer_types())
-            if foreign or (not is_weight_layer(leaf) and holds_weight_layer(leaf) and full in self.calls):
+            holds = holds_weight_layer(leaf) or self.holds_params(full)
+            if foreign or (not is_weight_layer(leaf) and holds and full in self.calls):
                 parent_name, _, cname = leaf_name.rpartition(".")
                 self.capture_module(region.get_submodule(parent_name), cname, leaf, full)
                 if not foreign:  # a foreign weight layer is quantized in place but belongs to this graph region
                     inner.append(full)
-        annotate(region, self.config, prefix=name + ".", first_last_names=self.first_last)
+        annotate(region, self.config, prefix=name + ".", first_last_names=self.first_last,
+                 fp_weights=self.plan.fp_layer_weights)
         if name in self.force_leaves:  # a chain layer: its FP graph gives cuts inside it (HybridConfig.cuts)
             region.meta[FP_GRAPH] = copy.deepcopy(region.graph)
         insert_quant(region, self.config, prefix=name + ".")
@@ -195,8 +241,10 @@ class _Capturer:
     def capture_module(self, parent: nn.Module, cname: str, child: nn.Module, name: str) -> Tuple[str, ...]:
         """Capture one module (replacing it in ``parent`` when it becomes a graph region); returns the weight layers
         quantized in place directly under the calling eager region."""
-        if not holds_weight_layer(child) or _holds_quantizer(child):
+        if not (holds_weight_layer(child) or self.holds_params(name)) or _holds_quantizer(child):
             return ()
+        if is_lora_layer(child):
+            return self.quantize_lora_layer(child, name)
         if is_weight_layer(child):
             if name not in self.calls:
                 self.uncalled.append(name)
@@ -205,6 +253,8 @@ class _Capturer:
         if name not in self.calls:  # a container (ModuleList, ModuleDict) whose children are called directly
             return self.capture_children(child, name)
         reason = self.calls[name].unbindable_reason
+        if name in self.plan.owners:  # its own parameters are quantized where its forward uses them
+            reason = reason or "owns weights that are no layer modules (quantized in place where its forward uses them)"
         if not reason:
             index = len(self.regions)
             try:
@@ -223,6 +273,7 @@ class _Capturer:
         index = len(self.regions)
         self.regions.append(Region(name, "eager", reason, ()))
         own = self.capture_children(child, name)
+        self.quantize_own_params(child, name)
         self.regions[index] = Region(name, "eager", reason, own)
         return ()
 
@@ -241,6 +292,7 @@ def capture_eager(
     model: nn.Module, args: Tuple, kwargs: Dict[str, Any], config: QATConfig, root_reason: str,
     calls: Optional[Tuple[Dict[str, Call], List[str]]] = None,
     force_leaves: Tuple[str, ...] = (),
+    plan: Optional[ParamPlan] = None,
 ) -> CaptureReport:
     """Capture ``model`` (in place) with an eager root; returns the :class:`CaptureReport`.
 
@@ -252,14 +304,19 @@ def capture_eager(
         calls: the output of :func:`~fxqat.capture.record.record_calls` on ``model`` if already recorded.
         force_leaves: qualified names of modules that must stay modules of their own (e.g. the layers of a block
             chain, so that block replacement can record and replay them) even inside a traceable parent.
+        plan: parameters to quantize where they are used (:func:`fxqat.capture.param_quant.plan_params`); their
+            owners stay eager modules.
     """
     calls, order = calls if calls is not None else record_calls(model, args, kwargs, is_weight_layer)
     cap = _Capturer(config, calls, order)
     cap.force_leaves = tuple(force_leaves)
+    if plan is not None:
+        cap.plan = plan
     cap.regions.append(Region("", "eager", root_reason, ()))
     own = cap.capture_children(model, "")
+    cap.quantize_own_params(model, "")
     cap.regions[0] = Region("", "eager", root_reason, own)
-    report = CaptureReport(tuple(cap.regions), tuple(order), tuple(cap.uncalled))
+    report = CaptureReport(tuple(cap.regions), tuple(order), tuple(cap.uncalled), param_weights=tuple(cap.param_weights))
     for r in report.regions:
         if r.kind == "eager" and r.name:
             log.info("fxqat: %s runs eagerly (%s); its weight layers are quantized in place", r.name, r.reason)

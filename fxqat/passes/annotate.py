@@ -39,7 +39,8 @@ Example:
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from typing import Collection, Dict, List, Optional, Tuple, Union
 
 import torch.fx as fx
@@ -183,6 +184,7 @@ def _owner(gm: fx.GraphModule, node: fx.Node) -> str:
 
 def annotate(
     gm: fx.GraphModule, config: QATConfig, prefix: str = "", first_last_names: Optional[Collection[str]] = None,
+    fp_weights: Collection[str] = (),
 ) -> fx.GraphModule:
     """Write ``node.meta["fxqat.qspec"]`` on every layer to quantize (in place; returns ``gm``).
 
@@ -192,6 +194,8 @@ def annotate(
         prefix: the qualified name of ``gm`` inside the user's model (``"model.layers.0."``), for overrides.
         first_last_names: qualified names of the model's first and last layer when ``gm`` is a region of a larger
             model (None: the first and last layer of ``gm`` itself).
+        fp_weights: qualified parameter names (with ``prefix``) whose layers stay FP (mixture-of-experts routers,
+            :func:`fxqat.capture.param_quant.plan_params`).
     """
     layers = [n for n in gm.graph.nodes if layer_style(gm, n) is not None]
     if first_last_names is None:
@@ -221,6 +225,8 @@ def annotate(
             where = ["weight"]
         else:
             where = list(_opaque_weights(gm.get_submodule(node.target)))
+        if fp_weights and all(_weight_name(node, owner, w, style, prefix) in fp_weights for w in where):
+            continue
         try:
             wspec = config.spec_for("weight", bits=w_bits, method=method)
         except ValueError as e:
@@ -237,9 +243,60 @@ def annotate(
         if config.a_bits is not None and isinstance(x, fx.Node) and is_float_tensor(x):
             act = _act_spec(gm, x, config, ov, owner or node.name, a_bits)
         node.meta[QMETA] = LayerQuant(style=style, owner=owner, weights=weights, act=act, first_last=by_policy)
+    _one_spec_per_weight(gm, layers, prefix)
     if config.quantize_matmuls and config.a_bits is not None:
         _annotate_matmuls(gm, config, prefix)
     return gm
+
+
+def _parameter_at(gm: fx.GraphModule, node: fx.Node, lq: LayerQuant, where: Union[int, str]) -> Optional[nn.Parameter]:
+    """The Parameter a layer's weight quantizer reads at ``where`` (None for a computed weight)."""
+    if lq.style != "functional":
+        path: Optional[str] = f"{node.target}.{where}"
+    else:
+        w = node.args[where] if isinstance(where, int) and where < len(node.args) else node.kwargs.get("weight")
+        path = str(w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+    try:
+        return gm.get_parameter(path) if path else None
+    except AttributeError:
+        return None
+
+
+def _one_spec_per_weight(gm: fx.GraphModule, nodes: List[fx.Node], prefix: str) -> None:
+    """Give every use of one Parameter the same weight spec, so that it gets one weight quantizer.
+
+    A layer called twice (or two layers sharing a weight) can fall under different bit-widths, e.g. a ``Linear``
+    that is the first layer (``first_last`` bits) and is called again in the middle of the model. The highest
+    precision wins (the first such use in graph order on a tie), with a warning naming the layer.
+    """
+    uses: Dict[int, List[Tuple[fx.Node, Union[int, str], QuantSpec]]] = {}
+    for node in nodes:
+        lq = node.meta.get(QMETA)
+        for where, spec in lq.weights if lq is not None else ():
+            p = _parameter_at(gm, node, lq, where)
+            if p is not None:
+                uses.setdefault(id(p), []).append((node, where, spec))
+    for group in uses.values():
+        if len({spec for _, _, spec in group}) < 2:
+            continue
+        best = max((spec for _, _, spec in group), key=lambda s: s.bits)
+        layers = sorted({prefix + (node.meta[QMETA].owner or node.name) for node, _, _ in group})
+        warnings.warn(
+            f"fxqat.passes.annotate: the weight of layer(s) {', '.join(layers)} is used {len(group)} times with "
+            f"different weight bit-widths ({', '.join(str(s.bits) for _, _, s in group)}); it gets one weight "
+            f"quantizer at the highest precision, {best.bits} bits. Add an fxqat.Override for the layer to choose "
+            f"otherwise.", stacklevel=2)
+        for node, where, _ in group:
+            lq = node.meta[QMETA]
+            node.meta[QMETA] = replace(lq, weights=tuple((w, best if w == where else s) for w, s in lq.weights))
+
+
+def _weight_name(node: fx.Node, owner: str, where: Union[int, str], style: str, prefix: str) -> Optional[str]:
+    """The qualified name of the parameter a layer reads at ``where`` (None when it is not a plain parameter)."""
+    if style != "functional":
+        return f"{prefix}{owner}.{where}" if owner else f"{prefix}{where}"
+    w = node.args[where] if isinstance(where, int) and where < len(node.args) else node.kwargs.get("weight")
+    return f"{prefix}{w.target}" if isinstance(w, fx.Node) and w.op == "get_attr" else None
 
 
 def _act_spec(gm: fx.GraphModule, x: fx.Node, config: QATConfig, ov: Optional[Override], owner: str,
