@@ -130,6 +130,14 @@ def _quantizer(spec: QuantSpec, target: Optional[str], layer: Optional[str] = No
     return q
 
 
+def _weight_key(gm: fx.GraphModule, path: Optional[str], fallback, spec: QuantSpec) -> Tuple:
+    """The weight-quantizer cache key: one quantizer per (Parameter, spec), also when two modules share it."""
+    try:
+        return (id(gm.get_parameter(path)), spec) if path else (fallback, spec)
+    except AttributeError:  # a buffer or plain attribute
+        return (path, spec)
+
+
 def _weight_arg(node: fx.Node, pos) -> Tuple[Optional[fx.Node], bool]:
     if isinstance(pos, int) and pos < len(node.args):
         return node.args[pos], True
@@ -142,7 +150,7 @@ def _rewrite_module_layer(
     mod = gm.get_submodule(node.target)
     g = gm.graph
     with g.inserting_before(node):
-        key = (f"{node.target}.weight", spec)
+        key = _weight_key(gm, f"{node.target}.weight", None, spec)
         if key not in wq_cache:
             w = g.get_attr(f"{node.target}.weight")
             wq_q = _quantizer(spec, f"{node.target}.weight", prefix + str(node.target))
@@ -205,7 +213,7 @@ def insert_quant(gm: fx.GraphModule, config: QATConfig, prefix: str = "") -> fx.
                 w, positional = _weight_arg(node, pos)
                 if not isinstance(w, fx.Node):
                     continue
-                key = (w, spec)
+                key = _weight_key(gm, str(w.target) if w.op == "get_attr" else None, w, spec)
                 if key not in wq_cache:
                     target = str(w.target) if w.op == "get_attr" else None
                     with g.inserting_before(node):
