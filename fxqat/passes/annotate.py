@@ -244,52 +244,9 @@ def annotate(
             act = _act_spec(gm, x, config, ov, owner or node.name, a_bits)
         node.meta[QMETA] = LayerQuant(style=style, owner=owner, weights=weights, act=act, first_last=by_policy)
     _one_spec_per_weight(gm, layers, prefix)
-    _one_spec_per_weight(gm, layers, prefix)
     if config.quantize_matmuls and config.a_bits is not None:
         _annotate_matmuls(gm, config, prefix)
     return gm
-
-
-def _parameter_at(gm: fx.GraphModule, node: fx.Node, lq: LayerQuant, where: Union[int, str]) -> Optional[nn.Parameter]:
-    """The Parameter a layer's weight quantizer reads at ``where`` (None for a computed weight)."""
-    if lq.style != "functional":
-        path: Optional[str] = f"{node.target}.{where}"
-    else:
-        w = node.args[where] if isinstance(where, int) and where < len(node.args) else node.kwargs.get("weight")
-        path = str(w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else None
-    try:
-        return gm.get_parameter(path) if path else None
-    except AttributeError:
-        return None
-
-
-def _one_spec_per_weight(gm: fx.GraphModule, nodes: List[fx.Node], prefix: str) -> None:
-    """Give every use of one Parameter the same weight spec, so that it gets one weight quantizer.
-
-    A layer called twice (or two layers sharing a weight) can fall under different bit-widths, e.g. a ``Linear``
-    that is the first layer (``first_last`` bits) and is called again in the middle of the model. The highest
-    precision wins (the first such use in graph order on a tie), with a warning naming the layer.
-    """
-    uses: Dict[int, List[Tuple[fx.Node, Union[int, str], QuantSpec]]] = {}
-    for node in nodes:
-        lq = node.meta.get(QMETA)
-        for where, spec in lq.weights if lq is not None else ():
-            p = _parameter_at(gm, node, lq, where)
-            if p is not None:
-                uses.setdefault(id(p), []).append((node, where, spec))
-    for group in uses.values():
-        if len({spec for _, _, spec in group}) < 2:
-            continue
-        best = max((spec for _, _, spec in group), key=lambda s: s.bits)
-        layers = sorted({prefix + (node.meta[QMETA].owner or node.name) for node, _, _ in group})
-        warnings.warn(
-            f"fxqat.passes.annotate: the weight of layer(s) {', '.join(layers)} is used {len(group)} times with "
-            f"different weight bit-widths ({', '.join(str(s.bits) for _, _, s in group)}); it gets one weight "
-            f"quantizer at the highest precision, {best.bits} bits. Add an fxqat.Override for the layer to choose "
-            f"otherwise.", stacklevel=2)
-        for node, where, _ in group:
-            lq = node.meta[QMETA]
-            node.meta[QMETA] = replace(lq, weights=tuple((w, best if w == where else s) for w, s in lq.weights))
 
 
 def _parameter_at(gm: fx.GraphModule, node: fx.Node, lq: LayerQuant, where: Union[int, str]) -> Optional[nn.Parameter]:
