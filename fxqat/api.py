@@ -26,6 +26,7 @@ from fxqat.capture.layers import is_quantized_layer
 from fxqat.capture.shapes import propagate_shapes
 from fxqat.config import HybridConfig, QATConfig, track_overrides, warn_unmatched_overrides
 from fxqat.graph.blocks import partition
+from fxqat.mixed.allocate import Allocation
 from fxqat.passes.annotate import annotate, is_weight_layer_node
 from fxqat.passes.build_hybrid import build_hybrid, mark_cuts
 from fxqat.passes.insert_quant import CONTAINER, QROLE, OpaqueWeightQuant, insert_quant
@@ -93,7 +94,8 @@ def prepare_qat(
     Args:
         model: any ``nn.Module``; it is not modified unless ``inplace=True``.
         example_inputs: a tuple of the model's positional inputs (one small batch).
-        config: a :class:`~fxqat.config.QATConfig` (default: LSQ W4A4, first/last layer at 8 bits).
+        config: a :class:`~fxqat.config.QATConfig` (default: LSQ W4A4, first/last layer at 8 bits), or the
+            ``(config, allocation)`` pair :func:`fxqat.allocate_bits` returns.
         inplace: work on ``model`` itself instead of a copy (the result then shares its modules).
         concrete_args: non-tensor arguments to specialise while tracing.
         example_kwargs: keyword inputs of the example call (e.g. ``{"attention_mask": mask}``); the captured graph
@@ -117,6 +119,8 @@ def prepare_qat(
         ['fxqat_quant.a__1', 'fxqat_quant.a_input_1', 'fxqat_quant.w_0', 'fxqat_quant.w_2']
     """
     config = config or QATConfig()
+    if isinstance(config, tuple) and len(config) == 2 and isinstance(config[1], Allocation):
+        config = config[0]  # what fxqat.allocate_bits returns: (config, allocation)
     if not isinstance(config, QATConfig):
         raise TypeError(f"config must be a fxqat.QATConfig, got {type(config).__name__}.")
     _check_not_prepared(model)
