@@ -13,8 +13,10 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn as nn
 
+import fxqat
+
 __all__ = ["machine", "time_steps", "write_results", "torchao_config", "torchao_rtn", "torchao_qat_prepare",
-           "torchao_qat_convert"]
+           "torchao_qat_convert", "PRESET", "fxqat_prepare", "AUTOBITS_ARMS", "uniform_config", "arm_rows", "cost_rows", "allocation_rows"]
 
 
 def machine() -> Dict[str, object]:
@@ -55,6 +57,21 @@ def write_results(stem: str, payload: Dict[str, object], markdown: str) -> None:
         json.dump(payload, f, indent=2)
     with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write(markdown)
+
+
+# ------------------------------------------------------------------------------------------------- LLM settings
+#: fxqat's preset of each LLM benchmark setting (docs/llm_benchmark.md)
+PRESET = {"8da4w": "8da4w", "int4": "int4_weight_only", "int3": "int3_weight_only", "int2": "int2_weight_only"}
+
+
+def fxqat_prepare(fp: nn.Module, setting: str, x0: torch.Tensor, hybrid: bool) -> nn.Module:
+    """fxqat's QAT model of an LLM setting (its preset; block replacement with ``hybrid``), calibrated on ``x0``."""
+    cfg = fxqat.QATConfig.preset(PRESET[setting])
+    if hybrid:
+        cfg = cfg.with_(hybrid=fxqat.HybridConfig())
+    qm = fxqat.prepare_qat(fp, (x0,), cfg)
+    fxqat.calibrate(qm, [x0])
+    return qm
 
 
 # ------------------------------------------------------------------------------------------------- torchao (LLM)
@@ -101,3 +118,45 @@ def torchao_qat_convert(model: nn.Module, setting: str) -> nn.Module:
 
     quantize_(model, AOQATConfig(torchao_config(setting), step="convert"), filter_fn=not_lm_head)
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------- mixed precision (autobits)
+#: the arms of autobits.py and autobits_llm.py: uniform bits, then the three sensitivity estimators
+AUTOBITS_ARMS = ("uniform", "paths", "fisher", "hessian")
+
+
+def uniform_config(table: fxqat.SensitivityTable, budget: float, base: fxqat.QATConfig, choices,
+                   activations: bool = True):
+    """The uniform arm: every allocatable layer at the largest choice within ``budget`` (activations too, unless
+    ``activations=False``: weight-only configs), and its allocation record."""
+    b = max(c for c in choices if c <= budget)
+    n = table.total_weight_count
+    cfg = base.with_(w_bits=b, a_bits=b) if activations else base.with_(w_bits=b)
+    return cfg, {"bits": {r.block: b for r in table.rows if r.weight_count},
+                                            "avg_bits": float(b), "used_bits": b * n, "predicted_loss": None}
+
+
+def arm_rows(table: Dict, digits: int) -> List[str]:
+    """Markdown rows ``| budget | arm cells |`` of a result table (mean ± half-range, bits used)."""
+    rows = ["| avg bits (budget) | uniform | paths | Fisher | Hessian |", "|---|---|---|---|---|"]
+    for budget, arms in table.items():
+        cells = ["–" if arms.get(a) is None else f"{arms[a]['mean']:.{digits}f} ± {arms[a]['spread']:.{digits}f} "
+                 f"({arms[a]['avg_bits']:.2f} b)" for a in AUTOBITS_ARMS]
+        rows.append(f"| {budget} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def cost_rows(estimate_cost: Dict, unit: str) -> List[str]:
+    """The estimate-cost table, costs in ``unit`` (e.g. "training-step") equivalents."""
+    return [f"| estimate | CPU s | {unit} equivalents | wall s |", "|---|---:|---:|---:|"] + [f"| {m} | {c['cpu_s']:.1f} | {c['step_equiv']:.1f} | {c['wall_s']:.1f} |" for m, c in estimate_cost.items()]
+
+
+def allocation_rows(res: Dict) -> List[str]:
+    """The allocations table (bits per block of every budget and arm)."""
+    blocks = [r["block"] for r in res["sensitivity"]["paths"]["rows"] if r["weight_count"]]
+    rows = ["| budget / arm | " + " | ".join(blocks) + " | avg | predicted ΔL |", "|---|" + "---|" * (len(blocks) + 2)]
+    for key, a in res["allocations"].items():
+        pl = "–" if a["predicted_loss"] is None else f"{a['predicted_loss']:.3g}"
+        rows.append(f"| {key} | " + " | ".join(str(a["bits"].get(b, "")) for b in blocks)
+                    + f" | {a['avg_bits']:.2f} | {pl} |")
+    return rows

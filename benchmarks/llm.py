@@ -41,10 +41,16 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine, time_steps, torchao_qat_convert, torchao_qat_prepare, torchao_rtn  # noqa: E402
+from _common import (  # noqa: E402
+    fxqat_prepare,
+    machine,
+    time_steps,
+    torchao_qat_convert,
+    torchao_qat_prepare,
+    torchao_rtn,
+)
 
 import fxqat  # noqa: E402
-from fxqat.config import HybridConfig  # noqa: E402
 from fxqat.text_data import tiny_shakespeare  # noqa: E402
 from fxqat.training.lm import (  # noqa: E402
     FINETUNE_RECIPE,
@@ -62,7 +68,6 @@ log = logging.getLogger("llm")
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = ("8da4w", "int4", "int3", "int2")
 ARMS = ("control", "rtn", "ptq", "torchao_qat", "lsq", "lsq_kd", "br", "kd_matched")
-PRESET = {"8da4w": "8da4w", "int4": "int4_weight_only", "int3": "int3_weight_only", "int2": "int2_weight_only"}
 
 
 # ------------------------------------------------------------------------------------------------- profiles
@@ -78,15 +83,6 @@ def profile(quick: bool) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- fxqat
-def fxqat_prepare(fp: nn.Module, setting: str, x0: torch.Tensor, hybrid: bool) -> nn.Module:
-    cfg = fxqat.QATConfig.preset(PRESET[setting])
-    if hybrid:
-        cfg = cfg.with_(hybrid=HybridConfig())
-    qm = fxqat.prepare_qat(fp, (x0,), cfg)
-    fxqat.calibrate(qm, [x0])
-    return qm
-
-
 kd_loss_fn = kd_lm_loss
 br_loss = hybrid_lm_loss
 

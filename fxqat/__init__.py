@@ -25,7 +25,7 @@ from fxqat.config import HybridConfig, Override, QATConfig, QuantSpec
 from fxqat.export.torch_ao import to_qconfig_mapping
 from fxqat.graph.blocks import Block
 from fxqat.layer_registry import register_weight_layer
-from fxqat.mixed import Allocation, SensitivityTable, allocate_bits, sensitivity
+from fxqat.mixed import Allocation, SensitivityTable, allocate_bits, running_sensitivity, sensitivity
 from fxqat.passes.build_hybrid import HybridOutput
 from fxqat.quantizers import NotAffineError, Quantizer, available_methods, named_quantizers
 from fxqat.trace import TraceFailure, trace
@@ -41,5 +41,5 @@ __all__ = [
     "Block", "HybridOutput", "hybrid_loss", "distillation_loss", "kd_loss",
     "QATConfig", "HybridConfig", "QuantSpec", "Override", "Quantizer", "NotAffineError", "available_methods",
     "trace", "TraceFailure", "to_qconfig_mapping", "capture_report", "CaptureReport", "register_weight_layer",
-    "sensitivity", "allocate_bits", "SensitivityTable", "Allocation",
+    "sensitivity", "running_sensitivity", "allocate_bits", "SensitivityTable", "Allocation",
 ]

@@ -29,6 +29,8 @@ class HybridOutput(NamedTuple):
         fp: the FP partner's output (no grad).
         path_ids: which cut (or, in ``single`` mode, which block) each path belongs to.
         config: the model's HybridConfig (loss weights for :func:`fxqat.hybrid_loss`).
+        stats: the model's :class:`~fxqat.path_losses.PathLossAverages`, which :func:`fxqat.hybrid_loss` updates
+            with each step's path losses (None: not tracked).
     """
 
     lp: Any
@@ -36,6 +38,7 @@ class HybridOutput(NamedTuple):
     fp: Any
     path_ids: Sequence[int] = ()
     config: Optional[HybridConfig] = None
+    stats: Optional[Any] = None
 
 
 def select_paths(hybrid: HybridConfig, n_paths: int, step: int) -> List[int]:

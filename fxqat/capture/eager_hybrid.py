@@ -46,6 +46,7 @@ from fxqat.capture.inner_cuts import insert_tap, remove_taps, suffix_runner
 from fxqat.config import HybridConfig
 from fxqat.graph.blocks import Block
 from fxqat.hybrid_output import HybridOutput, select_paths
+from fxqat.path_losses import PathLossAverages
 from fxqat.quantizers.base import Quantizer
 
 __all__ = ["EagerHybrid", "make_eager_hybrid", "remove_hybrid", "ReplayMixin", "make_replayable", "record_output_hook",
@@ -140,6 +141,7 @@ class EagerHybrid:
         self.replays: Dict[str, ReplayMixin] = {name: make_replayable(partner.get_submodule(name))
                                                    for name in self.layers}
         self.record: Optional[Dict[str, Any]] = None
+        self.path_losses = PathLossAverages(len(self.cuts))  # running path losses (fxqat.running_sensitivity)
         for name in self.layers:  # the recorder is found through the module, so deep copies record into their own
             layer = model.get_submodule(name)
             layer.__dict__[_RECORDER] = (self, name)
@@ -204,7 +206,8 @@ class EagerHybrid:
         with torch.no_grad():
             fp = self._partner_call(model, args, kwargs)
         paths = [self.path(model, self.cuts[i], record, args, kwargs) for i in ids]
-        return HybridOutput(lp=lp, paths=paths, fp=fp, path_ids=tuple(ids), config=self.hybrid)
+        return HybridOutput(lp=lp, paths=paths, fp=fp, path_ids=tuple(ids), config=self.hybrid,
+                            stats=self.path_losses)
 
 
 class _EagerHybridMixin:

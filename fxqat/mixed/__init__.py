@@ -7,8 +7,8 @@ takes the pair as its config). See docs/choosing_bits.md.
 """
 
 from fxqat.mixed.allocate import Allocation, InfeasibleBudget, allocate_bits, solve_mckp
-from fxqat.mixed.sensitivity import sensitivity, task_loss
+from fxqat.mixed.sensitivity import running_sensitivity, sensitivity, task_loss
 from fxqat.mixed.table import BlockSensitivity, SensitivityTable
 
-__all__ = ["sensitivity", "task_loss", "allocate_bits", "solve_mckp", "Allocation", "InfeasibleBudget",
+__all__ = ["sensitivity", "running_sensitivity", "task_loss", "allocate_bits", "solve_mckp", "Allocation", "InfeasibleBudget",
            "SensitivityTable", "BlockSensitivity"]

@@ -9,6 +9,9 @@ adds, with blocks 1..i−1 already quantized and the blocks after it in FP. Ever
 differences telescope: ``Σ_i S_i(b) = L_LP(b) − L_FP``. The model is measured deterministically (every submodule in
 eval mode, all paths) and left exactly as it was.
 
+:func:`running_sensitivity` reads the same differences, at the model's current bit-widths, off the running averages
+of the path losses that block replacement keeps while it trains (:mod:`fxqat.path_losses`): no extra forward pass.
+
 ``method="fisher"`` and ``method="hessian"`` are the weight-only baselines of :mod:`fxqat.mixed.second_order`;
 they need no block replacement (pass ``blocks=`` for a model prepared without it).
 
@@ -48,7 +51,7 @@ from fxqat.mixed.table import METHODS, BlockSensitivity, SensitivityTable
 from fxqat.quantizers.control import named_quantizers
 from fxqat.training.losses import hybrid_loss
 
-__all__ = ["sensitivity", "task_loss"]
+__all__ = ["sensitivity", "running_sensitivity", "task_loss"]
 
 log = logging.getLogger(__name__)
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -220,3 +223,53 @@ def sensitivity(
              len(data), elapsed)
     return SensitivityTable(method=method, bits=bits, rows=tuple(rows), kinds=kinds, n_batches=len(data),
                             time_s=elapsed, info=tuple(info.items()))
+
+
+def running_sensitivity(qm: nn.Module, include_first_last: bool = False) -> SensitivityTable:
+    """Per-block sensitivity at the model's current bit-widths from the path losses block replacement averaged while
+    training (:class:`~fxqat.path_losses.PathLossAverages`, updated by :func:`fxqat.hybrid_loss`): no extra pass.
+
+    ``S_i = avg L_i − avg L_{i−1}`` over ``[FP, paths..., LP]`` as in ``method="paths"``, but measured in train mode
+    on the training batches, with the parameters of each step, and with a sampled path averaged over the steps it ran.
+    The spread is ``sqrt(var L_i + var L_{i−1})`` of the per-step losses (an upper bound of the difference's
+    standard deviation where the two are positively correlated, as they are). ``bits`` holds one entry: the most
+    common bit-width of the allocatable weight quantizers.
+
+    Example:
+        >>> import torch, torch.nn as nn, fxqat
+        >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> qm = fxqat.prepare_qat(net, (x,), fxqat.QATConfig(w_bits=2, a_bits=2, hybrid=fxqat.HybridConfig()))
+        >>> loss, _ = fxqat.hybrid_loss(qm(x), y)
+        >>> t = running_sensitivity(qm)
+        >>> t.bits, len(t.rows), t.n_batches
+        ((2,), 3, 1)
+
+    Raises:
+        ValueError: the model has no block replacement, runs a mode other than ``lp_prefix``, or has not trained yet.
+    """
+    hybrid, holder = hybrid_of(qm)
+    stats = getattr(holder, "fxqat_path_losses", None) or getattr(holder, "path_losses", None)
+    if hybrid.mode != "lp_prefix" or stats is None:
+        raise ValueError(f"running_sensitivity: needs mode='lp_prefix' (the model has mode={hybrid.mode!r}); use "
+                         "fxqat.sensitivity(qm, batches) instead.")
+    counts = stats.counts()
+    if int(counts[-1]) == 0:
+        raise ValueError("running_sensitivity: no training step has run yet: train with fxqat.hybrid_loss first, or "
+                         "measure with fxqat.sensitivity(qm, batches).")
+    mean, var = stats.means().numpy(), stats.variances().numpy()
+    blocks = list(model_blocks(qm))
+    layout = split_fixed(qm, blocks, include_first_last)
+    qs = named_quantizers(qm)
+    widths = [qs[n].bits for alloc, _ in layout for la in alloc for n in la.weights]
+    bits = max(set(widths), key=widths.count) if widths else 0
+    rows = []
+    for i, (blk, (alloc, fixed)) in enumerate(zip(blocks, layout)):
+        rows.append(BlockSensitivity(
+            block=blk.name, index=blk.index, modules=tuple(la.name for la in alloc),
+            weight_count=sum(la.weight_count for la in alloc),
+            sensitivity=(float(mean[i + 1] - mean[i]),), spread=(float(np.sqrt(var[i + 1] + var[i])),),
+            fixed=tuple(la.name for la in fixed)))
+    info = {"source": "running", "decay": stats.decay, "updates": tuple(int(c) for c in counts)}
+    return SensitivityTable(method="paths", bits=(bits,), rows=tuple(rows), kinds=("weight", "act"),
+                            n_batches=int(counts.min()), time_s=0.0, info=tuple(info.items()))

@@ -44,6 +44,7 @@ from fxqat.graph.blocks import partition
 from fxqat.graph.subgraph import OUTPUT, extract, view
 from fxqat.hybrid_output import HybridOutput, select_paths
 from fxqat.passes.annotate import is_weight_layer_node
+from fxqat.path_losses import PathLossAverages
 from fxqat.trace import adopt_hierarchy
 
 __all__ = ["HybridOutput", "HybridGraphModule", "mark_cuts", "build_hybrid", "CUT"]
@@ -118,6 +119,8 @@ class HybridGraphModule(fx.GraphModule):
         else:
             self.fxqat_partner = None
         self.rebuild_views()
+        #: running averages of the path losses, updated by fxqat.hybrid_loss (read by fxqat.running_sensitivity)
+        self.fxqat_path_losses = PathLossAverages(self.n_paths)
         if hybrid.path_weights != "uniform" and len(hybrid.path_weights) != self.n_paths:
             raise ValueError(
                 f"HybridConfig.path_weights has {len(hybrid.path_weights)} entries but this model has "
@@ -244,7 +247,8 @@ class HybridGraphModule(fx.GraphModule):
                     if k < self.n_blocks - 1:
                         hk = self._fp_suffix(k, hk)
                     paths.append(hk)
-        return HybridOutput(lp=lp, paths=paths, fp=fp, path_ids=tuple(ids), config=h)
+        return HybridOutput(lp=lp, paths=paths, fp=fp, path_ids=tuple(ids), config=h,
+                            stats=self.fxqat_path_losses if h.mode == "lp_prefix" else None)
 
 
 def build_hybrid(gm: fx.GraphModule, fp_graph: fx.Graph, hybrid: HybridConfig) -> HybridGraphModule:

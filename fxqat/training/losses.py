@@ -82,6 +82,9 @@ def hybrid_loss(out, target: torch.Tensor, config: Optional[HybridConfig] = None
             be a logits tensor or a model output holding them (``.logits``, ``["logits"]``, first tuple element).
         target: class indices; for sequence logits (N, T, C), next-token targets (N, T) (already shifted).
         config: loss weights; defaults to ``out.config`` (the model's HybridConfig).
+
+    When ``out.stats`` is set (models in ``lp_prefix`` mode), the step's task losses of the FP output, the paths and
+    the LP output are folded into the model's running averages (:func:`fxqat.running_sensitivity` reads them).
     """
     if not isinstance(out, HybridOutput):
         logits, target = _flat(logits_of(out), target)
@@ -92,6 +95,7 @@ def hybrid_loss(out, target: torch.Tensor, config: Optional[HybridConfig] = None
     fp, _ = _flat(logits_of(out.fp), target)
     total, parts = distillation_loss(lp, fp, flat_target, cfg)
     n = len(out.paths)
+    path_ce: Dict[int, torch.Tensor] = {}
     for pid, path in zip(out.path_ids or range(n), out.paths):
         m, _ = _flat(logits_of(path), target)
         w = 1.0 / n if cfg.path_weights == "uniform" else cfg.path_weights[pid]
@@ -100,4 +104,8 @@ def hybrid_loss(out, target: torch.Tensor, config: Optional[HybridConfig] = None
         total = total + w * (ce + cfg.kd_weight * kd)
         parts[f"ce_path{pid}"] = ce.detach()
         parts[f"kd_path{pid}"] = kd.detach()
+        path_ce[pid] = parts[f"ce_path{pid}"]
+    if out.stats is not None:  # running path losses: one extra cross-entropy on the FP logits, no extra forward
+        with torch.no_grad():
+            out.stats.update(F.cross_entropy(fp, flat_target), path_ce, parts["ce_lp"])
     return total, parts

@@ -1,0 +1,450 @@
+"""Block replacement against tuned, compute-matched distillation (issue 25): the controls, on the LLM benchmark's
+character Llama and on CIFAR-10 ResNet-20.
+
+Every arm is one run from the same FP checkpoint with the same batches per seed; each finished run writes one record
+``benchmarks/results/br_runs/<task>_<setting>_<arm>_s<seed>.json`` at once (so an interrupted session keeps what
+finished), and ``report`` merges the records into ``br_controls.{md,json}`` (block replacement vs KD) and
+``br_llm_act.{md,json}`` (activation-quantized LLM regimes).
+
+Arms are written ``kind@lr`` (``lr`` omitted: the recipe's):
+
+* ``kd``          LSQ + KD to the frozen FP model's logits (``HybridConfig()``'s weights), no paths;
+* ``br``          LSQ + block replacement (``HybridConfig(**--hybrid)``);
+* ``kd_matched``  ``kd`` given block replacement's compute: its step count is the recipe's times the ratio of a BR
+  step to a KD step, measured *interleaved in the same process* (BR, KD, BR, KD, ...: machine load hits both alike);
+* ``lsq``         plain QAT (cross-entropy); LLM only: ``control`` (FP fine-tune), ``ptq`` (fxqat's calibrated
+  quantizers, no training), ``rtn`` (torchao round-to-nearest, weight-only/8da4w settings), ``torchao_qat``,
+  ``torchao_kd`` (torchao's fake quantizers trained with the same KD loss as ``kd``).
+
+Usage::
+
+    python benchmarks/br_controls.py llm --setting int2 --seed 0 --arms kd@1e-4 kd@2e-4 kd@4e-4 br@1e-4
+    python benchmarks/br_controls.py llm --setting int2 --seed 0 --arms kd_matched@2e-4   # ratio measured here
+    python benchmarks/br_controls.py llm --setting int2 --seed 0 --arms br --hybrid paths=1 --tag p1
+    python benchmarks/br_controls.py llm --setting int2 --ratios --hybrid paths=1   # interleaved step times only
+    python benchmarks/br_controls.py cifar --seed 0 --epochs 2 --arms br@0.01 kd@0.01 kd@0.016 kd_matched@0.01
+    python benchmarks/br_controls.py report
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine, time_steps, torchao_qat_convert, torchao_qat_prepare, torchao_rtn  # noqa: E402
+
+import fxqat  # noqa: E402
+from fxqat.config import HybridConfig  # noqa: E402
+
+log = logging.getLogger("br_controls")
+RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = RESULTS / "br_runs"
+LLM_SETTINGS = ("int2", "int4", "8da4w", "w4a8", "w4a4", "w4a8kv4")
+ACT_SETTINGS = ("w4a8", "w4a4", "w4a8kv4")
+TORCHAO_SETTING = {"int2": "int2", "int4": "int4", "8da4w": "8da4w"}  # torchao has no static learned activations
+
+
+# ------------------------------------------------------------------------------------------------- arms
+def parse_arm(arm: str, default_lr: float) -> Tuple[str, float]:
+    """``"kd@2e-4"`` -> ``("kd", 2e-4)``; ``"kd"`` -> ``("kd", default_lr)``."""
+    kind, _, lr = arm.partition("@")
+    return kind, float(lr) if lr else default_lr
+
+
+def parse_hybrid(items: List[str]) -> Dict[str, Any]:
+    """``["paths=1", "cuts=residual", "path_weights=0.5,1,1.5"]`` -> HybridConfig keyword arguments."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key == "path_weights" and value != "uniform":
+            out[key] = tuple(float(v) for v in value.split(","))
+        elif key in ("paths", "max_blocks"):
+            out[key] = value if value == "all" else int(value)
+        elif key in ("kd_weight", "temperature", "task_weight"):
+            out[key] = float(value)
+        else:
+            out[key] = value
+    return out
+
+
+def record_path(task: str, setting: str, label: str, seed: int) -> Path:
+    return RUNS / f"{task}_{setting}_{label.replace('/', '-')}_s{seed}.json"
+
+
+def save_record(task: str, setting: str, label: str, seed: int, rec: Dict[str, Any]) -> None:
+    RUNS.mkdir(parents=True, exist_ok=True)
+    rec = {"task": task, "setting": setting, "arm": label, "seed": seed, "machine": machine(),
+           "command": "python benchmarks/br_controls.py " + " ".join(sys.argv[1:]), **rec}
+    record_path(task, setting, label, seed).write_text(json.dumps(rec, indent=1))
+    log.info("%s %s %s seed %d: %s", task, setting, label, seed,
+             {k: rec[k] for k in ("val_loss", "top1", "steps", "time_s") if k in rec})
+
+
+def interleaved_ratio(steps: Dict[str, Callable[[], None]], rounds: int) -> Dict[str, float]:
+    """Median step time of each step function, measured round-robin in this process, and ``br / kd``."""
+    med = time_steps(steps, warmup=2, rounds=rounds)
+    return {**{f"{k}_step_s": v for k, v in med.items()}, "ratio": med["br"] / med["kd"], "rounds": rounds}
+
+
+# ------------------------------------------------------------------------------------------------- LLM
+def llm_qat_config(setting: str, hybrid: Optional[Dict[str, Any]]) -> fxqat.QATConfig:
+    """fxqat's config of an LLM setting: the presets, or W4 per-group weights with static learned per-tensor LSQ
+    activation step sizes (``w4a8``, ``w4a4``), plus a 4-bit KV cache (``w4a8kv4``)."""
+    if setting in ("int2", "int4"):
+        cfg = fxqat.QATConfig.preset(f"{setting}_weight_only")
+    elif setting == "8da4w":
+        cfg = fxqat.QATConfig.preset("8da4w")
+    elif setting in ("w4a8", "w4a4", "w4a8kv4"):
+        cfg = fxqat.QATConfig.preset("int4_weight_only", a_bits=4 if setting == "w4a4" else 8,
+                                     a_granularity="per_tensor")
+        if setting == "w4a8kv4":
+            cfg = kv4(cfg)
+    else:
+        raise ValueError(f"br_controls: unknown LLM setting {setting!r}; choose one of {LLM_SETTINGS}")
+    return cfg.with_(hybrid=HybridConfig(**hybrid)) if hybrid is not None else cfg
+
+
+def kv4(cfg: fxqat.QATConfig) -> fxqat.QATConfig:
+    """The 4-bit KV-cache option (``QATConfig.kv_bits``) where this fxqat has it."""
+    if "kv_bits" not in fxqat.QATConfig.__dataclass_fields__:
+        raise SystemExit("br_controls: this fxqat has no QATConfig.kv_bits: the w4a8kv4 setting cannot run.")
+    return cfg.with_(kv_bits=4)
+
+
+class LLMRunner:
+    """One seed of one LLM setting; arms share the FP checkpoint, the batches and the validation set."""
+
+    def __init__(self, setting: str, seed: int, hybrid: Dict[str, Any], steps: Optional[int], progress: bool):
+        from fxqat.text_data import tiny_shakespeare
+        from fxqat.training.lm import FINETUNE_RECIPE
+        from fxqat.training.recipes import pretrained_char_llama
+
+        self.setting, self.seed, self.hybrid, self.progress = setting, seed, hybrid, progress
+        self.corpus = tiny_shakespeare()
+        self.ft = FINETUNE_RECIPE if steps is None else replace(FINETUNE_RECIPE, steps=steps)
+        self.val = list(self.corpus.batches("val", 64, self.ft.batch_size, self.ft.context, 1337))
+        self.curve = self.val[:4]
+        self.fp, self.fp_info = pretrained_char_llama(self.corpus, progress=progress)
+        self.fp.eval()
+        gen = torch.Generator().manual_seed(self.ft.seed_offset + seed)
+        self.x0, self.y0 = self.corpus.batch("train", self.ft.batch_size, self.ft.context, gen)
+
+    def prepare(self, hybrid: bool) -> nn.Module:
+        qm = fxqat.prepare_qat(self.fp, (self.x0,), llm_qat_config(self.setting, self.hybrid if hybrid else None))
+        fxqat.calibrate(qm, [self.x0])
+        return qm
+
+    def kd_loss(self):
+        from fxqat.training.lm import kd_lm_loss
+
+        return kd_lm_loss(copy.deepcopy(self.fp))
+
+    def train(self, model, lr: float, loss_fn, params=None, steps: Optional[int] = None) -> Dict[str, Any]:
+        from fxqat.training.lm import train_lm
+
+        recipe = replace(self.ft, lr=lr, steps=steps or self.ft.steps)
+        hist = train_lm(model, self.corpus, recipe, self.seed, loss_fn=loss_fn, params=params,
+                        eval_batches=self.curve, eval_every=50, progress=self.progress, desc=f"{self.setting}")
+        return {"steps": hist["steps"], "time_s": hist["time_s"], "step_s": statistics.median(hist["step_s"]),
+                "curve": hist["eval"], "train_loss_last": hist["loss"][-1], "lr": lr}
+
+    def step_ratio(self, rounds: int, lr: float) -> Dict[str, float]:
+        """BR step / KD step, interleaved, with the full training step (loss, backward, clipping, AdamW)."""
+        from fxqat.training.lm import hybrid_lm_loss, lm_optimizer, quantizer_parameter_ids
+
+        steps = {}
+        for name, hybrid in (("br", True), ("kd", False)):
+            m = self.prepare(hybrid)
+            m.train()
+            params = list(fxqat.trainable_parameters(m))
+            opt = lm_optimizer(params, replace(self.ft, lr=lr * 1e-3), quantizer_parameter_ids(m))
+            loss_fn = hybrid_lm_loss if hybrid else self.kd_loss()
+
+            def step(m=m, opt=opt, loss_fn=loss_fn, params=params):
+                loss = loss_fn(m, self.x0, self.y0)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+
+            steps[name] = step
+        return interleaved_ratio(steps, rounds)
+
+    def run(self, kind: str, lr: float, ratio_rounds: int) -> Dict[str, Any]:
+        from fxqat.training.lm import evaluate_lm, hybrid_lm_loss, lm_loss
+
+        s = self.setting
+        if kind == "control":
+            m = copy.deepcopy(self.fp)
+            rec = self.train(m, lr, lm_loss)
+            return {**rec, "val_loss": evaluate_lm(m, self.val), "fp_val_loss": evaluate_lm(self.fp, self.val)}
+        if kind == "rtn":
+            return {"val_loss": evaluate_lm(torchao_rtn(self.fp, TORCHAO_SETTING[s]), self.val), "steps": 0}
+        if kind == "ptq":
+            return {"val_loss": evaluate_lm(fxqat.convert(self.prepare(False)), self.val), "steps": 0}
+        if kind in ("torchao_qat", "torchao_kd"):
+            if s not in TORCHAO_SETTING:
+                raise SystemExit(f"br_controls: torchao's QATConfig has no {s} setting (static learned activations)")
+            m = torchao_qat_prepare(self.fp, TORCHAO_SETTING[s])
+            rec = self.train(m, lr, lm_loss if kind == "torchao_qat" else self.kd_loss())
+            rec["val_loss_fakequant"] = evaluate_lm(m, self.val)
+            return {**rec, "val_loss": evaluate_lm(torchao_qat_convert(m, TORCHAO_SETTING[s]), self.val)}
+        if kind not in ("lsq", "kd", "br", "kd_matched"):
+            raise SystemExit(f"br_controls: unknown LLM arm {kind!r}")
+        extra: Dict[str, Any] = {}
+        steps = None
+        if kind == "kd_matched":
+            extra["step_ratio"] = self.step_ratio(ratio_rounds, lr)
+            steps = max(self.ft.steps, round(self.ft.steps * extra["step_ratio"]["ratio"]))
+            extra["hybrid"] = self.hybrid
+        qm = self.prepare(kind == "br")
+        if kind == "br":
+            extra["hybrid"] = self.hybrid
+            extra["n_paths"] = qm.n_paths
+        loss_fn = {"lsq": lm_loss, "kd": None, "kd_matched": None, "br": hybrid_lm_loss}[kind] or self.kd_loss()
+        rec = self.train(qm, lr, loss_fn, params=fxqat.trainable_parameters(qm), steps=steps)
+        if kind == "br":
+            extra["running_sensitivity"] = running_table(qm)
+        return {**rec, **extra, "val_loss": evaluate_lm(fxqat.convert(qm), self.val)}
+
+
+def running_table(qm: nn.Module) -> Optional[List[Dict[str, Any]]]:
+    """The per-block table of the running path losses block replacement kept while training (if this fxqat keeps
+    them: ``fxqat.running_sensitivity``)."""
+    fn = getattr(fxqat, "running_sensitivity", None)
+    if fn is None:
+        return None
+    t = fn(qm)
+    return [{"block": r.block, "sensitivity": r.sensitivity[0], "spread": r.spread[0]} for r in t.rows]
+
+
+def llm_main(args) -> None:
+    from fxqat.training.lm import FINETUNE_RECIPE
+
+    hybrid = parse_hybrid(args.hybrid)
+    runner = LLMRunner(args.setting, args.seed, hybrid, args.steps, args.progress)
+    if args.ratios:
+        r = runner.step_ratio(args.ratio_rounds, FINETUNE_RECIPE.lr)
+        save_record("llm", args.setting, f"ratio{('_' + args.tag) if args.tag else ''}", args.seed,
+                    {"step_ratio": r, "hybrid": hybrid})
+        return
+    for arm in args.arms:
+        kind, lr = parse_arm(arm, FINETUNE_RECIPE.lr)
+        label = f"{kind}@{lr:g}" + (f"_{args.tag}" if args.tag else "")
+        rec = runner.run(kind, lr, args.ratio_rounds)
+        rec["ppl"] = math.exp(rec["val_loss"])
+        save_record("llm", args.setting, label, args.seed, rec)
+
+
+# ------------------------------------------------------------------------------------------------- CIFAR
+def cifar_main(args) -> None:
+    from fxqat import data as fdata
+    from fxqat.models import get_model
+    from fxqat.training.loop import TrainConfig, compute_loss
+    from fxqat.training.recipes import train_fp, train_qat
+
+    hybrid = parse_hybrid(args.hybrid)
+    tr = fdata.cifar10(train=True)
+    te = fdata.cifar10(train=False).subset(5000)
+    test = fdata.BatchLoader(te, 500, train=False, rank=0, world_size=1)
+    loader = fdata.BatchLoader(tr, 128, train=True, seed=0, rank=0, world_size=1)
+    torch.manual_seed(0)
+    # the FP checkpoint of benchmarks/accuracy.py's "short" profile (same key: the same cached file)
+    fp_cfg = TrainConfig(steps=1200, lr=0.1, seed=0, plot=False, warmup_steps=100)
+    key = {"model": "resnet20", "data": "cifar10", "batch_size": 128, "source": tr.source, "n_test": len(te)}
+    fp, fp_info = train_fp(get_model("resnet20", 10), loader, fp_cfg, key=key, test_loader=test, desc="FP")
+    x0 = tr[0][0].unsqueeze(0).repeat(2, 1, 1, 1)
+    base_steps = args.epochs * len(loader)
+    bits = args.bits
+
+    def prepare(br: bool) -> nn.Module:
+        cfg = fxqat.QATConfig(w_bits=bits, a_bits=bits, method="lsq", hybrid=HybridConfig(**hybrid) if br else None)
+        return fxqat.prepare_qat(copy.deepcopy(fp), (x0,), cfg)
+
+    def teacher() -> nn.Module:
+        return copy.deepcopy(fp).eval().requires_grad_(False)
+
+    def ratio(lr: float) -> Dict[str, float]:
+        x, y = next(iter(fdata.BatchLoader(tr, 128, train=True, seed=99, rank=0, world_size=1)))
+        steps = {}
+        t = teacher()
+        for name in ("br", "kd"):
+            m = prepare(name == "br")
+            fxqat.calibrate(m, x)
+            m.train()
+            opt = torch.optim.SGD(list(fxqat.trainable_parameters(m)), lr=lr * 1e-3, momentum=0.9, nesterov=True)
+
+            def step(m=m, opt=opt, name=name):
+                out = m(x)
+                tl = None
+                if name == "kd":
+                    with torch.no_grad():
+                        tl = t(x)
+                loss = compute_loss(out, y, tl)[0]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            steps[name] = step
+        return interleaved_ratio(steps, args.ratio_rounds)
+
+    for arm in args.arms:
+        kind, lr = parse_arm(arm, 0.01)
+        label = f"{kind}@{lr:g}" + (f"_{args.tag}" if args.tag else "")
+        extra: Dict[str, Any] = {"fp_top1": fp_info["top1"], "epochs": args.epochs, "bits": bits, "lr": lr,
+                                 "optimizer": args.optimizer}
+        steps = base_steps
+        if kind == "kd_matched":
+            extra["step_ratio"] = ratio(lr)
+            steps = max(base_steps, round(base_steps * extra["step_ratio"]["ratio"]))
+        if kind not in ("lsq", "kd", "br", "kd_matched"):
+            raise SystemExit(f"br_controls: unknown CIFAR arm {kind!r}")
+        if kind in ("br", "kd_matched"):
+            extra["hybrid"] = hybrid
+        qcfg = TrainConfig(steps=steps, lr=lr, seed=args.seed, plot=False, optimizer=args.optimizer,
+                           progress=args.progress)
+        loader = fdata.BatchLoader(tr, 128, train=True, seed=args.seed, rank=0, world_size=1)
+        qm = prepare(kind == "br")
+        t0 = time.perf_counter()
+        hist = train_qat(qm, loader, qcfg, test_loader=test, teacher=teacher() if "kd" in kind else None,
+                         desc=f"{kind} W{bits}A{bits} s{args.seed}")
+        rec = {**extra, "top1": hist["final"]["test_top1"], "steps": steps, "time_s": time.perf_counter() - t0}
+        if kind == "br":
+            rec["running_sensitivity"] = running_table(qm)
+        save_record("cifar", f"w{bits}a{bits}_{args.optimizer}", label, args.seed, rec)
+
+
+# ------------------------------------------------------------------------------------------------- report
+def load_records() -> List[Dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
+
+
+def _by(records, task, setting) -> Dict[str, Dict[int, Dict[str, Any]]]:
+    """``{arm: {seed: record}}`` of one task and setting (step-ratio-only records left out)."""
+    out: Dict[str, Dict[int, Dict[str, Any]]] = {}
+    for r in records:
+        if r["task"] == task and r["setting"] == setting and not r["arm"].startswith("ratio"):
+            out.setdefault(r["arm"], {})[r["seed"]] = r
+    return out
+
+
+def arm_table(arms: Dict[str, Dict[int, Dict[str, Any]]], metric: str, ref: Optional[str], lower_better: bool,
+              ratio_of: Callable[[str], Optional[float]]) -> List[str]:
+    """Markdown rows: arm, value per seed, mean ± sd, steps, step cost, and ``ref − arm`` per seed (ref: BR)."""
+    seeds = sorted({s for a in arms.values() for s in a})
+    sign = "lower is better" if lower_better else "higher is better"
+    head = ["| arm | " + " | ".join(f"seed {s}" for s in seeds) + f" | mean ± sd ({sign}) | steps | step / KD step |"
+            + (f" {ref} − arm per seed |" if ref else ""), "|---|" + "---|" * (len(seeds) + 3 + (1 if ref else 0))]
+    rows = []
+    for arm in sorted(arms, key=lambda a: (a.split("@")[0] != "br", a)):
+        per = arms[arm]
+        vals = [per[s][metric] for s in seeds if s in per]
+        cells = [f"{per[s][metric]:.4f}" if s in per else "" for s in seeds]
+        sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
+        steps = "/".join(sorted({str(per[s].get("steps", "")) for s in per}))
+        rt = ratio_of(arm)
+        diff = ""
+        if ref and ref in arms and arm != ref:
+            d = [arms[ref][s][metric] - per[s][metric] for s in seeds if s in per and s in arms[ref]]
+            diff = ", ".join(f"{v:+.4f}" for v in d)
+        rows.append(f"| {arm} | " + " | ".join(cells) + f" | {statistics.fmean(vals):.4f} ± {sd:.4f} | {steps} | "
+                    + (f"{rt:.2f}" if rt else "") + " |" + (f" {diff} |" if ref else ""))
+    return head + rows
+
+
+def report() -> None:
+    records = load_records()
+    if not records:
+        raise SystemExit(f"br_controls: no records in {RUNS}")
+    ratios: Dict[Tuple[str, str], List[float]] = {}
+    for r in records:
+        if "step_ratio" in r:
+            key = (r["setting"], json.dumps(r.get("hybrid", {}), sort_keys=True))
+            ratios.setdefault(key, []).append(r["step_ratio"]["ratio"])
+
+    def ratio_for(setting: str):
+        def fn(arm: str) -> Optional[float]:
+            if not arm.startswith("br"):
+                return 1.0 if arm.startswith("kd") else None
+            rec = next(iter(by_setting[setting][arm].values()))
+            vals = ratios.get((setting, json.dumps(rec.get("hybrid", {}), sort_keys=True)))
+            return statistics.median(vals) if vals else None
+        return fn
+
+    by_setting: Dict[str, Dict[str, Dict[int, Dict[str, Any]]]] = {}
+    sections = {"controls": [], "act": []}
+    for task, metric, lower in (("llm", "val_loss", True), ("cifar", "top1", False)):
+        for setting in sorted({r["setting"] for r in records if r["task"] == task}):
+            arms = _by(records, task, setting)
+            if not arms:
+                continue
+            by_setting[setting] = arms
+            ref = next((a for a in sorted(arms) if a.split("@")[0] == "br" and "_" not in a.split("@")[1]), None)
+            title = f"## {'LLM (char Llama, AdamW)' if task == 'llm' else 'CIFAR-10 ResNet-20'}: {setting}"
+            lines = [title, ""] + arm_table(arms, metric, ref, lower, ratio_for(setting)) + [""]
+            sections["act" if setting in ACT_SETTINGS else "controls"] += lines
+    m = machine()
+    head = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, 1 torch thread per run; other jobs shared "
+            "the machine (up to 8 processes on 2 cores), so wall times are not comparable across runs; the step "
+            "ratios are interleaved measurements in one process. Each record in `benchmarks/results/br_runs/` "
+            "holds the exact command that made it. Produced by `python benchmarks/br_controls.py report`.", ""]
+    docs = {
+        "br_controls": ["# Block replacement vs tuned, compute-matched KD", ""] + head + sections["controls"],
+        "br_llm_act": ["# Activation-quantized LLM regimes: block replacement vs KD", ""] + head + sections["act"],
+    }
+    for stem, lines in docs.items():
+        sel = [r for r in records if (r["setting"] in ACT_SETTINGS) == (stem == "br_llm_act")]
+        (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+        (RESULTS / f"{stem}.json").write_text(json.dumps({"records": sel}, indent=1))
+        log.info("wrote %s", RESULTS / f"{stem}.md")
+
+
+# ------------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="task", required=True)
+    for name in ("llm", "cifar"):
+        p = sub.add_parser(name)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--arms", nargs="+", default=["br", "kd", "kd_matched"])
+        p.add_argument("--hybrid", nargs="*", default=[], help="HybridConfig fields key=value for the br arm")
+        p.add_argument("--tag", default="", help="suffix of the arm label (e.g. the hybrid option)")
+        p.add_argument("--ratio-rounds", type=int, default=16)
+        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False)
+        if name == "llm":
+            p.add_argument("--setting", default="int2", choices=LLM_SETTINGS)
+            p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the recipe's 250)")
+            p.add_argument("--ratios", action="store_true", help="only measure the interleaved BR/KD step ratio")
+        else:
+            p.add_argument("--epochs", type=int, default=2)
+            p.add_argument("--bits", type=int, default=2)
+            p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
+    sub.add_parser("report")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("fxqat").setLevel(logging.WARNING)
+    if args.task == "report":
+        report()
+        return 0
+    torch.set_num_threads(args.threads)
+    (llm_main if args.task == "llm" else cifar_main)(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
