@@ -39,7 +39,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import machine, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    AUTOBITS_ARMS,
+    allocation_rows,
+    arm_rows,
+    cost_rows,
+    machine,
+    uniform_config,
+    write_results,
+)
 
 import fxqat  # noqa: E402
 from fxqat import data as fdata  # noqa: E402
@@ -48,7 +56,7 @@ from fxqat.training.loop import TrainConfig  # noqa: E402
 from fxqat.training.recipes import train_fp, train_qat  # noqa: E402
 
 log = logging.getLogger("autobits")
-ARMS = ("uniform", "paths", "fisher", "hessian")
+ARMS = AUTOBITS_ARMS
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -103,17 +111,6 @@ def _estimates(fp, tr, prof: Profile, base: fxqat.QATConfig, step_s: float) -> D
         out[method] = {"table": table, "cpu_s": cpu, "wall_s": wall, "step_equiv": cpu / step_s}
         log.info("%s sensitivity: %.1f CPU s = %.1f training steps", method, cpu, cpu / step_s)
     return out
-
-
-def uniform_config(table: fxqat.SensitivityTable, budget: float, base: fxqat.QATConfig, choices,
-                   activations: bool = True):
-    """The uniform arm: every allocatable layer at the largest choice within ``budget`` (activations too, unless
-    ``activations=False``: weight-only configs), and its allocation record."""
-    b = max(c for c in choices if c <= budget)
-    n = table.total_weight_count
-    cfg = base.with_(w_bits=b, a_bits=b) if activations else base.with_(w_bits=b)
-    return cfg, {"bits": {r.block: b for r in table.rows if r.weight_count},
-                                            "avg_bits": float(b), "used_bits": b * n, "predicted_loss": None}
 
 
 def _summary(prof, name, runs, fp_top1, source, est, allocs, step_s, t0) -> Dict:
@@ -187,32 +184,6 @@ def run(prof: Profile, name: str) -> Dict:
 def stem(profile: str) -> str:
     """Result file name: ``autobits`` for the committed short profile, ``autobits_<profile>`` otherwise."""
     return "autobits" if profile == "short" else f"autobits_{profile}"
-
-
-def arm_rows(table: Dict, digits: int) -> List[str]:
-    """Markdown rows ``| budget | arm cells |`` of a result table (mean ± half-range, bits used)."""
-    rows = ["| avg bits (budget) | uniform | paths | Fisher | Hessian |", "|---|---|---|---|---|"]
-    for budget, arms in table.items():
-        cells = ["–" if arms.get(a) is None else f"{arms[a]['mean']:.{digits}f} ± {arms[a]['spread']:.{digits}f} "
-                 f"({arms[a]['avg_bits']:.2f} b)" for a in ARMS]
-        rows.append(f"| {budget} | " + " | ".join(cells) + " |")
-    return rows
-
-
-def cost_rows(estimate_cost: Dict, unit: str) -> List[str]:
-    """The estimate-cost table, costs in ``unit`` (e.g. "training-step") equivalents."""
-    return [f"| estimate | CPU s | {unit} equivalents | wall s |", "|---|---:|---:|---:|"] + [f"| {m} | {c['cpu_s']:.1f} | {c['step_equiv']:.1f} | {c['wall_s']:.1f} |" for m, c in estimate_cost.items()]
-
-
-def allocation_rows(res: Dict) -> List[str]:
-    """The allocations table (bits per block of every budget and arm)."""
-    blocks = [r["block"] for r in res["sensitivity"]["paths"]["rows"] if r["weight_count"]]
-    rows = ["| budget / arm | " + " | ".join(blocks) + " | avg | predicted ΔL |", "|---|" + "---|" * (len(blocks) + 2)]
-    for key, a in res["allocations"].items():
-        pl = "–" if a["predicted_loss"] is None else f"{a['predicted_loss']:.3g}"
-        rows.append(f"| {key} | " + " | ".join(str(a["bits"].get(b, "")) for b in blocks)
-                    + f" | {a['avg_bits']:.2f} | {pl} |")
-    return rows
 
 
 def markdown(res: Dict) -> str:

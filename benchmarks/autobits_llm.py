@@ -32,8 +32,8 @@ from typing import Dict, List, Tuple
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import machine, write_results  # noqa: E402
-from autobits import ARMS, allocation_rows, arm_rows, cost_rows, uniform_config  # noqa: E402
+from _common import AUTOBITS_ARMS as ARMS  # noqa: E402
+from _common import allocation_rows, arm_rows, cost_rows, machine, uniform_config, write_results  # noqa: E402
 
 import fxqat  # noqa: E402
 from fxqat.text_data import tiny_shakespeare  # noqa: E402

@@ -32,8 +32,13 @@ import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import machine, time_steps, write_results  # noqa: E402
-from llm import fxqat_prepare, torchao_qat_prepare  # noqa: E402 (the LLM benchmark's preparation of both arms)
+from _common import (  # noqa: E402 (the LLM benchmark's preparation of both arms)
+    fxqat_prepare,
+    machine,
+    time_steps,
+    torchao_qat_prepare,
+    write_results,
+)
 
 import fxqat  # noqa: E402
 from fxqat.method_registry import get_method  # noqa: E402
