@@ -41,6 +41,7 @@ __all__ = [
     "mlp_st",
     "any_model_st",
     "activation_st",
+    "scale_rows_st",
     "ConvBNAct",
     "Residual",
     "Inception",
@@ -315,3 +316,26 @@ def mlp_st(draw: st.DrawFn, max_blocks: int = 5) -> Tuple[nn.Module, torch.Tenso
 def any_model_st(max_blocks: int = 5) -> st.SearchStrategy[Tuple[nn.Module, torch.Tensor]]:
     """Either a :func:`cnn_st` or an :func:`mlp_st` draw."""
     return st.one_of(cnn_st(max_blocks), mlp_st(max_blocks))
+
+
+@st.composite
+def scale_rows_st(draw: st.DrawFn) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """``(rows, qrange)`` for step-size searches: a ``[R, n]`` float32 tensor (R 1..300, n 1..70) drawn from a seed,
+    a scale (1e-4..1e2) and a shape (normal, heavy-tailed cube of a normal, values on a coarse grid so that errors
+    tie, one sign only, some rows all zero) and a signed or unsigned integer grid of 1..8 bits."""
+    r, n = draw(st.integers(1, 300)), draw(st.integers(1, 70))
+    seed, kind = draw(st.integers(0, 2**31 - 1)), draw(st.sampled_from(("normal", "cube", "grid", "positive", "zeros")))
+    scale = draw(st.sampled_from((1e-4, 0.02, 1.0, 1e2)))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(r, n, generator=g)
+    if kind == "cube":
+        x = x ** 3
+    elif kind == "grid":
+        x = torch.round(x * 2) / 2
+    elif kind == "positive":
+        x = x.abs()
+    elif kind == "zeros":
+        x[torch.rand(r, generator=g) < 0.3] = 0
+    bits, signed = draw(st.integers(1, 8)), draw(st.booleans())
+    qrange = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed and bits > 1 else (0, 2 ** bits - 1)
+    return x * scale, qrange
