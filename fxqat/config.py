@@ -333,6 +333,9 @@ class QATConfig:
           (``w_granularity="per_group"``, ``group_size=32``), activations not quantized (``a_bits=None``).
         * ``"8da4w"``: int4 symmetric per-group weights and int8 dynamic per-token asymmetric activations
           (``a_granularity="per_token"``, method ``"dynamic"``), torchao's 8da4w fake-quantization.
+        * ``"gguf_q4_0"``, ``"gguf_q8_0"``: weights on llama.cpp's Q4_0 / Q8_0 grid exactly (method ``"gguf"``: a
+          learned fp16 step per block of 32, llama.cpp's level range and rounding, :mod:`fxqat.quantizers.gguf`),
+          activations not quantized; :func:`fxqat.export.to_gguf` writes them without error.
 
         Weight step sizes start at the clipping ratio of least squared error per group (LSQ option
         ``init="mse"``, :mod:`fxqat.quantizers.scale_init`) rather than the LSQ paper's ``2·mean|w|/√Q_P``: measured on the
@@ -419,6 +422,8 @@ PRESETS = {
     "int3_weight_only": {"w_bits": 3, "a_bits": None},
     "int2_weight_only": {"w_bits": 2, "a_bits": None},
     "8da4w": {"w_bits": 4, "a_bits": 8, "a_granularity": "per_token"},
+    "gguf_q4_0": {"w_bits": 4, "a_bits": None, "method": "gguf"},
+    "gguf_q8_0": {"w_bits": 8, "a_bits": None, "method": "gguf"},
 }
 
 

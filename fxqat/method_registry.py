@@ -31,6 +31,7 @@ _BUILTIN_MODULES = (
     "fxqat.quantizers.noise_temper",
     "fxqat.quantizers.grad",
     "fxqat.quantizers.dynamic",
+    "fxqat.quantizers.gguf",
 )
 _loaded = False
 _loading = False

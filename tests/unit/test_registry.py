@@ -8,7 +8,7 @@ import fxqat
 from fxqat import method_registry as registry
 from fxqat.quantizers.base import Quantizer
 
-BUILTINS = ["dorefa", "dsq", "dynamic", "ewgs", "grad", "lsq", "lsq_plus", "noise_temper", "pact", "qil"]
+BUILTINS = ["dorefa", "dsq", "dynamic", "ewgs", "gguf", "grad", "lsq", "lsq_plus", "noise_temper", "pact", "qil"]
 
 
 @pytest.fixture
