@@ -23,6 +23,8 @@ from torch import nn
 
 from fxqat.capture.eager_model import convert_eager, eager_blocks, is_eager_model, prepare_eager
 from fxqat.capture.layers import is_quantized_layer
+from fxqat.capture.param_graph import finish_graph_params, plan_graph_params
+from fxqat.capture.param_quant import freeze_params
 from fxqat.capture.shapes import propagate_shapes
 from fxqat.config import HybridConfig, QATConfig, track_overrides, warn_unmatched_overrides
 from fxqat.graph.blocks import partition
@@ -147,7 +149,8 @@ def _prepare(model: nn.Module, example_inputs: Any, config: QATConfig, inplace: 
         qm = prepare_eager(work, _as_tuple(example_inputs), dict(example_kwargs or {}), config, reason, fp)
         qm.train(model.training)
         return qm
-    annotate(gm, config)
+    plan, uses = plan_graph_params(gm, _as_tuple(example_inputs), config)  # weights that are no layer modules
+    annotate(gm, config, fp_weights=plan.fp_layer_weights)
     n_layers = sum(1 for n in gm.graph.nodes if is_weight_layer_node(n))
     if n_layers == 0:
         log.warning("fxqat: %s has no conv/linear layer to quantize; the model is returned unchanged.",
@@ -156,6 +159,7 @@ def _prepare(model: nn.Module, example_inputs: Any, config: QATConfig, inplace: 
     if config.hybrid is not None:
         fp_graph = mark_cuts(gm, config)
     insert_quant(gm, config)
+    finish_graph_params(gm, plan, uses, config)
     if config.hybrid is not None:
         gm = build_hybrid(gm, fp_graph, config.hybrid)
     gm.train(model.training)
@@ -274,3 +278,4 @@ def _refresh_frozen(lp: fx.GraphModule) -> None:
     for m in lp.modules():
         if isinstance(m, OpaqueWeightQuant):
             m.freeze()
+        freeze_params(m)  # parameters quantized where used (fxqat.capture.param_quant); a no-op elsewhere

@@ -31,8 +31,14 @@ from fxqat.capture.eager_hybrid import make_eager_hybrid, remove_hybrid
 from fxqat.capture.hierarchy import CAPTURE_ATTR, CaptureReport, Region, capture_eager
 from fxqat.capture.inner_cuts import refine
 from fxqat.capture.layers import WEIGHT_QUANT, is_quantized_layer
-from fxqat.capture.param_quant import ParamUseRecorder, freeze_params, param_quantizers, plan_params
-from fxqat.capture.param_report import NOT_USED, quantized_param_ids, unquantized_params, warn_unexpected
+from fxqat.capture.param_quant import (
+    ParamUseRecorder,
+    freeze_params,
+    layer_weight_names,
+    param_quantizers,
+    plan_params,
+)
+from fxqat.capture.param_report import NOT_USED, fp_params, quantized_param_ids, unquantized_params, warn_unexpected
 from fxqat.capture.record import record_calls
 from fxqat.capture.region import GraphRegion
 from fxqat.config import QATConfig
@@ -155,15 +161,13 @@ def prepare_eager(
     fp_model = fp_model if fp_model is not None or config.hybrid is None else copy.deepcopy(model)
     recorder = ParamUseRecorder(model)  # which parameters enter matmul-like ops, and how
     recorded = recorder.watch(record_calls, model, args, kwargs, is_weight_layer)  # before any quantizer exists
-    layer_weights = {}
-    for name, m in model.named_modules():
-        entry = weight_layer_entry(m)
-        if entry is not None:
-            layer_weights[id(getattr(m, entry.weight))] = f"{name}.{entry.weight}" if name else entry.weight
+    layer_weights = layer_weight_names(model)
     plan = plan_params(model, recorder.uses, config, layer_weights)
     chain = find_chain(model, recorded[0], is_weight_layer)
     report = capture_eager(model, args, kwargs, config, reason, recorded, chain[1] if chain else (), plan)
-    fp = _unquantized(model, recorder.uses, plan.reasons, report, config, layer_weights)
+    order = report.weight_layers
+    ends = {order[i] for i, end in ((0, "first"), (-1, "last")) if order and end in config.first_last_layers}
+    fp = fp_params(model, recorder.uses, plan.reasons, config, layer_weights, ends, report.uncalled)
     report = dataclasses.replace(report, unquantized=fp)
     setattr(model, CAPTURE_ATTR, report)
     warn_unexpected(report.unquantized, type(model).__name__, stacklevel=5)
@@ -185,33 +189,6 @@ def prepare_eager(
             )
         make_eager_hybrid(model, fp_model, chain[1], cuts, blocks, config.hybrid)
     return model
-
-
-def _unquantized(model: nn.Module, uses: Dict[str, Any], reasons: Dict[str, str], report: CaptureReport,
-                 config: QATConfig, layer_weights: Dict[int, str]) -> tuple:
-    """Every >= 2-D parameter left FP after capture, with its reason (configured ones named as such)."""
-    reasons = dict(reasons)
-    for name in report.uncalled:
-        entry = weight_layer_entry(model.get_submodule(name))
-        reasons.setdefault(f"{name}.{entry.weight}" if entry else name, "not called on the example inputs")
-    order = report.weight_layers
-    ends = {order[i] for i, end in ((0, "first"), (-1, "last")) if order and end in config.first_last_layers}
-    params = dict(model.named_parameters())
-    for pname, use in uses.items():
-        owner = pname.rpartition(".")[0]
-        p = params.get(pname)
-        if p is not None and id(p) in layer_weights:
-            owner = layer_weights[id(p)].rpartition(".")[0]
-        try:
-            ov = config.override_for(owner, model.get_submodule(owner))
-        except AttributeError:
-            ov = None
-        if ov is not None and ov.skip:
-            reasons.setdefault(pname, "FP by config: Override(skip=True)")
-        elif owner in ends and config.first_last is None and not (ov and (ov.w_bits or ov.a_bits)):
-            reasons.setdefault(pname, "FP by config: first/last layer with QATConfig.first_last=None")
-        reasons.setdefault(pname, f"enters {', '.join(use.ops)} in {use.users[0] or '<root>'}; no quantizer reads it")
-    return unquantized_params(model, quantized_param_ids(model), reasons)
 
 
 def eager_blocks(model: nn.Module, cuts: str = "auto") -> List[Block]:

@@ -45,6 +45,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fxqat.config import QATConfig, QuantSpec
+from fxqat.layer_registry import weight_layer_entry
 from fxqat.passes.param_weights import (
     MATMUL_OPS,
     ROUTER_PASS_OPS,
@@ -62,7 +63,7 @@ from fxqat.quantizers.registry import make_quantizer
 
 __all__ = ["ParamUse", "ParamUseRecorder", "record_param_uses", "quantize_params", "unquantize_params",
            "quantized_param", "param_quantizers", "freeze_params", "PARAM_QUANT", "ParamPlan", "plan_params",
-           "embedding_spec"]
+           "embedding_spec", "layer_weight_names"]
 
 log = logging.getLogger(__name__)
 PARAM_QUANT = "fxqat_pq"  # child ModuleDict of an owner: parameter name -> its weight quantizer
@@ -291,8 +292,9 @@ def unquantize_params(owner: nn.Module) -> Dict[str, Quantizer]:
 @torch.no_grad()
 def freeze_params(owner: nn.Module) -> None:
     """Write the fake-quantized values into ``owner``'s parameters and disable their quantizers (``convert``)."""
-    for name, q in param_quantizers(owner).items():
+    for name, q in param_quantizers(owner).items():  # again after a load_state_dict: the grid is idempotent
         q.eval()
+        q.enable_fake_quant(True)
         owner._parameters[name].copy_(quantized_param(owner, name))
         q.enable_fake_quant(False)
 
@@ -305,7 +307,7 @@ class ParamPlan:
     Attributes:
         owners: owning module name -> {own parameter name: reduced dims} to quantize with :func:`quantize_params`.
         specs: qualified parameter name -> its weight spec.
-        fp_layer_weights: qualified names of registered layers' weights kept FP (routers).
+        fp_layer_weights: qualified names of the weights kept FP wherever they are read (routers).
         reasons: qualified parameter name -> why it stays FP (for ``capture_report``).
     """
 
@@ -344,8 +346,7 @@ def plan_params(
         owner, _, local = pname.rpartition(".")
         if use.router and not config.quantize_router:
             reasons[pname] = "FP by config: a router (its product chooses experts; QATConfig.quantize_router=False)"
-            if id(p) in layer_weights:
-                fp_layers.add(layer_weights[id(p)])
+            fp_layers.add(layer_weights.get(id(p), pname))  # FP in graph regions too (annotate's fp_weights)
             continue
         if id(p) in layer_weights:
             continue
@@ -374,3 +375,13 @@ def plan_params(
         owners.setdefault(owner, {})[local] = use.reduced
         specs[pname] = spec
     return ParamPlan(owners, specs, frozenset(fp_layers), reasons)
+
+
+def layer_weight_names(model: nn.Module) -> Dict[int, str]:
+    """``id(parameter)`` -> qualified name of every registered weight layer's weight in ``model``."""
+    found: Dict[int, str] = {}
+    for name, m in model.named_modules():
+        entry = weight_layer_entry(m)
+        if entry is not None:
+            found.setdefault(id(getattr(m, entry.weight)), f"{name}.{entry.weight}" if name else entry.weight)
+    return found

@@ -21,14 +21,16 @@ Example:
 from __future__ import annotations
 
 import warnings
-from typing import Collection, Dict, Iterable, Optional, Tuple
+from typing import Any, Collection, Dict, Iterable, Optional, Tuple
 
 from torch import nn
 
+from fxqat.config import QATConfig
+from fxqat.layer_registry import weight_layer_entry
 from fxqat.quantizers.base import Quantizer
 
 __all__ = ["unquantized_params", "quantized_param_ids", "warn_unexpected", "is_expected", "UnquantizedWeightWarning",
-           "NOT_USED", "UNEXPECTED"]
+           "NOT_USED", "UNEXPECTED", "fp_params"]
 
 NOT_USED = "not used by a matmul-like op on the example inputs"
 UNEXPECTED = "enters"  # reasons of weights fxqat saw in a matmul-like op but did not quantize start with this
@@ -87,3 +89,41 @@ def warn_unexpected(fp: Iterable[Tuple[str, str]], model_name: str, stacklevel: 
            "fxqat.Override(<module>, skip=True), or report the model.")
     warnings.warn(msg, UnquantizedWeightWarning, stacklevel=stacklevel)
     return msg
+
+
+def fp_params(
+    model: nn.Module, uses: Dict[str, Any], reasons: Dict[str, str], config: QATConfig,
+    layer_weights: Dict[int, str], ends: Collection[str] = (), uncalled: Collection[str] = (),
+) -> Tuple[Tuple[str, str], ...]:
+    """Every >= 2-D parameter of the prepared ``model`` left FP, with its reason.
+
+    Args:
+        model: the prepared model (its weight quantizers tell what is quantized).
+        uses: the recorded weight uses (:func:`fxqat.capture.param_quant.record_param_uses`).
+        reasons: reasons already decided (:class:`fxqat.capture.param_quant.ParamPlan`).
+        config: for overrides and the ``first_last`` policy.
+        layer_weights: ``id(parameter)`` -> qualified name of the registered layers' weights.
+        ends: names of the first and last weight layer (the ``first_last`` policy).
+        uncalled: weight layers the example call did not reach.
+    """
+    reasons = dict(reasons)
+    for name in uncalled:
+        entry = weight_layer_entry(model.get_submodule(name))
+        reasons.setdefault(f"{name}.{entry.weight}" if entry else name, "not called on the example inputs")
+    params = dict(model.named_parameters())
+    for pname, use in uses.items():
+        owner = pname.rpartition(".")[0]
+        p = params.get(pname)
+        if p is not None and id(p) in layer_weights:
+            owner = layer_weights[id(p)].rpartition(".")[0]
+        try:
+            ov = config.override_for(owner, model.get_submodule(owner))
+        except AttributeError:
+            ov = None
+        if ov is not None and ov.skip:
+            reasons.setdefault(pname, "FP by config: Override(skip=True)")
+        elif owner in ends and config.first_last is None and not (ov and (ov.w_bits or ov.a_bits)):
+            reasons.setdefault(pname, "FP by config: first/last layer with QATConfig.first_last=None")
+        reasons.setdefault(pname, f"{UNEXPECTED} {', '.join(use.ops)} in {use.users[0] or '<root>'}; no quantizer "
+                           "reads it")
+    return unquantized_params(model, quantized_param_ids(model), reasons)

@@ -225,8 +225,10 @@ def annotate(
             where = ["weight"]
         else:
             where = list(_opaque_weights(gm.get_submodule(node.target)))
-        if fp_weights and all(_weight_name(node, owner, w, style, prefix) in fp_weights for w in where):
-            continue
+        if fp_weights:  # routers stay FP; an opaque leaf may hold a router beside quantized layers
+            where = [w for w in where if _weight_name(node, owner, w, style, prefix) not in fp_weights]
+            if not where:
+                continue
         try:
             wspec = config.spec_for("weight", bits=w_bits, method=method)
         except ValueError as e:
