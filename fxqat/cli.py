@@ -62,6 +62,33 @@ def _bit_list(text: str) -> Tuple[int, ...]:
     return bits
 
 
+def _run_flags() -> argparse.ArgumentParser:
+    """The flags ``train`` and ``autobits`` share (an argparse parent: one definition, one help text each)."""
+    r = argparse.ArgumentParser(add_help=False)
+    r.add_argument("--model", default="resnet20", help="fxqat model (resnet20, cnn, mlp...) or torchvision name")
+    r.add_argument("--data", default="cifar10", help="cifar10, mnist or digits")
+    r.add_argument("--data-dir", default=None, help="data folder (default: $FXQAT_DATA, then ../shared/data)")
+    r.add_argument("--method", default="lsq",
+                   help="quantizer method of the QAT (fxqat.available_methods()); train also takes 'fp' (no QAT)")
+    r.add_argument("--first-last", type=int, default=8,
+                   help="bits of the first/last layer (0 = keep FP); autobits does not allocate them")
+    r.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=False,
+                   help="train the QAT model with block replacement")
+    r.add_argument("--epochs", type=int, default=1)
+    r.add_argument("--steps", type=int, default=None, help="total QAT steps (overrides --epochs)")
+    r.add_argument("--lr", type=float, default=0.01)
+    r.add_argument("--batch-size", type=int, default=128)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--fp-epochs", type=int, default=1, help="FP pre-training epochs (cached by model/data/seed)")
+    r.add_argument("--fp-steps", type=int, default=None, help="FP pre-training steps (0 = start QAT from random)")
+    r.add_argument("--fp-lr", type=float, default=0.1)
+    r.add_argument("--train-subset", type=int, default=None, help="use the first N training examples")
+    r.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test examples")
+    r.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    return r
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fxqat`` command and its subcommands."""
     p = argparse.ArgumentParser(prog="fxqat", description="Quantization-aware training as a torch.fx pass.")
@@ -83,30 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "2-core CPU, and it stays fast when the machine is shared)")
     d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
-    t = sub.add_parser("train", help="FP pre-training (cached) then QAT of one model; resumable; DDP under torchrun")
-    t.add_argument("--model", default="resnet20", help="fxqat model (resnet20, cnn, mlp...) or torchvision name")
-    t.add_argument("--data", default="cifar10", help="cifar10, mnist or digits")
-    t.add_argument("--data-dir", default=None, help="data folder (default: $FXQAT_DATA, then ../shared/data)")
-    t.add_argument("--method", default="lsq", help="quantizer method (fxqat.available_methods()) or 'fp'")
+    run = _run_flags()
+    t = sub.add_parser("train", parents=[run],
+                       help="FP pre-training (cached) then QAT of one model; resumable; DDP under torchrun")
     t.add_argument("--bits", type=parse_bits, default=(4, 4), help="W/A, e.g. 4/4")
-    t.add_argument("--first-last", type=int, default=8, help="bits of the first/last layer (0 = keep FP)")
-    t.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=False, help="block replacement")
     t.add_argument("--paths", type=_paths, default="all", help="hybrid paths per step: all or k")
     t.add_argument("--kd", action="store_true", help="CE + KD from the FP model (no hybrid paths)")
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--steps", type=int, default=None, help="total QAT steps (overrides --epochs)")
-    t.add_argument("--lr", type=float, default=0.01)
     t.add_argument("--quant-lr", type=float, default=None, help="lr of quantizer parameters (default --lr)")
     t.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     t.add_argument("--weight-decay", type=float, default=5e-4)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--fp-epochs", type=int, default=1, help="FP pre-training epochs (cached by model/data/seed)")
-    t.add_argument("--fp-steps", type=int, default=None, help="FP pre-training steps (0 = start QAT from random)")
-    t.add_argument("--fp-lr", type=float, default=0.1)
     t.add_argument("--fp-ckpt", default=None, help="start from this FP state_dict instead of pre-training")
-    t.add_argument("--train-subset", type=int, default=None, help="use the first N training examples")
-    t.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test examples")
     t.add_argument("--out", required=True, help="run folder: checkpoint.pt, metrics.json, curves.png, model.pt")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--stop-after", type=int, default=None, help="stop after N steps of this call (resumable)")
@@ -124,8 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the prepared model with FSDP2 instead of DDP; checkpoints are sharded "
                         "DCP folders OUT/dcp/step-* (docs/fsdp.md)")
-    t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
     i = sub.add_parser("inspect", help="blocks and quantizers of a model (table), optionally the partition PNG")
     i.add_argument("model", help="a model name, or hf:<model_type> for a tiny transformers model (e.g. hf:llama)")
@@ -138,11 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load this model.pt/checkpoint.pt of the same model first (implies --health)")
     i.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary unpickling of --checkpoint")
 
-    ab = sub.add_parser("autobits", help="mixed precision: FP model (cached) -> block sensitivity -> bits per block "
-                                         "for a memory budget -> QAT")
-    ab.add_argument("--model", default="resnet20", help="fxqat model (resnet20, cnn, mlp...) or torchvision name")
-    ab.add_argument("--data", default="cifar10", help="cifar10, mnist or digits")
-    ab.add_argument("--data-dir", default=None, help="data folder (default: $FXQAT_DATA, then ../shared/data)")
+    ab = sub.add_parser("autobits", parents=[run],
+                        help="mixed precision: FP model (cached) -> block sensitivity -> bits per block for a memory "
+                             "budget -> QAT")
     ab.add_argument("--avg-bits", type=float, default=None, help="budget: average bits per allocated weight")
     ab.add_argument("--max-bytes", type=float, default=None, help="budget: bytes of the allocated weights")
     ab.add_argument("--choices", type=_bit_list, default=(2, 3, 4, 8), help="candidate bits, e.g. 2,3,4,8")
@@ -151,25 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "baselines")
     ab.add_argument("--sens-batches", type=int, default=8, help="training batches the sensitivity averages over")
     ab.add_argument("--probes", type=int, default=1, help="Hutchinson probes per batch (--sensitivity hessian)")
-    ab.add_argument("--method", default="lsq", help="quantizer method of the QAT")
-    ab.add_argument("--first-last", type=int, default=8, help="bits of the first/last layer (0 = FP); not allocated")
     ab.add_argument("--weight-only", action="store_true", help="quantize weights only (default: each layer's input "
                                                                  "activation gets its block's bits too)")
-    ab.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=False,
-                    help="train the QAT model with block replacement")
-    ab.add_argument("--fp-epochs", type=int, default=1, help="FP pre-training epochs (cached)")
-    ab.add_argument("--fp-steps", type=int, default=None, help="FP pre-training steps (0 = start from random)")
-    ab.add_argument("--fp-lr", type=float, default=0.1)
-    ab.add_argument("--epochs", type=int, default=1)
-    ab.add_argument("--steps", type=int, default=None, help="QAT steps (overrides --epochs)")
-    ab.add_argument("--lr", type=float, default=0.01)
-    ab.add_argument("--batch-size", type=int, default=128)
-    ab.add_argument("--seed", type=int, default=0)
-    ab.add_argument("--train-subset", type=int, default=None)
-    ab.add_argument("--test-subset", type=int, default=None)
     ab.add_argument("--out", default="runs/autobits", help="run folder")
-    ab.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    ab.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
     b = sub.add_parser("bench", help="run benchmarks/step_time.py and benchmarks/hybrid_cost.py")
     b.add_argument("--quick", action="store_true", help="smoke-run budget (passed to each script)")
