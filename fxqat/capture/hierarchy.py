@@ -44,7 +44,7 @@ from torch import nn
 
 from fxqat.capture.inner_cuts import FP_GRAPH
 from fxqat.capture.layers import WEIGHT_QUANT, quantize_layer
-from fxqat.capture.lora import is_lora_layer, lora_parts, wrap_lora_layer
+from fxqat.capture.lora import is_lora_layer, lora_parts, pin_deepcopy, wrap_lora_layer
 from fxqat.capture.param_quant import ParamPlan, quantize_params
 from fxqat.capture.record import Call, record_calls
 from fxqat.capture.region import GraphRegion, trace_region
@@ -321,4 +321,5 @@ def capture_eager(
         if r.kind == "eager" and r.name:
             log.info("fxqat: %s runs eagerly (%s); its weight layers are quantized in place", r.name, r.reason)
     setattr(model, CAPTURE_ATTR, report)
+    pin_deepcopy(model)  # wrappers that forward attribute lookups (PEFT) copy as themselves
     return report

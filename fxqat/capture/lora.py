@@ -55,6 +55,7 @@ from fxqat.capture.layers import ACT_QUANT, WEIGHT_QUANT, is_quantized_layer
 __all__ = [
     "LoraParts", "LORA_MODES", "register_lora_layer", "lora_parts", "is_lora_layer", "lora_layer_types",
     "named_lora_layers", "effective_weight", "wrap_lora_layer", "merged_copy", "has_lora_layers", "LORA_ATTR",
+    "lora_factor_reasons", "pin_deepcopy",
 ]
 
 LORA_MODES = ("merged", "base")
@@ -182,6 +183,22 @@ def has_lora_layers(model: nn.Module) -> bool:
     return next(named_lora_layers(model), None) is not None
 
 
+def lora_factor_reasons(model: nn.Module) -> Dict[str, str]:
+    """``{parameter name: why it stays FP}`` for the factors of every LoRA layer in ``model`` (for the capture
+    report: they are no layers of their own; their product is quantized with the base weight, or kept FP)."""
+    out = {}
+    for name, m in named_lora_layers(model):
+        mode = _lora_mode(m)
+        why = {"merged": "quantized inside its layer's effective weight W + s·B·A (QATConfig.lora='merged')",
+               "base": "kept FP with QATConfig.lora='base'", None: "its LoRA layer is not quantized"}[mode]
+        parts = lora_parts(m)
+        ids = {id(parts.a), id(parts.b)}
+        for pname, p in m.named_parameters():
+            if id(p) in ids:
+                out[f"{name}.{pname}" if name else pname] = f"FP by design: a LoRA factor, {why}"
+    return out
+
+
 def effective_weight(parts: LoraParts) -> torch.Tensor:
     """``W + (B @ A) · s``, computed the way PEFT merges (so merging gives these values bit for bit); half-precision
     factors are multiplied in float32 and the product cast back."""
@@ -291,6 +308,28 @@ def wrap_lora_layer(module: nn.Module, mode: str, name: str) -> LoraParts:
     for p in wq.parameters():
         p.requires_grad_(True)
     return parts
+
+
+_PINNED: Dict[type, type] = {}
+
+
+def pin_deepcopy(model: nn.Module) -> None:
+    """Give every module of ``model`` whose class forwards unknown attributes to a child (PEFT's ``PeftModel`` and
+    ``LoraModel`` define ``__getattr__``) a subclass that deep-copies as a module.
+
+    ``copy.deepcopy`` looks ``__deepcopy__`` up on the instance; such a wrapper forwards the lookup to the model it
+    wraps, and once that model is a graph region (which defines ``__deepcopy__``) the copy of the wrapper would be a
+    copy of the region.
+    """
+    for m in model.modules():
+        cls = type(m)
+        if cls.__getattr__ is nn.Module.__getattr__ or getattr(cls, "__deepcopy__", None) is not None \
+                or cls in _PINNED.values():
+            continue
+        sub = _PINNED.get(cls)
+        if sub is None:
+            sub = _PINNED[cls] = type(cls.__name__, (cls,), {"__deepcopy__": None, "__module__": cls.__module__})
+        m.__class__ = sub
 
 
 def _lora_mode(module: nn.Module) -> Optional[str]:

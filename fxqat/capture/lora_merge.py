@@ -62,10 +62,11 @@ def merge_lora(qm: nn.Module) -> nn.Module:
     out, names = merged_copy(qm)
     log.info("fxqat: merged %d LoRA adapters", len(names))
     get_base = getattr(out, "get_base_model", None)
-    if callable(get_base) and isinstance(getattr(out, CAPTURE_ATTR, None), CaptureReport):  # PEFT's PeftModel
+    if callable(get_base):  # PEFT's PeftModel: the model it wraps (prepared before or after PEFT was applied)
         inner = get_base()
-        prefix = next(n for n, m in out.named_modules() if m is inner) + "."
-        setattr(inner, CAPTURE_ATTR, _rebased(getattr(out, CAPTURE_ATTR), prefix))
+        if isinstance(getattr(out, CAPTURE_ATTR, None), CaptureReport):
+            prefix = next(n for n, m in out.named_modules() if m is inner) + "."
+            setattr(inner, CAPTURE_ATTR, _rebased(getattr(out, CAPTURE_ATTR), prefix))
         inner.train(out.training)
         return inner
     return out

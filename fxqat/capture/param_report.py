@@ -25,6 +25,7 @@ from typing import Any, Collection, Dict, Iterable, Optional, Tuple
 
 from torch import nn
 
+from fxqat.capture.lora import lora_factor_reasons
 from fxqat.config import QATConfig
 from fxqat.layer_registry import weight_layer_entry
 from fxqat.quantizers.base import Quantizer
@@ -106,7 +107,7 @@ def fp_params(
         ends: names of the first and last weight layer (the ``first_last`` policy).
         uncalled: weight layers the example call did not reach.
     """
-    reasons = dict(reasons)
+    reasons = {**reasons, **lora_factor_reasons(model)}  # LoRA factors: FP by design
     for name in uncalled:
         entry = weight_layer_entry(model.get_submodule(name))
         reasons.setdefault(f"{name}.{entry.weight}" if entry else name, "not called on the example inputs")
