@@ -32,6 +32,7 @@ from fxqat.mixed.allocate import Allocation
 from fxqat.passes.annotate import annotate, is_weight_layer_node
 from fxqat.passes.build_hybrid import build_hybrid, mark_cuts
 from fxqat.passes.insert_quant import CONTAINER, QROLE, OpaqueWeightQuant, insert_quant
+from fxqat.passes.kv_cache import quantize_kv, warn_if_no_kv
 from fxqat.passes.normalize import normalize
 from fxqat.passes.shard_units import prepared_blocks
 from fxqat.quantizers.control import calibrate, named_quantizers, set_quantization, trainable_parameters
@@ -129,6 +130,7 @@ def prepare_qat(
     with track_overrides() as use:
         qm = _prepare(model, example_inputs, config, inplace, concrete_args, example_kwargs)
     warn_unmatched_overrides(config, use, type(model).__name__)
+    warn_if_no_kv(qm, config.kv_bits)
     return qm
 
 
@@ -159,6 +161,8 @@ def _prepare(model: nn.Module, example_inputs: Any, config: QATConfig, inplace: 
     if config.hybrid is not None:
         fp_graph = mark_cuts(gm, config)
     insert_quant(gm, config)
+    if config.kv_bits is not None:
+        quantize_kv(gm, config.kv_bits, config.kv_granularity)
     finish_graph_params(gm, plan, uses, config)
     if config.hybrid is not None:
         gm = build_hybrid(gm, fp_graph, config.hybrid)

@@ -238,6 +238,10 @@ class QATConfig:
             token goes to (docs/capture.md, "Mixture-of-experts and non-layer weights").
         quantize_embeddings: also quantize embedding tables (``F.embedding`` weights): weight-only, per-group along
             the embedding dim (``group_size``, default 32), ``w_bits`` bits; no activation quantizer.
+        kv_bits: fake-quantize attention's keys and values (the KV cache) to this many bits, dynamic and asymmetric
+            (LLM-QAT's W4A8-KV4: ``kv_bits=4``); None = off. Where the attention sits in a graph region; a model
+            where no key/value is found gets a warning. See :mod:`fxqat.passes.kv_cache`.
+        kv_granularity: ``"per_token"`` (one scale per token and head) or ``"per_head"`` (one per head).
 
     Presets (:meth:`preset`) build the usual LLM recipes.
 
@@ -269,6 +273,8 @@ class QATConfig:
     lora: str = "merged"
     quantize_router: bool = False
     quantize_embeddings: bool = False
+    kv_bits: Optional[int] = None
+    kv_granularity: str = "per_token"
 
     def __post_init__(self) -> None:
         check_bits("QATConfig", "w_bits", self.w_bits)
@@ -308,6 +314,8 @@ class QATConfig:
         check_choice("QATConfig", "lora", self.lora, ("merged", "base"))
         check_bool("QATConfig", "quantize_router", self.quantize_router)
         check_bool("QATConfig", "quantize_embeddings", self.quantize_embeddings)
+        check_bits("QATConfig", "kv_bits", self.kv_bits, allow_none=True)
+        check_choice("QATConfig", "kv_granularity", self.kv_granularity, ("per_token", "per_head"))
         if self.quantize_matmuls and self.a_bits is None:
             raise ValueError("QATConfig(quantize_matmuls=True, a_bits=None): matmul operands are activations; give "
                              "a_bits (e.g. a_bits=8) or drop quantize_matmuls.")

@@ -78,7 +78,12 @@ class FxqatTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: Tuple, kwargs: Dict[str, Any]) -> Any:
-        name = self.path_of_module(m)
+        try:
+            name = self.path_of_module(m)
+        except NameError:  # a stateless module held outside the hierarchy (a function wrapped as a module): inline
+            if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
+                raise
+            return forward(*args, **kwargs)
         if self.is_leaf_module(m, name):
             return super().call_module(m, forward, args, kwargs)
         self.module_path.append(name)

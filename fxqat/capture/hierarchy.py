@@ -53,6 +53,7 @@ from fxqat.config import QATConfig
 from fxqat.layer_registry import holds_weight_layer, is_weight_layer, registered_types, weight_layer_entry
 from fxqat.passes.annotate import annotate
 from fxqat.passes.insert_quant import CONTAINER, insert_quant
+from fxqat.passes.kv_cache import quantize_kv
 from fxqat.passes.normalize import normalize
 from fxqat.quantizers.base import Quantizer
 
@@ -224,6 +225,8 @@ class _Capturer:
         if name in self.force_leaves:  # a chain layer: its FP graph gives cuts inside it (HybridConfig.cuts)
             region.meta[FP_GRAPH] = copy.deepcopy(region.graph)
         insert_quant(region, self.config, prefix=name + ".")
+        if self.config.kv_bits is not None:
+            quantize_kv(region, self.config.kv_bits, self.config.kv_granularity)
         for q in getattr(region, CONTAINER).modules() if hasattr(region, CONTAINER) else ():
             if isinstance(q, Quantizer) and getattr(q, "weight_target", None):  # region-relative -> from the root
                 q.weight_target = _join(name, q.weight_target)

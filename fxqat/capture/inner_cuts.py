@@ -44,6 +44,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import warnings
 from typing import Any, List, Sequence, Set, Tuple
 
 import torch.fx as fx
@@ -128,8 +129,9 @@ def refine(
         layer = model.get_submodule(b.name) if b.name in layers else None
         inner, paths = _inner(layer) if layer is not None else ([], [])
         if layer is not None and not isinstance(layer, GraphRegion):
-            log.warning("fxqat: HybridConfig(cuts='residual'): chain layer %s runs eagerly (no graph), so there is no "
-                        "cut inside it; it stays one block.", b.name)
+            warnings.warn(f"fxqat: HybridConfig(cuts='residual'): chain layer {b.name} runs eagerly (no graph), so "
+                          "there is no cut inside it; it stays one block. fxqat.capture_report(model) says why it is "
+                          "eager.", UserWarning, stacklevel=2)
         if len(inner) < 2:
             out_blocks.append((b.name, b.modules, exit_))
             if exit_ != "output":

@@ -10,15 +10,17 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
-from fxqat.capture.region import Binding, Unbindable, bind_call, positional_names
+from fxqat.capture.region import CONSTANT_TYPES, Binding, Unbindable, bind_call, positional_names
 
-__all__ = ["Call", "record_calls"]
+__all__ = ["Call", "record_calls", "snapshot_objects"]
 
 
 @dataclass
@@ -45,6 +47,25 @@ class Call:
     output: Any = None
 
 
+def snapshot_objects(args: Tuple, kwargs: Dict[str, Any]) -> Tuple[Tuple, Dict[str, Any]]:
+    """``(args, kwargs)`` with every object that is neither a tensor nor a constant (a transformers ``DynamicCache``)
+    replaced by a deep copy: its state at the time of the call, which later calls in the same forward change (a
+    cache gains every layer's keys and values). Tensors stay the example's own; an object that cannot be copied
+    stays itself."""
+
+    def copy_object(leaf: Any) -> Any:
+        if isinstance(leaf, (torch.Tensor, nn.Module)) or isinstance(leaf, CONSTANT_TYPES) or callable(leaf):
+            return leaf
+        try:
+            return copy.deepcopy(leaf)
+        except Exception:  # noqa: BLE001 - not copyable: keep the object itself
+            return leaf
+
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    new_args, new_kwargs = pytree.tree_unflatten([copy_object(x) for x in leaves], spec)
+    return tuple(new_args), dict(new_kwargs)
+
+
 def record_calls(
     model: nn.Module, args: Tuple, kwargs: Dict[str, Any], is_layer: Callable[[nn.Module], bool],
 ) -> Tuple[Dict[str, Call], List[str]]:
@@ -64,6 +85,7 @@ def record_calls(
             return
         call = calls.get(name)
         if call is None:
+            a, k = snapshot_objects(a, k)
             call = calls[name] = Call(tuple(a), dict(k), seq=len(calls))
             try:
                 call.binding, call.tensors = bind_call(a, k, name, positional_names(mod))
@@ -79,7 +101,8 @@ def record_calls(
             except Unbindable as exc:
                 call.unbindable_reason = str(exc)
             else:
-                if again.spec != call.binding.spec or again.constants != call.binding.constants:
+                if (again.spec, again.constants, again.opaque) != (call.binding.spec, call.binding.constants,
+                                                                   call.binding.opaque):
                     call.unbindable_reason = "called with differently shaped or specialised arguments"
         call.n_calls += 1
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -38,13 +39,15 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from fxqat.trace import FxqatTracer, TraceFailure, adopt_hierarchy, trace
+from fxqat.capture.example_tracer import GUARD, TRAINING_GUARD, ExampleTracer, is_guard
+from fxqat.capture.modes import drop_training_guards, merge_modes, training_flags
+from fxqat.trace import TraceFailure, adopt_hierarchy, trace
 
 __all__ = ["GraphRegion", "Binding", "Origin", "trace_region", "Unbindable", "bind_call", "restore_module",
-           "positional_names", "canonical_call"]
+           "positional_names", "canonical_call", "CONSTANT_TYPES"]
 
 _INNER = "fxqat_inner"
-_CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device, enum.Enum)
+CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device, enum.Enum)
 
 
 class Unbindable(ValueError):
@@ -53,7 +56,7 @@ class Unbindable(ValueError):
 
 @dataclass(frozen=True)
 class Binding:
-    """How a call's ``(args, kwargs)`` map onto a graph region's flat tensor inputs.
+    """How a call's ``(args, kwargs)`` map onto a graph region's flat inputs.
 
     Attributes:
         spec: the pytree structure of ``(args, sorted kwargs)``.
@@ -61,6 +64,9 @@ class Binding:
         tensors: leaf indices of the tensor inputs, in placeholder order.
         optional: leaf indices recorded as ``None`` that are graph inputs too (after ``tensors``): a call may pass
             ``None`` or a tensor there.
+        opaque: ``(leaf index, class)`` of the objects that are neither tensors nor constants (a transformers
+            ``DynamicCache``): graph inputs too (after ``optional``) whose methods the graph calls; a call must pass
+            an object of exactly that class there.
         positional: the names of the forward's parameters that may be passed by position, in order; calls are
             compared in :func:`canonical_call` form, so ``m(x)`` and ``m(input_ids=x)`` bind alike.
     """
@@ -69,20 +75,21 @@ class Binding:
     constants: Tuple[Tuple[int, Any], ...]
     tensors: Tuple[int, ...]
     optional: Tuple[int, ...] = ()
+    opaque: Tuple[Tuple[int, type], ...] = ()
     positional: Tuple[str, ...] = ()
 
     @property
     def inputs(self) -> Tuple[int, ...]:
         """Leaf indices of the graph inputs, in placeholder order."""
-        return self.tensors + self.optional
+        return self.tensors + self.optional + tuple(i for i, _ in self.opaque)
 
     def with_optional(self, optional: Tuple[int, ...]) -> "Binding":
         """This binding with the ``None`` constants at ``optional`` turned into inputs."""
         keep = tuple((i, v) for i, v in self.constants if i not in optional)
-        return Binding(self.spec, keep, self.tensors, tuple(optional), self.positional)
+        return Binding(self.spec, keep, self.tensors, tuple(optional), self.opaque, self.positional)
 
-    def flatten(self, args: Tuple, kwargs: Dict[str, Any], where: str) -> List[torch.Tensor]:
-        """The flat tensor inputs of one call; ``ValueError`` naming ``where`` when the call does not match."""
+    def flatten(self, args: Tuple, kwargs: Dict[str, Any], where: str) -> List[Any]:
+        """The flat inputs of one call; ``ValueError`` naming ``where`` when the call does not match."""
         args, kwargs = canonical_call(self.positional, args, kwargs)
         leaves, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
         if spec != self.spec:
@@ -104,6 +111,13 @@ class Binding:
                     f"module {where!r} was captured with None or a tensor at an argument it passes on, but it is now "
                     f"called with {type(leaves[i]).__name__} there. Prepare the model with example inputs that use "
                     "the same setting."
+                )
+        for i, cls in self.opaque:
+            if type(leaves[i]) is not cls:
+                raise ValueError(
+                    f"module {where!r} was captured with a {cls.__name__} argument, but it is now called with "
+                    f"{type(leaves[i]).__name__} there. Prepare the model with example inputs that use the same "
+                    "setting (e.g. the same use_cache)."
                 )
         return [leaves[i] for i in self.inputs]
 
@@ -170,18 +184,24 @@ def canonical_call(positional: Tuple[str, ...], args: Tuple, kwargs: Dict[str, A
 
 def bind_call(args: Tuple, kwargs: Dict[str, Any], where: str,
               positional: Tuple[str, ...] = ()) -> Tuple[Binding, List[torch.Tensor]]:
-    """The :class:`Binding` of a recorded call and its tensors; :class:`Unbindable` for non-constant objects."""
+    """The :class:`Binding` of a recorded call and its tensors; objects that are neither become opaque inputs.
+
+    Raises:
+        Unbindable: an argument is a module or a function (code, not data: a graph cannot take it as an input).
+    """
     args, kwargs = canonical_call(positional, args, kwargs)
     leaves, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
-    consts, tensors = [], []
+    consts, tensors, opaque = [], [], []
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, torch.Tensor):
             tensors.append(i)
-        elif isinstance(leaf, _CONSTANT_TYPES):
+        elif isinstance(leaf, CONSTANT_TYPES):
             consts.append((i, leaf))
+        elif isinstance(leaf, nn.Module) or callable(leaf):
+            raise Unbindable(f"argument of type {type(leaf).__name__} (a module or function, not data)")
         else:
-            raise Unbindable(f"argument of type {type(leaf).__name__} (not a tensor or a constant)")
-    return Binding(spec, tuple(consts), tuple(tensors), positional=positional), [leaves[i] for i in tensors]
+            opaque.append((i, type(leaf)))
+    return Binding(spec, tuple(consts), tuple(tensors), (), tuple(opaque), positional), [leaves[i] for i in tensors]
 
 
 class _Shim(nn.Module):
@@ -203,7 +223,7 @@ class _Shim(nn.Module):
         return type(inner).forward(inner, *args, **kwargs)
 
 
-class _RegionTracer(FxqatTracer):
+class _RegionTracer(ExampleTracer):
     """Also makes the inner module's own ``training`` flag a run-time value (its forward is entered directly)."""
 
     def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> Any:
@@ -310,13 +330,53 @@ def _strip_inner(graph: fx.Graph) -> None:
             }
 
 
-def _trace_shim(module: nn.Module, binding: Binding, inner_leaves: Tuple, name: str) -> fx.GraphModule:
+def _trace_shim(module: nn.Module, binding: Binding, examples: Sequence[Any], inner_leaves: Tuple, name: str,
+                specialise_training: bool) -> fx.GraphModule:
     shim = _Shim(module, binding, len(binding.constants) + len(binding.inputs))
+    tracer = functools.partial(_RegionTracer, examples=examples, specialise_training=specialise_training)
     try:
-        return trace(shim, tuple(fx.PH for _ in binding.inputs), inner_leaves, tracer_cls=_RegionTracer, warn=False)
+        return trace(shim, tuple(fx.PH for _ in binding.inputs), inner_leaves, tracer_cls=tracer, warn=False)
     except TraceFailure as exc:
         raise TraceFailure(str(exc).replace(f"{_Shim.__name__} (the root module)", f"{name} ({type(module).__name__})")
                            .replace(_INNER + ".", "")) from exc.__cause__
+
+
+def _trace_both_modes(module: nn.Module, binding: Binding, examples: Sequence[Any], inner_leaves: Tuple,
+                      name: str) -> fx.GraphModule:
+    """Trace with branches on ``training`` flags following the module's mode; when there are such branches, trace
+    the other mode too and keep one graph for both (:func:`fxqat.capture.modes.merge_modes`), else trace with such
+    branches failing (the module whose code branches becomes a leaf, as for any untraceable code)."""
+    gm = _trace_shim(module, binding, examples, inner_leaves, name, True)
+    if not any(n.meta.get(TRAINING_GUARD) for n in gm.graph.nodes):
+        return gm
+    flags = [(m, m.training) for m in module.modules()]
+    mode = module.training
+    try:
+        if any(flag != mode for _, flag in flags):  # trace both modes with uniform flags
+            module.train(mode)
+            gm = _trace_shim(module, binding, examples, inner_leaves, name, True)
+        module.train(not mode)
+        other: Optional[fx.GraphModule] = _trace_shim(module, binding, examples, inner_leaves, name, True)
+    except TraceFailure:
+        other = None
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    if other is not None:
+        read = training_flags(gm.graph)
+        merged = merge_modes(drop_training_guards(gm.graph), drop_training_guards(other.graph), mode,
+                             f"{_INNER}.training", read)
+        if merged is not None:
+            gm.recompile()
+            return gm
+    return _trace_shim(module, binding, examples, inner_leaves, name, False)
+
+
+def _examples(binding: Binding, args: Tuple, kwargs: Dict[str, Any]) -> List[Any]:
+    """The values of ``binding``'s graph inputs in the call ``(args, kwargs)`` (``None`` at optional inputs)."""
+    args, kwargs = canonical_call(binding.positional, args, kwargs)
+    leaves = pytree.tree_leaves((tuple(args), dict(sorted(kwargs.items()))))
+    return [leaves[i] for i in binding.inputs]
 
 
 def _program(graph: fx.Graph, n_fixed: int) -> List[Any]:
@@ -356,18 +416,21 @@ def trace_region(
     """
     binding, _ = bind_call(args, kwargs, name, positional_names(module))
     inner_leaves = tuple(f"{_INNER}.{x}" if isinstance(x, str) else x for x in leaf_modules)
-    gm = _trace_shim(module, binding, inner_leaves, name)
+    gm = _trace_both_modes(module, binding, _examples(binding, args, kwargs), inner_leaves, name)
     nones = tuple(i for i, v in binding.constants if v is None)
     if nones:  # Nones the module only passes on become inputs, if that traces to the same graph
         passing = binding.with_optional(nones)
         try:
-            gm_opt = _trace_shim(module, passing, inner_leaves, name)
+            gm_opt = _trace_both_modes(module, passing, _examples(passing, args, kwargs), inner_leaves, name)
         except TraceFailure:
             gm_opt = None
         if gm_opt is not None and _same_program(gm.graph, gm_opt.graph, len(binding.tensors)):
             gm, binding = gm_opt, passing
     graph = gm.graph
     _strip_inner(graph)
+    for node in graph.nodes:  # guards name the region they belong to
+        if is_guard(node):
+            node.args = (*node.args[:2], f"{node.meta[GUARD]} in module {name!r}")
     region = _region_class(type(module))(module, graph, binding, name, type(module).__name__)
     attrs = []
     for key, value in module.__dict__.items():  # plain attributes (config, layer_idx, ...) for the class's methods
