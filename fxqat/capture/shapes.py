@@ -10,8 +10,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
-from typing import Any, Tuple
+import sys
+import warnings
+from typing import Any, Iterator, Tuple
 
 import torch
 import torch.fx as fx
@@ -57,7 +61,7 @@ class _OnFakeState(nn.Module):
     def __init__(self, gm: fx.GraphModule, mode: Any) -> None:
         super().__init__()
         self.gm, self.mode = gm, mode
-        self.prop = ShapeProp(gm)  # built outside the mode: given a mode, ShapeProp deep-copies the module into it
+        self.prop = _ShapeProp(gm)  # built outside the mode: given a mode, ShapeProp deep-copies the module into it
 
     def forward(self, *inputs: Any) -> Any:
         with self.mode:
@@ -80,10 +84,15 @@ def _fake_propagate(gm: fx.GraphModule, inputs: Tuple) -> bool:
         state = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
         fake_state = {"gm." + k: mode.from_tensor(v) for k, v in state.items()}
         fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
-        torch.func.functional_call(_OnFakeState(gm, mode), fake_state, tuple(fake))
+        with _without_shape_prop_traceback():
+            torch.func.functional_call(_OnFakeState(gm, mode), fake_state, tuple(fake))
         return True
-    except Exception:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001
         log.debug("fake-tensor shape propagation failed; using real tensors", exc_info=True)
+        where, cause = (exc.where, exc.cause) if isinstance(exc, _FailingNode) else ("a node", exc)
+        warnings.warn(f"fxqat.capture.shapes: {where} cannot run on fake tensors ({type(cause).__name__}, e.g. "
+                      "data-dependent Python control flow); shapes are propagated with the real example inputs "
+                      "instead (slower, same result).", stacklevel=2)
         return False
     finally:
         for m, before in saved:
@@ -92,6 +101,20 @@ def _fake_propagate(gm: fx.GraphModule, inputs: Tuple) -> bool:
             for key, value in before.items():
                 if m.__dict__.get(key, _MISSING) is not value:
                     m.__dict__[key] = value
+
+
+@contextlib.contextmanager
+def _without_shape_prop_traceback() -> Iterator[None]:
+    """Keep torch.fx ``ShapeProp``'s ``traceback.print_exc()`` of a failing node off stderr (the error is raised
+    anyway and handled by the caller); anything else written to stderr meanwhile (e.g. warnings) still goes there."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf):
+            yield
+    finally:
+        text = buf.getvalue()
+        cut = text.find("Traceback (most recent call last):")
+        sys.stderr.write(text if cut < 0 else text[:cut])
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: Tuple, model_name: str) -> None:
@@ -109,7 +132,8 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Tuple, model_name: str) -> None
     try:
         with torch.no_grad():
             if not _fake_propagate(gm, inputs):
-                _ShapeProp(gm).propagate(*inputs)
+                with _without_shape_prop_traceback():
+                    _ShapeProp(gm).propagate(*inputs)
     except _FailingNode as exc:
         raise ValueError(
             f"the example_inputs ({describe_inputs(inputs)}) do not fit {model_name}: {exc.where} failed with "
