@@ -35,13 +35,19 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
+from fxqat.quantizers.registry import granularity_support
+
 __all__ = [
+    "low_precision_quant_st",
+    "LOW_PRECISION",
     "REJOIN_CLASSES",
     "cnn_st",
     "mlp_st",
     "any_model_st",
     "activation_st",
     "scale_rows_st",
+    "moe_st",
+    "MoENet",
     "ConvBNAct",
     "Residual",
     "Inception",
@@ -339,3 +345,105 @@ def scale_rows_st(draw: st.DrawFn) -> Tuple[torch.Tensor, Tuple[int, int]]:
     bits, signed = draw(st.integers(1, 8)), draw(st.booleans())
     qrange = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed and bits > 1 else (0, 2 ** bits - 1)
     return x * scale, qrange
+
+
+# ----------------------------------------------------------------------------------------------- mixture of experts
+class ExpertBank(nn.Module):
+    """Experts as one 3-D parameter per projection, read the way transformers' experts implementations read them:
+    ``"loop"`` (``w[e]`` into ``F.linear``), ``"bmm"`` (``w[ids]`` into ``torch.bmm``), ``"einsum"`` (all experts,
+    masked) or ``"matmul"`` (``x @ w.transpose(-2, -1)``); ``transposed`` stores ``(experts, in, out)`` instead of
+    ``(experts, out, in)``, as GPT-OSS does."""
+
+    def __init__(self, n_experts: int, d: int, inter: int, impl: str, transposed: bool):
+        super().__init__()
+        self.impl, self.transposed, self.n = impl, transposed, n_experts
+        up, down = (n_experts, d, inter), (n_experts, inter, d)
+        if not transposed:
+            up, down = (n_experts, inter, d), (n_experts, d, inter)
+        self.up = nn.Parameter(torch.randn(*up) / d ** 0.5)
+        self.down = nn.Parameter(torch.randn(*down) / inter ** 0.5)
+
+    def _proj(self, x: torch.Tensor, w: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """``x[t] @ W_{e[t]}`` for every token ``t`` (``W`` as ``(out, in)``)."""
+        if self.impl == "loop":
+            out = x.new_zeros(x.shape[0], w.shape[-1] if self.transposed else w.shape[-2])
+            for k in range(self.n):
+                rows = (e == k).nonzero().flatten()
+                if rows.numel():
+                    wk = w[k].t() if self.transposed else w[k]
+                    out[rows] = F.linear(x[rows], wk)
+            return out
+        if self.impl == "bmm":
+            we = w[e]
+            return torch.bmm(x.unsqueeze(1), we).squeeze(1) if self.transposed else torch.bmm(
+                we, x.unsqueeze(-1)).squeeze(-1)
+        if self.impl == "einsum":
+            every = torch.einsum("td,edo->teo", x, w) if self.transposed else torch.einsum("td,eod->teo", x, w)
+            return every[torch.arange(x.shape[0]), e]
+        every = x.unsqueeze(0) @ (w if self.transposed else w.transpose(-2, -1))
+        return every[e, torch.arange(x.shape[0])]
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return self._proj(F.silu(self._proj(x, self.up, e)), self.down, e)
+
+
+class Router(nn.Module):
+    def __init__(self, d: int, n_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_experts, d) / d ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.topk(torch.softmax(F.linear(x, self.weight), dim=-1), 1, dim=-1).indices.flatten()
+
+
+class MoENet(nn.Module):
+    """A Linear stem, ``n_blocks`` residual mixture-of-experts blocks (a :class:`Router` with a bare weight and an
+    :class:`ExpertBank`), a Linear head."""
+
+    def __init__(self, d: int, inter: int, n_experts: int, n_blocks: int, impl: str, transposed: bool):
+        super().__init__()
+        self.stem, self.head = nn.Linear(d, d), nn.Linear(d, 4)
+        self.routers = nn.ModuleList([Router(d, n_experts) for _ in range(n_blocks)])
+        self.experts = nn.ModuleList([ExpertBank(n_experts, d, inter, impl, transposed) for _ in range(n_blocks)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for router, bank in zip(self.routers, self.experts):
+            h = h + bank(h, router(h))
+        return self.head(h)
+
+
+@st.composite
+def moe_st(draw: st.DrawFn) -> Tuple[nn.Module, torch.Tensor]:
+    """``(MoENet, input [6, d])``: 1..4 experts, 1..2 blocks, d and the expert width in {8, 16}, any of the
+    :class:`ExpertBank` read patterns, either weight layout; seeded like the other model strategies, in eval mode."""
+    d, inter = draw(st.sampled_from((8, 16))), draw(st.sampled_from((8, 16)))
+    n_experts, n_blocks = draw(st.integers(1, 4)), draw(st.integers(1, 2))
+    impl, transposed = draw(st.sampled_from(("loop", "bmm", "einsum", "matmul"))), draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MoENet(d, inter, n_experts, n_blocks, impl, transposed).eval()
+        x = torch.randn(6, d)
+    return model, x
+
+
+#: narrow float dtypes a model may come in (fxqat's quantizers compute in float32 and hand these back)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@st.composite
+def low_precision_quant_st(draw: st.DrawFn) -> Tuple[str, str, str, torch.dtype, torch.Tensor, int]:
+    """``(method, granularity, kind, dtype, x, seed)``: one registered weight/activation method with a granularity
+    and tensor kind it supports, a narrow dtype, and a ``[rows, 64]`` input in that dtype (normal values times a
+    drawn magnitude, 1e-3..1e2, some rows all zero) made from the drawn seed."""
+    cases = sorted((m, g, k) for m, row in granularity_support().items() for g, kinds in row.items() for k in kinds
+                   if k != "grad")
+    method, gran, kind = draw(st.sampled_from(cases))
+    dtype, seed = draw(st.sampled_from(LOW_PRECISION)), draw(st.integers(0, 2**31 - 1))
+    rows, mag = draw(st.integers(1, 6)), draw(st.sampled_from((1e-3, 0.05, 1.0, 1e2)))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 64, generator=g) * mag
+    if draw(st.booleans()) and rows > 1:
+        x[0] = 0
+    return method, gran, kind, dtype, x.to(dtype), seed

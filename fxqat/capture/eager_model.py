@@ -31,6 +31,7 @@ from fxqat.capture.eager_hybrid import make_eager_hybrid, remove_hybrid
 from fxqat.capture.hierarchy import CAPTURE_ATTR, CaptureReport, Region, capture_eager
 from fxqat.capture.inner_cuts import refine
 from fxqat.capture.layers import WEIGHT_QUANT, is_quantized_layer
+from fxqat.capture.param_graph import PARAM_WEIGHTS_META, UNQUANTIZED_META
 from fxqat.capture.param_quant import (
     ParamUseRecorder,
     freeze_params,
@@ -76,8 +77,8 @@ def capture_report(qm: nn.Module) -> CaptureReport:
     report = getattr(qm, CAPTURE_ATTR, None)
     if isinstance(report, CaptureReport):
         return report
-    if isinstance(getattr(qm, "meta", None), dict) and "fxqat.unquantized" not in qm.meta:
-        qm.meta["fxqat.unquantized"] = graph_unquantized(qm)
+    if isinstance(getattr(qm, "meta", None), dict) and UNQUANTIZED_META not in qm.meta:
+        qm.meta[UNQUANTIZED_META] = graph_unquantized(qm)
     meta = getattr(qm, "meta", {}) or {}
     opaque = tuple(meta.get("fxqat.opaque", ()))
     reasons = meta.get("fxqat.opaque_reasons", {})
@@ -86,7 +87,8 @@ def capture_report(qm: nn.Module) -> CaptureReport:
     eager = {n for v in inside.values() for n in v}
     regions = [Region("", "graph", "", tuple(n for n in layers if n not in eager))]
     regions += [Region(o, "eager", reasons.get(o, "not traceable"), inside[o]) for o in opaque]
-    return CaptureReport(tuple(regions), layers, unquantized=meta.get("fxqat.unquantized", ()))
+    return CaptureReport(tuple(regions), layers, unquantized=meta.get(UNQUANTIZED_META, ()),
+                         param_weights=meta.get(PARAM_WEIGHTS_META, ()))
 
 
 def graph_unquantized(gm: nn.Module) -> tuple:

@@ -1,8 +1,9 @@
 """Parameter-following quantization for a model whose root forward traced (one graph for the whole model).
 
 The graph quantizes the weights of registered layers it reads; :func:`plan_graph_params` records, on one run of the
-FP graph, every other parameter that enters a matmul-like op (:mod:`fxqat.capture.param_quant`), decides routers
-(FP by default) before ``annotate`` runs, and :func:`finish_graph_params` quantizes the parameters whose owner
+model, every other parameter that enters a matmul-like op (:mod:`fxqat.capture.param_quant`), decides routers
+(FP by default) before ``annotate`` runs; the modules owning such parameters are traced as leaves
+(:func:`traced_owners`), and :func:`finish_graph_params` quantizes the parameters whose owner
 module runs its own ``forward`` inside the graph (a leaf: MoE experts with data-dependent routing), then stores
 the report of what stays FP (``gm.meta["fxqat.unquantized"]``) and warns about weights left FP for no configured
 reason.
@@ -26,6 +27,7 @@ from __future__ import annotations
 from typing import Dict, Tuple
 
 import torch.fx as fx
+from torch import nn
 
 from fxqat.capture.param_quant import (
     ParamPlan,
@@ -38,15 +40,24 @@ from fxqat.capture.param_quant import (
 from fxqat.capture.param_report import fp_params, quantized_param_ids, warn_unexpected
 from fxqat.config import QATConfig
 
-__all__ = ["plan_graph_params", "finish_graph_params", "UNQUANTIZED_META"]
+__all__ = ["plan_graph_params", "traced_owners", "finish_graph_params", "UNQUANTIZED_META", "PARAM_WEIGHTS_META"]
 
 UNQUANTIZED_META = "fxqat.unquantized"  # gm.meta: ((parameter, reason), ...) of the >= 2-D parameters left FP
+PARAM_WEIGHTS_META = "fxqat.param_weights"  # gm.meta: the parameters quantized where used
 
 
-def plan_graph_params(gm: fx.GraphModule, inputs: Tuple, config: QATConfig) -> Tuple[ParamPlan, Dict[str, ParamUse]]:
-    """Record the weight uses of one run of ``gm`` on ``inputs`` and plan them (:func:`plan_params`)."""
-    uses = record_param_uses(gm, inputs)
-    return plan_params(gm, uses, config, layer_weight_names(gm)), uses
+def plan_graph_params(model: nn.Module, inputs: Tuple, config: QATConfig) -> Tuple[ParamPlan, Dict[str, ParamUse]]:
+    """Record the weight uses of one eager run of ``model`` on ``inputs`` and plan them (:func:`plan_params`)."""
+    uses = record_param_uses(model, inputs)
+    return plan_params(model, uses, config, layer_weight_names(model)), uses
+
+
+def traced_owners(gm: fx.GraphModule, plan: ParamPlan) -> Tuple[str, ...]:
+    """The planned owners ``gm`` traced through (their parameters are read by ``get_attr`` nodes, so their own
+    ``forward`` never runs): trace again with them as leaves."""
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    return tuple(o for o in plan.owners
+                 if o and not any(o == c or o.startswith(c + ".") for c in called))
 
 
 def finish_graph_params(gm: fx.GraphModule, plan: ParamPlan, uses: Dict[str, ParamUse], config: QATConfig) -> None:
@@ -65,4 +76,5 @@ def finish_graph_params(gm: fx.GraphModule, plan: ParamPlan, uses: Dict[str, Par
             reasons.setdefault(name, "FP by config: an Override(skip=True) or the first_last=None policy")
     fp = fp_params(gm, uses, reasons, config, layer_weight_names(gm))
     gm.meta[UNQUANTIZED_META] = fp
+    gm.meta[PARAM_WEIGHTS_META] = tuple(f"{o}.{k}" if o else k for o, layouts in plan.owners.items() for k in layouts)
     warn_unexpected(fp, gm.__class__.__name__, stacklevel=5)

@@ -203,7 +203,7 @@ def to_rows(w: torch.Tensor, reduced: Tuple[int, ...]) -> torch.Tensor:
     """``w`` as ``[rows, reduction]``: the ``reduced`` dims last (flattened), every other dim flattened into rows."""
     keep = [d for d in range(w.dim()) if d not in reduced]
     order = keep + list(reduced)
-    if order == list(range(w.dim())) and w.dim() == 2:
+    if keep == [0] and w.dim() == 2:  # a Linear weight [out, in]: already its rows
         return w
     moved = w.permute(order) if order != list(range(w.dim())) else w
     return moved.reshape(math.prod(w.shape[d] for d in keep), -1)
@@ -214,7 +214,7 @@ def from_rows(rows: torch.Tensor, shape: Sequence[int], reduced: Tuple[int, ...]
     n = len(shape)
     keep = [d for d in range(n) if d not in reduced]
     order = keep + list(reduced)
-    if order == list(range(n)) and n == 2:
+    if keep == [0] and n == 2:
         return rows
     moved = rows.reshape([shape[d] for d in order])
     if order == list(range(n)):

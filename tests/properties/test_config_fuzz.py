@@ -129,6 +129,7 @@ QAT_VALID = {
     "group_size": st.none(), "a_granularity": st.just("per_tensor"),
     "first_last_layers": st.sampled_from([(), ("first",), ("last",), ("first", "last"), "last"]),
     "quantize_matmuls": st.just(False),  # True needs a_bits (drawn None above); tests/unit/test_matmuls.py covers it
+    "quantize_router": st.booleans(), "quantize_embeddings": st.booleans(),
 }
 HYBRID_VALID = {
     "paths": st.sampled_from(["all", 1, 2, 3]), "partner": st.sampled_from(["frozen", "shared"]),
@@ -149,7 +150,7 @@ QAT_BAD = {
     "w_bits": 0, "a_bits": 2.5, "g_bits": "8", "method": "lqs", "w_method": 3, "a_method": [], "per_channel": "yes",
     "first_last": 17, "act_signed": "no", "overrides": "fc", "hybrid": {}, "w_options": 5, "a_options": "init",
     "g_options": [1], "leaf_modules": [3], "w_granularity": "per_chanel", "group_size": 0, "a_granularity": "token",
-    "first_last_layers": ("middle",), "quantize_matmuls": "yes",
+    "first_last_layers": ("middle",), "quantize_matmuls": "yes", "quantize_router": "no", "quantize_embeddings": 1,
 }
 HYBRID_BAD = {
     "paths": 0, "partner": "froze", "mode": "lp", "kd_weight": float("nan"), "temperature": 0.0, "path_weights": (),
