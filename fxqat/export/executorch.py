@@ -7,7 +7,9 @@ layers become XNNPACK's dynamically quantized fully-connected operator (int8 per
 time, ``qb4w`` 4-bit groupwise weights, two codes per byte); a plain (FP) model is lowered in float32.
 :func:`load_executorch` runs a ``.pte`` with ExecuTorch's Python runtime.
 
-What XNNPACK takes (executorch 1.5.1): dynamic int8 activations with 4-bit per-group or 4/8-bit per-channel weights.
+What XNNPACK takes (executorch 1.5.1): dynamic int8 activations with 4-bit per-group or 4/8-bit per-channel weights,
+in float32 or float16 models; a bfloat16 model is refused (:func:`check_xnnpack_weights`): export ``qm.float()``,
+which has the same codes.
 Weight-only layers (``IntxWeightOnlyConfig``, the ``int*_weight_only`` presets) are refused: the XNNPACK partitioner
 of executorch 1.5.1 delegates their ``dequantize_affine`` and produces wrong outputs (max |Δ| ≈ 8e3 on torchao's
 own ``IntxWeightOnlyConfig`` MLP here), and the portable runtime has no ``dequantize_affine`` kernel.
@@ -60,7 +62,8 @@ XNNPACK_WEIGHTS = {"per_group": (torch.int4,), "per_channel": (torch.int4, torch
 
 def check_xnnpack_weights(model: nn.Module) -> None:
     """Raise :class:`~fxqat.export.ExportError` for torchao weights XNNPACK cannot run (see the module docstring):
-    weight-only layers, per-group weights of other than 4 bits, per-channel weights of other than 4 or 8 bits."""
+    weight-only layers, bfloat16 layers, per-group weights of other than 4 bits, per-channel weights of other than 4
+    or 8 bits."""
     intx = _executorch()[2]
     for name, p in model.named_parameters():
         t = p.data if isinstance(p, nn.Parameter) else p
@@ -73,6 +76,14 @@ def check_xnnpack_weights(model: nn.Module) -> None:
                 "backend runs quantized linear layers with dynamically quantized int8 activations only (the "
                 "partitioner of executorch 1.5 mis-lowers weight-only dequantize_affine). Train with "
                 "QATConfig.preset('8da4w') for XNNPACK, or deploy weight-only models through torchao (to_torchao)."
+            )
+        if t.dtype == torch.bfloat16:
+            raise ExportError(
+                f"layer {layer!r} is a bfloat16 8da4w layer: ExecuTorch's XNNPACK backend runs dynamically quantized "
+                "linear layers on float32 or float16 activations only (executorch 1.5.1 leaves a bfloat16 one "
+                "undelegated, and its runtime has no kernel for torchao's quantize/dequantize ops). Export a float32 "
+                "copy, to_executorch(qm.float(), (x.float(),)): fxqat's scales are float32 and bfloat16 weights "
+                "widen exactly, so the program has the same integer codes."
             )
         gran = "per_group" if t.block_size[-1] != t.shape[-1] else "per_channel"
         if t.target_dtype not in XNNPACK_WEIGHTS[gran]:

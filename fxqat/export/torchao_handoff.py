@@ -50,7 +50,7 @@ from fxqat.capture.region import GraphRegion, restore_module
 from fxqat.export.affine import ExportError, affine_params, lp_graph_copy
 from fxqat.layer_registry import weight_layer_entry
 from fxqat.passes.insert_quant import QROLE
-from fxqat.quantizers.base import Quantizer
+from fxqat.quantizers.base import Quantizer, compute_dtype
 
 __all__ = ["to_torchao", "torchao_config", "torchao_configs", "intx_weight", "PER_TOKEN_INT8"]
 
@@ -137,7 +137,8 @@ def intx_weight(w: torch.Tensor, wq: Quantizer, aq: Optional[Quantizer] = None, 
         aq: the quantizer on the layer's input: None (weight-only) or the 8-bit per-token dynamic one.
         where: the layer's name, for error messages.
         scale_dtype: store the scales in this dtype (rounded; the codes stay fxqat's), e.g. ``torch.bfloat16``,
-            what XNNPACK's 4-bit groupwise kernels keep; None keeps the weight's dtype (exact).
+            what XNNPACK's 4-bit groupwise kernels keep; None keeps them exact (float32 for a bf16/fp16 weight, as
+            fxqat's quantizers hold them).
 
     Raises:
         ExportError: the quantizer or layer has no such form, or the tensor does not reproduce ``wq``'s output.
@@ -159,7 +160,9 @@ def intx_weight(w: torch.Tensor, wq: Quantizer, aq: Optional[Quantizer] = None, 
     if int(zp.min()) < -128 or int(zp.max()) > 127:
         raise ExportError(f"{where}: zero points {zp.flatten()[:4].tolist()} do not fit int8.")
     w_q = copy.deepcopy(wq).eval()(w.detach())
-    scale = p.scale.reshape(n_blocks).to(device=w.device, dtype=w.dtype)
+    # float32 scales for a bf16/fp16 weight too: dequantize() then computes (k - z)·s in float32 and rounds it to
+    # the weight's dtype once, as fxqat's quantizer does (fxqat.quantizers.base.compute_dtype)
+    scale = p.scale.reshape(n_blocks).to(device=w.device, dtype=compute_dtype(w.dtype))
     t = tq.IntxUnpackedToInt8Tensor.from_hp(
         w_q, block, getattr(torch, f"int{bits}"), activation_quantization=act, intx_choose_qparams_algorithm=None,
         custom_scale=scale, custom_zero_point=zp.to(device=w.device, dtype=torch.int8),

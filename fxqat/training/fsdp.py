@@ -12,6 +12,13 @@
 * **the frozen FP partner** of a hybrid model is sharded per block too (its decoder layers, or gates on its graph):
   ``requires_grad=False`` parameters are all-gathered when a path runs and never get a gradient, so nothing updates
   them. ``partner="shared"`` is refused (its FP passes read detached copies of the LP weights, which FSDP replaces);
+* **mixed precision** (``mp_policy``, FSDP2's ``MixedPrecisionPolicy``): the blocks and the root compute with the
+  policy's ``param_dtype``, except quantizer parameters: with a narrow ``param_dtype`` (bfloat16, float16) FSDP would
+  hand them to the forward rounded to it (another grid than the one ``fxqat.convert`` and the exports use), so
+  they are left out of FSDP (``ignored_params``): replicated float32 tensors, equal on every rank, whose gradients a
+  hook averages over the ranks (one small all-reduce per quantizer parameter in the backward). FSDP2 cannot give
+  them a unit of their own: it cannot swap its class into a quantizer (torch.ao's ``FakeQuantizeBase`` derives from
+  ``ABC``, whose object layout its class swap refuses);
 * **buffers** (BatchNorm statistics, quantizer flags, the hybrid step counter) are not sharded: like DDP's
   ``broadcast_buffers``, rank 0's are broadcast to every rank before each forward (:func:`sync_buffers`).
 
@@ -31,22 +38,23 @@ Example (two processes; see tests/integration/test_fsdp.py and docs/fsdp.md)::
 from __future__ import annotations
 
 import logging
-from typing import Dict, List
+from typing import Dict, List, Optional, Set
 
 import torch
 import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from fxqat.capture.eager_model import eager_blocks, is_eager_model
 from fxqat.passes.build_hybrid import HybridGraphModule
 from fxqat.passes.shard_units import GateUnit, insert_gates, prepared_blocks
+from fxqat.quantizers.base import Quantizer, all_reduce_, is_narrow_float
 from fxqat.quantizers.control import named_quantizers
 
-__all__ = ["shard_prepared", "is_sharded", "shard_units", "sync_buffers", "full_state_dict", "FSDP_ATTR"]
+__all__ = ["shard_prepared", "fp32_quantizer_params", "is_sharded", "shard_units", "sync_buffers", "full_state_dict", "FSDP_ATTR"]
 
 log = logging.getLogger(__name__)
 FSDP_ATTR = "fxqat_fsdp_units"  # model.__dict__ key: names of the shard units, set by shard_prepared
@@ -76,29 +84,52 @@ def _check_ready(qm: nn.Module) -> None:
             "which FSDP replaces by sharded ones; use partner='frozen' (the default) under FSDP.")
 
 
-def _shard_gate_unit(owner: nn.Module, unit: GateUnit, mesh, reshard: bool) -> bool:
-    """``fully_shard([enter, exit])`` managing exactly ``unit.params`` (their holders are the enter gate's children
-    only while FSDP collects them, so ``state_dict`` keys do not change). False when the unit has no parameter."""
-    if not unit.params:
+def fp32_quantizer_params(qm: nn.Module, mp_policy: Optional[MixedPrecisionPolicy]) -> Set[nn.Parameter]:
+    """Under a narrow ``param_dtype`` (bfloat16, float16), the quantizer parameters FSDP must leave alone: they stay
+    float32 and replicated, their gradients averaged over ranks by a hook (see the module docstring). Empty otherwise."""
+    if mp_policy is None or mp_policy.param_dtype is None or not is_narrow_float(mp_policy.param_dtype):
+        return set()
+    return {p for q in qm.modules() if isinstance(q, Quantizer) for p in q.parameters() if not isinstance(p, DTensor)}
+
+
+def _average_grad(p: torch.Tensor) -> None:
+    if p.grad is not None:
+        all_reduce_(p.grad, "mean")
+
+
+def _shard_gate_unit(owner: nn.Module, unit: GateUnit, mesh, reshard: bool,
+                     mp_policy: Optional[MixedPrecisionPolicy] = None, keep: Optional[Set] = None) -> bool:
+    """``fully_shard([enter, exit])`` managing exactly ``unit.params`` but those in ``keep`` (their holders are the
+    enter gate's children only while FSDP collects them, so ``state_dict`` keys do not change). False when the unit
+    has no parameter."""
+    keep = keep or set()
+    names = [n for n in unit.params if owner.get_parameter(n) not in keep]
+    if not names:
         return False
     enter, exit_ = owner.get_submodule(unit.enter), owner.get_submodule(unit.exit)
-    wanted = {id(owner.get_parameter(n)) for n in unit.params}
+    wanted = {id(owner.get_parameter(n)) for n in names}
     holders: Dict[int, nn.Module] = {}
-    for name in unit.params:
+    for name in names:
         mod = owner.get_submodule(name.rpartition(".")[0])
         holders.setdefault(id(mod), mod)
     ignored = {p for h in holders.values() for p in h.parameters() if id(p) not in wanted}
     keys = [f"fxqat_holder{i}" for i in range(len(holders))]
     enter._modules.update(zip(keys, holders.values()))
     try:
-        fully_shard([enter, exit_], mesh=mesh, reshard_after_forward=reshard, ignored_params=ignored or None)
+        fully_shard([enter, exit_], mesh=mesh, reshard_after_forward=reshard, ignored_params=ignored or None,
+                    **_mp(mp_policy))
     finally:
         for k in keys:
             del enter._modules[k]
     return True
 
 
-def _shard_graph(qm: fx.GraphModule, mesh, reshard: bool) -> List[str]:
+def _mp(mp_policy: Optional[MixedPrecisionPolicy]) -> Dict[str, MixedPrecisionPolicy]:
+    """``fully_shard``'s ``mp_policy`` keyword, or nothing (FSDP2's default policy)."""
+    return {} if mp_policy is None else {"mp_policy": mp_policy}
+
+
+def _shard_graph(qm: fx.GraphModule, mesh, reshard: bool, mp_policy=None, keep=None) -> List[str]:
     blocks = prepared_blocks(qm)
     cuts, names = [b.exit for b in blocks[:-1]], [b.name for b in blocks]
     done = []
@@ -110,15 +141,15 @@ def _shard_graph(qm: fx.GraphModule, mesh, reshard: bool) -> List[str]:
             partner_units = insert_gates(qm.fxqat_partner, qm.fp_graph, cuts, names)
         qm.rebuild_views()
     for u in units:
-        if _shard_gate_unit(qm, u, mesh, reshard):
+        if _shard_gate_unit(qm, u, mesh, reshard, mp_policy, keep):
             done.append(u.name)
     for u in partner_units:
-        if _shard_gate_unit(qm.fxqat_partner, u, mesh, reshard):
+        if _shard_gate_unit(qm.fxqat_partner, u, mesh, reshard, mp_policy, keep):
             done.append(f"fxqat_partner:{u.name}")
     return done
 
 
-def _shard_eager(qm: nn.Module, mesh, reshard: bool) -> List[str]:
+def _shard_eager(qm: nn.Module, mesh, reshard: bool, mp_policy=None, keep=None) -> List[str]:
     done = []
     for b in eager_blocks(qm):
         try:
@@ -126,21 +157,22 @@ def _shard_eager(qm: nn.Module, mesh, reshard: bool) -> List[str]:
         except AttributeError:
             log.warning("fxqat: block %r is no submodule; its parameters join the root unit", b.name)
             continue
-        fully_shard(mod, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(mod, mesh=mesh, reshard_after_forward=reshard, ignored_params=keep or None, **_mp(mp_policy))
         done.append(b.name)
     ctrl = qm.__dict__.get("fxqat_hybrid_ctrl")
     partner = getattr(qm, "fxqat_partner", None)
     if ctrl is not None and partner is not None:
         for name in ctrl.layers:
-            fully_shard(partner.get_submodule(name), mesh=mesh, reshard_after_forward=reshard)
+            fully_shard(partner.get_submodule(name), mesh=mesh, reshard_after_forward=reshard, **_mp(mp_policy))
             done.append(f"fxqat_partner.{name}")
-        fully_shard(partner, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(partner, mesh=mesh, reshard_after_forward=reshard, **_mp(mp_policy))
         done.append("fxqat_partner")
     return done
 
 
 def shard_prepared(qm: nn.Module, mesh=None, *, reshard_after_forward: bool = True,
-                   broadcast_buffers: bool = True, sync_module_states: bool = True) -> nn.Module:
+                   broadcast_buffers: bool = True, sync_module_states: bool = True,
+                   mp_policy: Optional[MixedPrecisionPolicy] = None) -> nn.Module:
     """Shard a prepared, calibrated model with FSDP2 in place (see the module docstring); returns ``qm``.
 
     Call it on every rank after ``torch.distributed.init_process_group``, then build the optimizer from
@@ -153,6 +185,8 @@ def shard_prepared(qm: nn.Module, mesh=None, *, reshard_after_forward: bool = Tr
         broadcast_buffers: broadcast rank 0's buffers before every forward (DDP's default behaviour).
         sync_module_states: first broadcast rank 0's parameters and buffers (as DDP does when it wraps), so that
             ranks that calibrated on different batches shard one and the same model.
+        mp_policy: FSDP2's ``MixedPrecisionPolicy`` for every unit (None: FSDP2's default, no casting); with a
+            narrow ``param_dtype`` quantizer parameters stay float32 (see the module docstring).
 
     Raises:
         RuntimeError: no process group.
@@ -163,16 +197,19 @@ def shard_prepared(qm: nn.Module, mesh=None, *, reshard_after_forward: bool = Tr
     if is_sharded(qm):
         return qm
     _check_ready(qm)
+    keep = fp32_quantizer_params(qm, mp_policy)
     if sync_module_states:
         _broadcast([p.detach() for p in qm.parameters()] + list(qm.buffers()))
     if is_eager_model(qm):
-        units = _shard_eager(qm, mesh, reshard_after_forward)
+        units = _shard_eager(qm, mesh, reshard_after_forward, mp_policy, keep)
     elif isinstance(qm, fx.GraphModule):
-        units = _shard_graph(qm, mesh, reshard_after_forward)
+        units = _shard_graph(qm, mesh, reshard_after_forward, mp_policy, keep)
     else:
         raise TypeError(f"shard_prepared expects a model from fxqat.prepare_qat, got {type(qm).__name__}.")
-    already = {p for p in qm.parameters() if isinstance(p, DTensor)}
-    fully_shard(qm, mesh=mesh, ignored_params=already or None)
+    already = {p for p in qm.parameters() if isinstance(p, DTensor)} | keep
+    fully_shard(qm, mesh=mesh, ignored_params=already or None, **_mp(mp_policy))
+    for p in keep:
+        p.register_post_accumulate_grad_hook(_average_grad)
     if broadcast_buffers:
         qm.register_forward_pre_hook(lambda mod, _args: sync_buffers(mod))
     qm.__dict__[FSDP_ATTR] = tuple(units) + ("<root>",)
