@@ -161,12 +161,14 @@ class ExampleTracer(FxqatTracer):
 
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
         self.values, self.from_training, self.opaque_types, self._placeholders = {}, set(), {}, 0
+        self._pending: Dict[fx.Node, Tuple[str, Any, Any, Any]] = {}
+        self._order: Dict[fx.Node, int] = {}
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
         self._fake_examples: List[Any] = [self._fake(x) for x in self.examples]
         try:
             return super().trace(root, concrete_args)
         finally:
-            self.values, self._fake_examples, self.mode = {}, [], None
+            self.values, self._fake_examples, self.mode, self._pending, self._order = {}, [], None, {}, {}
 
     # ---------------------------------------------------------------- example values
     def _fake(self, value: Any) -> Any:
@@ -186,18 +188,39 @@ class ExampleTracer(FxqatTracer):
         return _ExampleProxy(node, self)
 
     def value_of(self, obj: Any) -> Any:
-        """The example value of a proxy (``_UNKNOWN`` when it has none); other objects are their own value."""
-        if isinstance(obj, fx.Proxy):
-            return self.values.get(obj.node, _UNKNOWN)
-        return obj
+        """The example value of a proxy (``_UNKNOWN`` when it has none); other objects are their own value.
+
+        Values are computed on demand (most nodes never need one), for the node and the ancestors not yet computed,
+        in the order the nodes were recorded.
+        """
+        if not isinstance(obj, fx.Proxy):
+            return obj
+        node = obj.node
+        if node not in self.values:
+            todo, seen, stack = [], set(), [node]
+            while stack:
+                n = stack.pop()
+                if n in self.values or n not in self._pending or n in seen:
+                    continue
+                todo.append(n)
+                seen.add(n)
+                stack.extend(n.all_input_nodes)
+            for n in sorted(todo, key=self._order.__getitem__):
+                self.values[n] = self._evaluate(*self._pending.pop(n))
+        return self.values.get(node, _UNKNOWN)
 
     def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, name: Any = None, type_expr: Any = None,
                      proxy_factory_fn: Any = None) -> fx.Proxy:
-        value = self._evaluate(kind, target, args, kwargs)
+        eager = kind in ("placeholder", "get_attr")
+        value = self._evaluate(kind, target, args, kwargs) if eager else _UNKNOWN
         if kind == "placeholder" and value is not _UNKNOWN and not _is_plain(value):
             self._pending_opaque = type(self.examples[self._placeholders - 1])
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
-        self.values[proxy.node] = value
+        self._order[proxy.node] = len(self._order)
+        if eager:
+            self.values[proxy.node] = value
+        else:
+            self._pending[proxy.node] = (kind, target, args, kwargs)
         if (kind == "get_attr" and str(target).endswith("training")) or any(
                 isinstance(a, fx.Proxy) and a.node in self.from_training for a in _proxies((args, kwargs))):
             self.from_training.add(proxy.node)

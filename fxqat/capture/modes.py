@@ -32,7 +32,7 @@ import torch.fx as fx
 
 from fxqat.capture.example_tracer import TRAINING_GUARD, GuardFailure, is_guard
 
-__all__ = ["merge_modes", "by_mode", "uniform_modes", "training_flags", "drop_training_guards"]
+__all__ = ["same_program", "merge_modes", "by_mode", "uniform_modes", "training_flags", "drop_training_guards"]
 
 _CONSTANTS = (type(None), bool, int, float)
 
@@ -158,3 +158,30 @@ def merge_modes(a: fx.Graph, b: fx.Graph, a_training: bool, flag: str, flags: Se
     a.lint()
     return a
 
+
+def _program(graph: fx.Graph, n_fixed: int, values: Optional[Sequence[Any]] = None) -> List[Any]:
+    """The graph's non-placeholder nodes as (op, target, args), inputs past the first ``n_fixed`` as ``values``
+    (None when not given)."""
+    index: Dict[fx.Node, Any] = {}
+    out = []
+    n_inputs = 0
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            k = n_inputs - n_fixed
+            index[node] = ("input", n_inputs) if k < 0 else (values[k] if values is not None else None)
+            n_inputs += 1
+            continue
+        index[node] = ("node", len(out))
+        args = fx.node.map_arg((node.args, node.kwargs), lambda a: index[a])
+        out.append((node.op, node.target, args))
+    return out
+
+
+def same_program(fixed: fx.Graph, passing: fx.Graph, n_tensors: int, fixed_values: Optional[Sequence[Any]] = None,
+                 passing_values: Optional[Sequence[Any]] = None) -> bool:
+    """Whether ``passing`` (extra inputs after the first ``n_tensors``) runs ``fixed``'s code with those inputs at
+    ``passing_values`` (None when not given); ``fixed``'s own extra inputs stand for ``fixed_values``."""
+    try:
+        return _program(fixed, n_tensors, fixed_values) == _program(passing, n_tensors, passing_values)
+    except Exception:  # noqa: BLE001 - arguments that do not compare (tensors): not provably the same
+        return False

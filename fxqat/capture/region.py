@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import enum
 import functools
 import inspect
@@ -40,7 +41,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from fxqat.capture.example_tracer import GUARD, TRAINING_GUARD, ExampleTracer, is_guard
-from fxqat.capture.modes import drop_training_guards, merge_modes, training_flags
+from fxqat.capture.modes import drop_training_guards, merge_modes, same_program, training_flags
+from fxqat.capture.no_cache import NO_CACHE, nullable_slots
 from fxqat.trace import TraceFailure, adopt_hierarchy, trace
 
 __all__ = ["GraphRegion", "Binding", "Origin", "trace_region", "Unbindable", "bind_call", "restore_module",
@@ -67,6 +69,9 @@ class Binding:
         opaque: ``(leaf index, class)`` of the objects that are neither tensors nor constants (a transformers
             ``DynamicCache``): graph inputs too (after ``optional``) whose methods the graph calls; a call must pass
             an object of exactly that class there.
+        flags: the ``optional`` indices recorded as a bool (a flag such as ``use_cache`` handed on to submodules):
+            a call may pass either bool there.
+        nullable: the opaque leaf indices where a call may also pass ``None`` (:mod:`fxqat.capture.no_cache`).
         positional: the names of the forward's parameters that may be passed by position, in order; calls are
             compared in :func:`canonical_call` form, so ``m(x)`` and ``m(input_ids=x)`` bind alike.
     """
@@ -77,6 +82,8 @@ class Binding:
     optional: Tuple[int, ...] = ()
     opaque: Tuple[Tuple[int, type], ...] = ()
     positional: Tuple[str, ...] = ()
+    nullable: Tuple[int, ...] = ()
+    flags: Tuple[int, ...] = ()
 
     @property
     def inputs(self) -> Tuple[int, ...]:
@@ -84,9 +91,11 @@ class Binding:
         return self.tensors + self.optional + tuple(i for i, _ in self.opaque)
 
     def with_optional(self, optional: Tuple[int, ...]) -> "Binding":
-        """This binding with the ``None`` constants at ``optional`` turned into inputs."""
+        """This binding with the ``None`` (or bool) constants at ``optional`` turned into inputs."""
         keep = tuple((i, v) for i, v in self.constants if i not in optional)
-        return Binding(self.spec, keep, self.tensors, tuple(optional), self.opaque, self.positional)
+        flags = tuple(i for i, v in self.constants if i in optional and type(v) is bool)
+        return Binding(self.spec, keep, self.tensors, tuple(sorted(optional)), self.opaque, self.positional,
+                       self.nullable, flags)
 
     def flatten(self, args: Tuple, kwargs: Dict[str, Any], where: str) -> List[Any]:
         """The flat inputs of one call; ``ValueError`` naming ``where`` when the call does not match."""
@@ -106,14 +115,20 @@ class Binding:
                     f"{leaves[i]!r}. Prepare the model with example inputs that use the same setting."
                 )
         for i in self.optional:
-            if leaves[i] is not None and not isinstance(leaves[i], torch.Tensor):
+            if i in self.flags:
+                if type(leaves[i]) is not bool:
+                    raise ValueError(f"module {where!r} was captured with a bool at an argument it passes on, but it "
+                                     f"is now called with {type(leaves[i]).__name__} there.")
+            elif leaves[i] is not None and not isinstance(leaves[i], torch.Tensor):
                 raise ValueError(
                     f"module {where!r} was captured with None or a tensor at an argument it passes on, but it is now "
                     f"called with {type(leaves[i]).__name__} there. Prepare the model with example inputs that use "
                     "the same setting."
                 )
         for i, cls in self.opaque:
-            if type(leaves[i]) is not cls:
+            if leaves[i] is None and i in self.nullable:
+                leaves[i] = NO_CACHE
+            elif type(leaves[i]) is not cls:
                 raise ValueError(
                     f"module {where!r} was captured with a {cls.__name__} argument, but it is now called with "
                     f"{type(leaves[i]).__name__} there. Prepare the model with example inputs that use the same "
@@ -379,28 +394,6 @@ def _examples(binding: Binding, args: Tuple, kwargs: Dict[str, Any]) -> List[Any
     return [leaves[i] for i in binding.inputs]
 
 
-def _program(graph: fx.Graph, n_fixed: int) -> List[Any]:
-    """The graph's non-placeholder nodes as (op, target, args, kwargs), inputs past the first ``n_fixed`` as None."""
-    index: Dict[fx.Node, Any] = {}
-    out = []
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            index[node] = ("input", len(index)) if len(index) < n_fixed else None
-            continue
-        index[node] = ("node", len(out))
-        args = fx.node.map_arg((node.args, node.kwargs), lambda a: index[a])
-        out.append((node.op, node.target, args))
-    return out
-
-
-def _same_program(fixed: fx.Graph, passing: fx.Graph, n_tensors: int) -> bool:
-    """Whether ``passing`` (extra inputs after the first ``n_tensors``) runs ``fixed``'s code with them as None."""
-    try:
-        return _program(fixed, n_tensors) == _program(passing, n_tensors)
-    except Exception:  # noqa: BLE001 - arguments that do not compare (tensors): not provably the same
-        return False
-
-
 def trace_region(
     module: nn.Module, args: Tuple, kwargs: Dict[str, Any], name: str, leaf_modules: Sequence = (),
     example_output: Any = None,
@@ -418,14 +411,23 @@ def trace_region(
     inner_leaves = tuple(f"{_INNER}.{x}" if isinstance(x, str) else x for x in leaf_modules)
     gm = _trace_both_modes(module, binding, _examples(binding, args, kwargs), inner_leaves, name)
     nones = tuple(i for i, v in binding.constants if v is None)
-    if nones:  # Nones the module only passes on become inputs, if that traces to the same graph
-        passing = binding.with_optional(nones)
+    flags = tuple(i for i, v in binding.constants if type(v) is bool)
+    recorded = dict(binding.constants)
+    opaque_marks = [("opaque", j) for j in range(len(binding.opaque))]
+    for handed_on in dict.fromkeys(x for x in (nones + flags, flags, nones) if x):
+        # Nones (and flags) the module only passes on become inputs, if that traces to the same graph
+        passing = binding.with_optional(handed_on)
         try:
             gm_opt = _trace_both_modes(module, passing, _examples(passing, args, kwargs), inner_leaves, name)
         except TraceFailure:
             gm_opt = None
-        if gm_opt is not None and _same_program(gm.graph, gm_opt.graph, len(binding.tensors)):
+        if gm_opt is not None and same_program(gm.graph, gm_opt.graph, len(binding.tensors), opaque_marks,
+                                               [recorded[i] for i in passing.optional] + opaque_marks):
             gm, binding = gm_opt, passing
+            break
+    if binding.opaque:  # a cache argument that may also be None (use_cache=False)
+        binding = dataclasses.replace(binding, nullable=nullable_slots(
+            binding, lambda b: _trace_both_modes(module, b, _examples(b, args, kwargs), inner_leaves, name)))
     graph = gm.graph
     _strip_inner(graph)
     for node in graph.nodes:  # guards name the region they belong to
