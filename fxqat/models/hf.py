@@ -13,6 +13,8 @@ from typing import Tuple
 import torch
 from torch import nn
 
+from fxqat.models.hf_zoo import ZOO, build
+
 __all__ = ["tiny_hf_model", "char_llama", "CHAR_LLAMA"]
 
 _SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -20,11 +22,18 @@ _SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_
 
 
 def tiny_hf_model(model_type: str, seq_len: int = 16, seed: int = 0) -> Tuple[nn.Module, torch.Tensor]:
-    """A causal LM (or the base model when the type has no causal-LM head) of ``model_type`` with tiny sizes.
+    """A tiny model with random weights: the HF zoo's entry ``model_type`` (:mod:`fxqat.models.hf_zoo`, the models
+    the tests and benchmarks use, MoE ones included: ``"mixtral"``, ``"qwen3_moe"``, ``"qwen2_moe"``) when it has one
+    that takes a single input, else a causal LM (or the base model when the type has no causal-LM head) of any
+    transformers ``model_type`` with tiny sizes (``seq_len`` and ``seed`` apply to those).
 
     Raises:
         ValueError: transformers is not installed or does not know ``model_type``.
     """
+    if model_type in ZOO:
+        model, args, kwargs = build(model_type)
+        if not kwargs and len(args) == 1:
+            return model, args[0]
     try:
         import transformers
     except ImportError as e:
