@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(XSTAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[dev,export,executorch,hf,timm]"
+	$(BIN)/python -m pip install -q -e ".[dev,export,executorch,hf,timm,peft]"
 	touch $(XSTAMP)
 
 demo: $(STAMP)
