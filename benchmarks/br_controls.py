@@ -49,6 +49,7 @@ from _common import machine, time_steps, torchao_qat_convert, torchao_qat_prepar
 
 import fxqat  # noqa: E402
 from fxqat.config import HybridConfig  # noqa: E402
+from fxqat.mixed.state import hybrid_of  # noqa: E402
 
 log = logging.getLogger("br_controls")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,6 +57,21 @@ RUNS = RESULTS / "br_runs"
 LLM_SETTINGS = ("int2", "int4", "8da4w", "w4a8", "w4a4", "w4a8kv4")
 ACT_SETTINGS = ("w4a8", "w4a4", "w4a8kv4")
 TORCHAO_SETTING = {"int2": "int2", "int4": "int4", "8da4w": "8da4w"}  # torchao has no static learned activations
+#: LLM model profiles: the benchmark's char Llama (llm_benchmark.md) and a 16x cheaper one of the same family
+#: (4 decoder layers, hidden 64, batch 16x64) for controls that do not fit the shared 2-core machine otherwise
+MINI_MODEL = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+
+
+def llm_recipes(model: str):
+    """``(model overrides, FP recipe, fine-tuning recipe, validation batches)`` of an LLM profile."""
+    from fxqat.training.lm import FINETUNE_RECIPE, FP_RECIPE, LMRecipe
+
+    if model == "benchmark":
+        return {}, FP_RECIPE, FINETUNE_RECIPE, 64
+    fp = LMRecipe(steps=1000, lr=3e-3, warmup=50, batch_size=16, context=64, seed_offset=0)
+    ft = LMRecipe(steps=250, lr=1e-4, warmup=10, batch_size=16, context=64)
+    return MINI_MODEL, fp, ft, 48
 
 
 # ------------------------------------------------------------------------------------------------- arms
@@ -119,26 +135,34 @@ def llm_qat_config(setting: str, hybrid: Optional[Dict[str, Any]]) -> fxqat.QATC
 
 
 def kv4(cfg: fxqat.QATConfig) -> fxqat.QATConfig:
-    """The 4-bit KV-cache option (``QATConfig.kv_bits``) where this fxqat has it."""
-    if "kv_bits" not in fxqat.QATConfig.__dataclass_fields__:
-        raise SystemExit("br_controls: this fxqat has no QATConfig.kv_bits: the w4a8kv4 setting cannot run.")
-    return cfg.with_(kv_bits=4)
+    """A 4-bit KV cache: ``QATConfig.kv_bits=4`` where this fxqat has it; otherwise the attention products'
+    operands (query, key, value: ``quantize_matmuls``) at 4 bits through an override on the attention modules, a
+    stricter setting than LLM-QAT's (the query is 4-bit too)."""
+    if "kv_bits" in fxqat.QATConfig.__dataclass_fields__:
+        return cfg.with_(kv_bits=4)
+    return cfg.with_(quantize_matmuls=True, overrides=(fxqat.Override("*.self_attn", a_bits=4),))
 
 
 class LLMRunner:
     """One seed of one LLM setting; arms share the FP checkpoint, the batches and the validation set."""
 
-    def __init__(self, setting: str, seed: int, hybrid: Dict[str, Any], steps: Optional[int], progress: bool):
+    def __init__(self, setting: str, seed: int, hybrid: Dict[str, Any], steps: Optional[int], progress: bool,
+                 untrained: bool = False, model: str = "benchmark"):
+        from fxqat.models.hf import char_llama
         from fxqat.text_data import tiny_shakespeare
-        from fxqat.training.lm import FINETUNE_RECIPE
         from fxqat.training.recipes import pretrained_char_llama
 
         self.setting, self.seed, self.hybrid, self.progress = setting, seed, hybrid, progress
         self.corpus = tiny_shakespeare()
-        self.ft = FINETUNE_RECIPE if steps is None else replace(FINETUNE_RECIPE, steps=steps)
-        self.val = list(self.corpus.batches("val", 64, self.ft.batch_size, self.ft.context, 1337))
+        sizes, fp_recipe, ft, n_val = llm_recipes(model)
+        self.ft = ft if steps is None else replace(ft, steps=steps)
+        self.val = list(self.corpus.batches("val", n_val, self.ft.batch_size, self.ft.context, 1337))
         self.curve = self.val[:4]
-        self.fp, self.fp_info = pretrained_char_llama(self.corpus, progress=progress)
+        if untrained:  # step timing only: the cost of a step does not depend on the weights
+            self.fp, self.fp_info = char_llama(self.corpus.vocab_size, seed=0, **sizes), {"untrained": True}
+        else:
+            self.fp, self.fp_info = pretrained_char_llama(self.corpus, fp_recipe, progress=progress,
+                                                          model_overrides=sizes)
         self.fp.eval()
         gen = torch.Generator().manual_seed(self.ft.seed_offset + seed)
         self.x0, self.y0 = self.corpus.batch("train", self.ft.batch_size, self.ft.context, gen)
@@ -214,7 +238,7 @@ class LLMRunner:
         qm = self.prepare(kind == "br")
         if kind == "br":
             extra["hybrid"] = self.hybrid
-            extra["n_paths"] = qm.n_paths
+            extra["n_paths"] = hybrid_of(qm)[1].n_paths
         loss_fn = {"lsq": lm_loss, "kd": None, "kd_matched": None, "br": hybrid_lm_loss}[kind] or self.kd_loss()
         rec = self.train(qm, lr, loss_fn, params=fxqat.trainable_parameters(qm), steps=steps)
         if kind == "br":
@@ -233,21 +257,22 @@ def running_table(qm: nn.Module) -> Optional[List[Dict[str, Any]]]:
 
 
 def llm_main(args) -> None:
-    from fxqat.training.lm import FINETUNE_RECIPE
-
     hybrid = parse_hybrid(args.hybrid)
-    runner = LLMRunner(args.setting, args.seed, hybrid, args.steps, args.progress)
+    runner = LLMRunner(args.setting, args.seed, hybrid, args.steps, args.progress, untrained=args.ratios,
+                       model=args.model)
+    task = "llm" if args.model == "benchmark" else f"llm{args.model}"
     if args.ratios:
-        r = runner.step_ratio(args.ratio_rounds, FINETUNE_RECIPE.lr)
-        save_record("llm", args.setting, f"ratio{('_' + args.tag) if args.tag else ''}", args.seed,
-                    {"step_ratio": r, "hybrid": hybrid})
+        r = runner.step_ratio(args.ratio_rounds, runner.ft.lr)
+        save_record(task, args.setting, f"ratio{('_' + args.tag) if args.tag else ''}", args.seed,
+                    {"step_ratio": r, "hybrid": hybrid, "n_paths": hybrid_of(runner.prepare(True))[1].n_paths})
         return
     for arm in args.arms:
-        kind, lr = parse_arm(arm, FINETUNE_RECIPE.lr)
+        kind, lr = parse_arm(arm, runner.ft.lr)
         label = f"{kind}@{lr:g}" + (f"_{args.tag}" if args.tag else "")
         rec = runner.run(kind, lr, args.ratio_rounds)
         rec["ppl"] = math.exp(rec["val_loss"])
-        save_record("llm", args.setting, label, args.seed, rec)
+        rec["fp"] = runner.fp_info
+        save_record(task, args.setting, label, args.seed, rec)
 
 
 # ------------------------------------------------------------------------------------------------- CIFAR
@@ -268,7 +293,7 @@ def cifar_main(args) -> None:
     key = {"model": "resnet20", "data": "cifar10", "batch_size": 128, "source": tr.source, "n_test": len(te)}
     fp, fp_info = train_fp(get_model("resnet20", 10), loader, fp_cfg, key=key, test_loader=test, desc="FP")
     x0 = tr[0][0].unsqueeze(0).repeat(2, 1, 1, 1)
-    base_steps = args.epochs * len(loader)
+    base_steps = args.steps or args.epochs * len(loader)
     bits = args.bits
 
     def prepare(br: bool) -> nn.Module:
@@ -305,7 +330,7 @@ def cifar_main(args) -> None:
     for arm in args.arms:
         kind, lr = parse_arm(arm, 0.01)
         label = f"{kind}@{lr:g}" + (f"_{args.tag}" if args.tag else "")
-        extra: Dict[str, Any] = {"fp_top1": fp_info["top1"], "epochs": args.epochs, "bits": bits, "lr": lr,
+        extra: Dict[str, Any] = {"fp_top1": fp_info["top1"], "base_steps": base_steps, "bits": bits, "lr": lr,
                                  "optimizer": args.optimizer}
         steps = base_steps
         if kind == "kd_matched":
@@ -325,7 +350,7 @@ def cifar_main(args) -> None:
         rec = {**extra, "top1": hist["final"]["test_top1"], "steps": steps, "time_s": time.perf_counter() - t0}
         if kind == "br":
             rec["running_sensitivity"] = running_table(qm)
-        save_record("cifar", f"w{bits}a{bits}_{args.optimizer}", label, args.seed, rec)
+        save_record("cifar", f"w{bits}a{bits}_{args.optimizer}_{base_steps}steps", label, args.seed, rec)
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -387,14 +412,16 @@ def report() -> None:
 
     by_setting: Dict[str, Dict[str, Dict[int, Dict[str, Any]]]] = {}
     sections = {"controls": [], "act": []}
-    for task, metric, lower in (("llm", "val_loss", True), ("cifar", "top1", False)):
+    names = {"llm": "LLM benchmark char Llama, AdamW", "llmmini": "mini char Llama (MINI_MODEL), AdamW",
+             "cifar": "CIFAR-10 ResNet-20"}
+    for task, metric, lower in (("llm", "val_loss", True), ("llmmini", "val_loss", True), ("cifar", "top1", False)):
         for setting in sorted({r["setting"] for r in records if r["task"] == task}):
             arms = _by(records, task, setting)
             if not arms:
                 continue
             by_setting[setting] = arms
             ref = next((a for a in sorted(arms) if a.split("@")[0] == "br" and "_" not in a.split("@")[1]), None)
-            title = f"## {'LLM (char Llama, AdamW)' if task == 'llm' else 'CIFAR-10 ResNet-20'}: {setting}"
+            title = f"## {names[task]}: {setting}"
             lines = [title, ""] + arm_table(arms, metric, ref, lower, ratio_for(setting)) + [""]
             sections["act" if setting in ACT_SETTINGS else "controls"] += lines
     m = machine()
@@ -428,10 +455,14 @@ def main(argv=None) -> int:
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False)
         if name == "llm":
             p.add_argument("--setting", default="int2", choices=LLM_SETTINGS)
+            p.add_argument("--model", default="benchmark", choices=("benchmark", "mini"),
+                           help="the benchmark's char Llama or the 16x cheaper mini profile (MINI_MODEL)")
             p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the recipe's 250)")
             p.add_argument("--ratios", action="store_true", help="only measure the interleaved BR/KD step ratio")
         else:
             p.add_argument("--epochs", type=int, default=2)
+            p.add_argument("--steps", type=int, default=None,
+                           help="QAT steps per arm (default: --epochs); 120 = accuracy.py's short profile")
             p.add_argument("--bits", type=int, default=2)
             p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
     sub.add_parser("report")

@@ -229,10 +229,11 @@ def running_sensitivity(qm: nn.Module, include_first_last: bool = False) -> Sens
     """Per-block sensitivity at the model's current bit-widths from the path losses block replacement averaged while
     training (:class:`~fxqat.path_losses.PathLossAverages`, updated by :func:`fxqat.hybrid_loss`): no extra pass.
 
-    ``S_i = avg L_i − avg L_{i−1}`` over ``[FP, paths..., LP]`` as in ``method="paths"``, but measured in train mode
-    on the training batches, with the parameters of each step, and with a sampled path averaged over the steps it ran.
-    The spread is ``sqrt(var L_i + var L_{i−1})`` of the per-step losses (an upper bound of the difference's
-    standard deviation where the two are positively correlated, as they are). ``bits`` holds one entry: the most
+    ``S_i = L_i − L_{i−1}`` over ``[FP, paths..., LP]`` as in ``method="paths"``, but measured in train mode on the
+    training batches, with the parameters of each step: the moving average of the per-step difference where both
+    outputs ran in the same step (always with ``paths="all"``; spread: its moving standard deviation), else the
+    difference of the outputs' moving averages (sampled paths; spread ``sqrt(var L_i + var L_{i−1})``, an upper
+    bound), see :meth:`~fxqat.path_losses.PathLossAverages.block_differences`. ``bits`` holds one entry: the most
     common bit-width of the allocatable weight quantizers.
 
     Example:
@@ -257,7 +258,7 @@ def running_sensitivity(qm: nn.Module, include_first_last: bool = False) -> Sens
     if int(counts[-1]) == 0:
         raise ValueError("running_sensitivity: no training step has run yet: train with fxqat.hybrid_loss first, or "
                          "measure with fxqat.sensitivity(qm, batches).")
-    mean, var = stats.means().numpy(), stats.variances().numpy()
+    mean, spread, paired = (t.numpy() for t in stats.block_differences())
     blocks = list(model_blocks(qm))
     layout = split_fixed(qm, blocks, include_first_last)
     qs = named_quantizers(qm)
@@ -268,8 +269,9 @@ def running_sensitivity(qm: nn.Module, include_first_last: bool = False) -> Sens
         rows.append(BlockSensitivity(
             block=blk.name, index=blk.index, modules=tuple(la.name for la in alloc),
             weight_count=sum(la.weight_count for la in alloc),
-            sensitivity=(float(mean[i + 1] - mean[i]),), spread=(float(np.sqrt(var[i + 1] + var[i])),),
+            sensitivity=(float(mean[i]),), spread=(float(spread[i]),),
             fixed=tuple(la.name for la in fixed)))
-    info = {"source": "running", "decay": stats.decay, "updates": tuple(int(c) for c in counts)}
+    info = {"source": "running", "decay": stats.decay, "updates": tuple(int(c) for c in counts),
+            "paired": tuple(bool(p) for p in paired)}
     return SensitivityTable(method="paths", bits=(bits,), rows=tuple(rows), kinds=("weight", "act"),
                             n_batches=int(counts.min()), time_s=0.0, info=tuple(info.items()))

@@ -140,3 +140,25 @@ def test_char_llama_residual_blocks_keep_running_sensitivity_exact():
     assert len(run.rows) == len(direct.rows) >= 4
     for a, b in zip(run.rows, direct.rows):
         assert a.sensitivity[0] == pytest.approx(b.sensitivity[0], abs=1e-6)
+
+
+def test_paired_block_differences_cancel_the_batch_to_batch_variation():
+    """Losses that move together from batch to batch (constant block differences): the paired average is the
+    difference itself with zero spread (exact in float64), while the unpaired bound sees the batch variation."""
+    avg = PathLossAverages(n_paths=2, decay=0.9)
+    for base in (1.0, 2.0, 4.0, 3.0):
+        t = torch.tensor
+        avg.update(t(base), {1: t(base + 0.75), 0: t(base + 0.5)}, t(base + 2.0))
+    mean, std, paired = avg.block_differences()
+    assert paired.tolist() == [True, True, True]
+    assert mean.tolist() == pytest.approx([0.5, 0.25, 1.25], abs=1e-12)
+    assert std.tolist() == pytest.approx([0.0, 0.0, 0.0], abs=1e-6)
+    unpaired = (avg.variances()[1:] + avg.variances()[:-1]).sqrt()
+    assert bool((unpaired > 0.5).all())
+    # a sampled path never beside its neighbour path: block 1 (path 0 -> path 1) falls back to the averages
+    sampled = PathLossAverages(n_paths=2, decay=0.9)
+    sampled.update(torch.tensor(1.0), {0: torch.tensor(1.5)}, torch.tensor(3.0))
+    sampled.update(torch.tensor(1.0), {1: torch.tensor(2.0)}, torch.tensor(3.0))
+    mean, _, paired = sampled.block_differences()
+    assert paired.tolist() == [True, False, True]
+    assert mean.tolist() == pytest.approx([0.5, 0.5, 1.0], abs=1e-12)
