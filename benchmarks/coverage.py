@@ -2,7 +2,11 @@
 
 Per model, in one run: does it prepare, does one training step run (finite loss, weights move), how many of its
 weight layers get a weight fake-quantizer (weight layers counted by fxqat's registry: Linear, Conv, ConvTranspose,
-GPT-2's Conv1D), the prepare time, and fxqat's capture share (weight layers inside graph regions). torchao:
+GPT-2's Conv1D), the prepare time, and fxqat's capture share (weight layers inside graph regions). Coverage is also
+counted over **parameters**: every parameter the FP model's forward feeds into a matmul-like op as a weight
+(``fxqat.capture.param_quant.record_param_uses``: linear, matmul/bmm/einsum, grouped expert matmuls, convolutions;
+embedding lookups not counted), its elements quantized by each tool, with mixture-of-experts expert tensors and
+routers counted separately (routers are FP by fxqat's default). torchao:
 ``quantize_(m, QATConfig(Int8DynamicActivationIntxWeightConfig(int4, PerAxis(0)), step="prepare"))``, per-axis so
 that no layer is skipped for a width that is not a multiple of a group size.
 
@@ -34,12 +38,12 @@ import torch.nn as nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-import hf_zoo  # noqa: E402  (the test suite's tiny transformers models)
 from _common import machine, time_steps, write_results  # noqa: E402
 
 import fxqat  # noqa: E402
+from fxqat.capture.param_quant import record_param_uses  # noqa: E402
 from fxqat.layer_registry import is_weight_layer  # noqa: E402
+from fxqat.models import hf_zoo  # noqa: E402  (the HF zoo the tests and the CLI use)
 from fxqat.training.losses import hybrid_loss, logits_of  # noqa: E402
 
 log = logging.getLogger("coverage")
@@ -55,6 +59,26 @@ TIMM = {  # name -> create_model kwargs and input size
 def _weight_layers(model: nn.Module) -> int:
     return sum(1 for m in model.modules() if is_weight_layer(m))
 
+
+def weight_params(model: nn.Module, args: Tuple, kwargs: Dict) -> Dict[str, Dict[str, Any]]:
+    """Every parameter the FP forward reads as a weight of a matmul-like op (embedding lookups excluded):
+    name -> {numel, expert (a 3-D MoE expert tensor), router}."""
+    uses = record_param_uses(model, args, kwargs)
+    params = dict(model.named_parameters())
+    return {n: {"numel": params[n].numel(), "expert": params[n].dim() == 3 and ".experts." in n, "router": u.router}
+            for n, u in uses.items() if set(u.ops) != {"embedding"}}
+
+
+def param_cover(weights: Dict[str, Dict[str, Any]], quantized: set) -> Dict[str, Any]:
+    """Counts and element shares of ``weights`` that are in ``quantized`` (all, experts, routers)."""
+    def share(pick):
+        names = [n for n, w in weights.items() if pick(w)]
+        total = sum(weights[n]["numel"] for n in names)
+        done = [n for n in names if n in quantized]
+        return {"n": len(names), "quantized": len(done), "numel": total,
+                "numel_quantized": sum(weights[n]["numel"] for n in done)}
+    return {"all": share(lambda w: True), "experts": share(lambda w: w["expert"]),
+            "routers": share(lambda w: w["router"])}
 
 def _train_step(model: nn.Module, args: Tuple, kwargs: Dict) -> bool:
     """One SGD step on a generic loss; True when the loss is finite and some trainable weight moved."""
@@ -79,10 +103,12 @@ def _fxqat(model, args, kwargs) -> Dict[str, Any]:
     # are not the training ones (mobileone_s0's grow ~20x through 113 blocks and every later 8-bit activation then
     # rounds to 0). The first training forward initialises the quantizers, as torchao's arm does.
     n_wq = sum(q.kind == "weight" for q in fxqat.named_quantizers(qm).values())
+    targets = {q.weight_target for q in fxqat.named_quantizers(qm).values() if q.kind == "weight"}
     rep = fxqat.capture_report(qm)
     share = rep.graph_share if rep is not None else 1.0
     return {"prepared": True, "trained": _train_step(qm, args, kwargs), "weight_quantizers": n_wq,
-            "prepare_s": prep, "graph_share": share}
+            "prepare_s": prep, "graph_share": share, "quantized_params": sorted(targets),
+            "unquantized": [list(x) for x in rep.unquantized]}
 
 
 def _torchao(model, args, kwargs) -> Dict[str, Any]:
@@ -94,8 +120,9 @@ def _torchao(model, args, kwargs) -> Dict[str, Any]:
     base = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerAxis(0))
     quantize_(m, AOQATConfig(base, step="prepare"))
     prep = time.perf_counter() - t0
-    n_fq = sum(1 for mod in m.modules() if type(mod).__name__.startswith("FakeQuantized") and hasattr(mod, "weight"))
-    return {"prepared": True, "trained": _train_step(m, args, kwargs), "weight_quantizers": n_fq, "prepare_s": prep}
+    fq = [n for n, mod in m.named_modules() if type(mod).__name__.startswith("FakeQuantized") and hasattr(mod, "weight")]
+    return {"prepared": True, "trained": _train_step(m, args, kwargs), "weight_quantizers": len(fq), "prepare_s": prep,
+            "quantized_params": sorted(f"{n}.weight" for n in fq)}
 
 
 def _guard(fn: Callable, *a) -> Dict[str, Any]:
@@ -129,8 +156,14 @@ def coverage(quick: bool) -> List[Dict[str, Any]]:
         torch.manual_seed(0)
         model, args, kwargs = build()
         row = {"model": name, "weight_layers": _weight_layers(model)}
+        weights = weight_params(model, args, kwargs)
         row["fxqat"] = _guard(_fxqat, model, args, kwargs)
         row["torchao"] = _guard(_torchao, model, args, kwargs)
+        canon = {id(p): n for n, p in model.named_parameters()}  # a tied weight counts under its first name
+        alias = {n: canon[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+        for tool in ("fxqat", "torchao"):
+            done = {alias.get(n, n) for n in row[tool].get("quantized_params", ())}
+            row[tool]["params"] = param_cover(weights, done)
         log.info("%s: fxqat %s/%d, torchao %s/%d", name, row["fxqat"]["weight_quantizers"], row["weight_layers"],
                  row["torchao"]["weight_quantizers"], row["weight_layers"])
         rows.append(row)
@@ -242,6 +275,7 @@ def markdown(payload: Dict[str, Any]) -> str:
             f"| {r['model']} | {r['weight_layers']} | {f['weight_quantizers']} | {'yes' if f['trained'] else 'no'} | "
             f"{f.get('prepare_s', float('nan')):.2f} | {100 * f.get('graph_share', 0):.0f}% | "
             f"{a['weight_quantizers']} | {'yes' if a['trained'] else 'no'} | {a.get('prepare_s', float('nan')):.2f} |")
+    lines += param_markdown(rows)
     errs = [(r["model"], k, r[k]["error"]) for r in rows for k in ("fxqat", "torchao") if r[k].get("error")]
     if errs:
         lines += ["", "Failures:", ""] + [f"- {m} ({k}): `{e}`" for m, k, e in errs]
@@ -256,6 +290,38 @@ def markdown(payload: Dict[str, Any]) -> str:
         f"the input ({st['naive_s'] * 1e3:.1f} ms).", "",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _pct(c: Dict[str, Any]) -> str:
+    return f"{100 * c['numel_quantized'] / c['numel']:.1f}%" if c["numel"] else "–"
+
+
+def param_markdown(rows: List[Dict[str, Any]]) -> List[str]:
+    """The coverage table over weight parameters (see the module docstring)."""
+    tot = {t: {k: sum(r[t]["params"]["all"][k] for r in rows) for k in ("n", "quantized", "numel", "numel_quantized")}
+           for t in ("fxqat", "torchao")}
+    out = [
+        "", "## Coverage over weight parameters", "",
+        "Weight parameters: every parameter the FP forward feeds into a matmul-like op as a weight (linear, "
+        "matmul/bmm/einsum, grouped expert matmuls, convolutions; embedding lookups not counted), found by "
+        "`fxqat.capture.param_quant.record_param_uses`. Share = quantized elements / weight elements. Routers "
+        "(MoE gates whose product chooses experts) are FP by fxqat's default (`QATConfig.quantize_router`).", "",
+        f"**All models**: fxqat {tot['fxqat']['quantized']}/{tot['fxqat']['n']} weight parameters "
+        f"({_pct(tot['fxqat'])} of weight elements), torchao {tot['torchao']['quantized']}/{tot['torchao']['n']} "
+        f"({_pct(tot['torchao'])}).", "",
+        "| model | weight params | elements | fxqat params | fxqat elements | torchao params | torchao elements | "
+        "MoE expert tensors (fxqat / torchao) | routers (fxqat / torchao) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        f, a = r["fxqat"]["params"], r["torchao"]["params"]
+        ex = (f"{f['experts']['quantized']}/{f['experts']['n']} / {a['experts']['quantized']}/{a['experts']['n']}"
+              if f["experts"]["n"] else "–")
+        ro = (f"{f['routers']['quantized']}/{f['routers']['n']} / {a['routers']['quantized']}/{a['routers']['n']}"
+              if f["routers"]["n"] else "–")
+        out.append(f"| {r['model']} | {f['all']['n']} | {f['all']['numel']} | {f['all']['quantized']} | "
+                   f"{_pct(f['all'])} | {a['all']['quantized']} | {_pct(a['all'])} | {ex} | {ro} |")
+    return out
 
 
 def main(argv=None) -> int:
