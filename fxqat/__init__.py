@@ -21,6 +21,8 @@ from fxqat.api import (
 )
 from fxqat.capture.eager_model import capture_report
 from fxqat.capture.hierarchy import CaptureReport
+from fxqat.capture.lora_adopt import adopt_lora
+from fxqat.capture.lora_merge import merge_lora
 from fxqat.config import HybridConfig, Override, QATConfig, QuantSpec
 from fxqat.export.torch_ao import to_qconfig_mapping
 from fxqat.graph.blocks import Block
@@ -42,4 +44,5 @@ __all__ = [
     "QATConfig", "HybridConfig", "QuantSpec", "Override", "Quantizer", "NotAffineError", "available_methods",
     "trace", "TraceFailure", "to_qconfig_mapping", "capture_report", "CaptureReport", "register_weight_layer",
     "sensitivity", "running_sensitivity", "allocate_bits", "SensitivityTable", "Allocation",
+    "merge_lora", "adopt_lora",
 ]
