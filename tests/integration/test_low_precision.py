@@ -110,8 +110,8 @@ def _convert_is_exact(qm, lp, dtype, run):
     return n
 
 
-def _train(qm, loss_fn, steps=3, **adam):
-    opt = torch.optim.AdamW(fxqat.trainable_parameters(qm), lr=1e-3, **adam)
+def _train(qm, loss_fn, steps=3, lr=1e-3, **adam):
+    opt = torch.optim.AdamW(fxqat.trainable_parameters(qm), lr=lr, **adam)
     losses = []
     for _ in range(steps):
         loss = loss_fn()
@@ -174,6 +174,24 @@ def test_resnet20_bf16_with_batchnorm():
         fq, cv = qm(x.to(dtype)), lp(x.to(dtype))
     assert fq.dtype == dtype and torch.equal(fq, cv)
     assert _convert_is_exact(qm, lp, dtype, lambda: qm(x.to(dtype))) == 20  # conv1, 18 block convs, fc
+
+
+def test_block_replacement_with_a_bf16_model():
+    ids = torch.randint(0, 65, (4, 33), generator=torch.Generator().manual_seed(0))
+    cfg = fxqat.QATConfig.preset("8da4w", hybrid=fxqat.HybridConfig(seed=1))
+    qm = fxqat.prepare_qat(char_llama(**SMALL).to(torch.bfloat16), (ids[:, :-1],), cfg)
+    fxqat.calibrate(qm, [ids[:, :-1]])
+    partner0 = {n: p.clone() for n, p in qm.fxqat_partner.named_parameters()}
+    qm.train()
+    losses = _train(qm, lambda: fxqat.hybrid_loss(qm(ids[:, :-1]), ids[:, 1:])[0])
+    assert all(torch.isfinite(torch.tensor(losses)))
+    partner = dict(qm.fxqat_partner.named_parameters())
+    assert {p.dtype for p in partner.values()} == {torch.bfloat16}  # the frozen FP partner in the model's dtype
+    assert all(torch.equal(partner0[n], partner[n]) for n in partner0)
+    qm.eval()
+    with torch.no_grad():
+        fq = qm(ids[:, :-1]).logits
+        assert fq.dtype == torch.bfloat16 and torch.equal(fq, fxqat.convert(qm)(ids[:, :-1]).logits)
 
 
 def test_autocast_over_an_fp32_model():
