@@ -37,14 +37,17 @@ def machine() -> Dict[str, object]:
 def time_steps(steps: Dict[str, Callable[[], None]], warmup: int = 3, rounds: int = 10) -> Dict[str, float]:
     """Median seconds per call of each step function, measured interleaved (round-robin) so that background load
     affects every variant alike."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
     for fn in steps.values():
         for _ in range(warmup):
             fn()
     times: Dict[str, List[float]] = {k: [] for k in steps}
     for _ in range(rounds):
         for name, fn in steps.items():
+            sync()  # on a GPU, time the kernels, not their launch
             t = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 

@@ -91,7 +91,8 @@ br_loss = hybrid_lm_loss
 class Runner:
     """Runs the arms of one seed; every arm's record is saved as soon as it exists (``save``)."""
 
-    def __init__(self, prof: Dict[str, Any], seed: int, progress: bool, save: Callable[[], None]) -> None:
+    def __init__(self, prof: Dict[str, Any], seed: int, progress: bool, save: Callable[[], None],
+                 device: str = "cpu") -> None:
         self.prof, self.seed, self.progress, self.save = prof, seed, progress, save
         self.corpus = tiny_shakespeare()
         ft = prof["ft"]
@@ -99,9 +100,10 @@ class Runner:
         self.curve = self.val[: prof["n_curve"]]
         self.fp, self.fp_info = pretrained_char_llama(self.corpus, prof["fp"], model_overrides=prof["model"],
                                                       progress=progress)
-        self.fp.eval()
+        self.fp = self.fp.to(device).eval()  # batches follow the model's device (train_lm, evaluate_lm)
         gen = torch.Generator().manual_seed(ft.seed_offset + seed)
         self.x0, _ = self.corpus.batch("train", ft.batch_size, ft.context, gen)  # the first training batch
+        self.x0 = self.x0.to(device)
         self.records: Dict[str, Dict[str, Any]] = {}
         self.control: Optional[nn.Module] = None
 
@@ -361,6 +363,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", action="store_true", help="only the interleaved step-time ratios (llm_ratios.json)")
     ap.add_argument("--rounds", type=int, default=10, help="rounds of the interleaved step timing")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="where the arms train (the FP pre-training runs on the CPU)")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -381,7 +384,7 @@ def main(argv=None) -> int:
             def save(part=part, part_path=part_path):
                 part_path.write_text(json.dumps(part, indent=1))
 
-            runner = Runner(prof, seed, args.progress, save)
+            runner = Runner(prof, seed, args.progress, save, device=args.device)
             part["records"] = runner.records
             part["fp"] = runner.fp_info
             runner.run_control()

@@ -89,13 +89,20 @@ def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
+def sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn):
+    sync()
     w, c = time.perf_counter(), time.process_time()
     out = fn()
+    sync()
     return out, time.perf_counter() - w, time.process_time() - c
 
 
-def run_arm(size: str, dtype: str, arm: str, seq: int, partner: str) -> Dict[str, Any]:
+def run_arm(size: str, dtype: str, arm: str, seq: int, partner: str, device: str = "cpu") -> Dict[str, Any]:
     """Build the model, prepare it for ``arm``, take two training steps, convert; the measurements."""
     import transformers
 
@@ -106,8 +113,9 @@ def run_arm(size: str, dtype: str, arm: str, seq: int, partner: str) -> Dict[str
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, max_position_embeddings=max(seq, 512), use_cache=False,
                                    tie_word_embeddings=False, **SIZES[size])
-    model = transformers.LlamaForCausalLM(cfg).to(DTYPES[dtype])
-    ids = torch.randint(0, VOCAB, (1, seq + 1), generator=torch.Generator().manual_seed(0))
+    with torch.device(device):  # random init where the model lives
+        model = transformers.LlamaForCausalLM(cfg).to(DTYPES[dtype])
+    ids = torch.randint(0, VOCAB, (1, seq + 1), generator=torch.Generator().manual_seed(0)).to(device)
     x, y = ids[:, :-1], ids[:, 1:]
     rec: Dict[str, Any] = {"params": sum(p.numel() for p in model.parameters()), "rss_model_gb": peak_gb()}
     loss_fn = lm_loss
@@ -152,6 +160,8 @@ def run_arm(size: str, dtype: str, arm: str, seq: int, partner: str) -> Dict[str
     elif arm in ("fxqat", "br"):
         _, rec["convert_s"], rec["convert_cpu_s"] = timed(lambda: fxqat.convert(model))
     rec["rss_peak_gb"] = peak_gb()
+    if device.startswith("cuda"):
+        rec["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return rec
 
 
@@ -163,7 +173,7 @@ def partner_for(size: str, dtype: str) -> str:
 def spawn(args, size: str, dtype: str, arm: str) -> Dict[str, Any]:
     """Run one arm in a subprocess; kill it if the machine runs short of memory."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", size, dtype, arm, "--seq", str(args.seq),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--device", args.device]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -191,7 +201,7 @@ def run_all(args) -> Dict[str, Any]:
 
     path = Path(args.out) / "scale.json"
     payload = json.loads(path.read_text()) if path.exists() else {"rows": {}}
-    payload.update({"machine": machine(), "threads": args.threads, "seq": args.seq, "batch": 1,
+    payload.update({"machine": machine(), "threads": args.threads, "seq": args.seq, "batch": 1, "device": args.device,
                     "torch": torch.__version__, "note": args.note})
     jobs = [(s, d, a) for s in args.sizes for d in args.dtypes for a in args.arms]
     for size, dtype, arm in tqdm(jobs, desc="scale arms", unit="arm"):
@@ -295,6 +305,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     ap.add_argument("--seq", type=int, default=256, help="tokens in the training batch (batch size 1)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="where each arm runs (cuda: GPU peak memory is recorded too)")
     ap.add_argument("--wait", type=float, default=600, help="seconds to wait for enough free memory before an arm")
     ap.add_argument("--floor-gb", type=float, default=1.5, help="kill an arm if available memory drops below this")
     ap.add_argument("--out", default=str(RESULTS))
@@ -305,7 +316,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     if args.child:
         size, dtype, arm = args.child
-        print(json.dumps(run_arm(size, dtype, arm, args.seq, partner_for(size, dtype))), flush=True)
+        partner = partner_for(size, dtype) if args.device == "cpu" else "frozen"
+        print(json.dumps(run_arm(size, dtype, arm, args.seq, partner, args.device)), flush=True)
         return 0
     out = Path(args.out)
     payload = json.loads((out / "scale.json").read_text()) if args.report else run_all(args)

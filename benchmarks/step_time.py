@@ -106,12 +106,13 @@ def bench_methods(model, x, y, rounds, compiled=False):
                 "overhead_ratio_to_lsq": (v - t["fp"]) / over if over > 0 else float("nan")} for k, v in t.items()}
 
 
-def bench_llm(rounds: int, batch: int = 32, context: int = 128, settings=("int4", "8da4w")):
+def bench_llm(rounds: int, batch: int = 32, context: int = 128, settings=("int4", "8da4w"), device: str = "cpu"):
     """Step time of FP, torchao QAT and fxqat LSQ on the tiny Llama, eager and compiled, per setting."""
     torch.manual_seed(0)
     fp = char_llama()
     x = torch.randint(0, 65, (batch, context))
     y = torch.randint(0, 65, (batch, context))
+    fp, x, y = fp.to(device), x.to(device), y.to(device)
     out = {}
     for setting in settings:
         models = {"fp": copy.deepcopy(fp), "torchao_qat": torchao_qat_prepare(fp, setting),
@@ -187,6 +188,7 @@ def main(argv=None):
     ap.add_argument("--llm", action="store_true", help="only the tiny-Llama int4 / 8da4w table (step_time_llm)")
     ap.add_argument("--brevitas", action="store_true", help="also time brevitas.graph.quantize (needs brevitas)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--device", default="cpu", help="with --llm: where the models run (e.g. cuda)")
     ap.add_argument("--models", default="resnet20,resnet18", help="comma-separated subset of resnet20,resnet18")
     ap.add_argument("--out", default=None, help="result file stem (default step_time, step_time_quick with --quick)")
     ap.add_argument("--no-prepare-time", action="store_true", help="skip the prepare_qat wall-time rows")
@@ -198,7 +200,7 @@ def main(argv=None):
     rounds = 3 if args.quick else args.rounds
     if args.llm:
         shape = (8, 32) if args.quick else (32, 128)
-        res = bench_llm(rounds, *shape)
+        res = bench_llm(rounds, *shape, device=args.device)
         md = llm_markdown(res, rounds, args.threads, *shape)
         write_results(args.out or ("step_time_llm" + ("_quick" if args.quick else "")),
                       {"machine": machine(), "results": res}, md)

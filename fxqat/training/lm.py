@@ -34,7 +34,7 @@ from fxqat.quantizers.base import Quantizer
 from fxqat.training.losses import distillation_loss, hybrid_loss, logits_of
 
 __all__ = ["LMRecipe", "FP_RECIPE", "FINETUNE_RECIPE", "lm_loss", "lm_optimizer", "warmup_cosine", "evaluate_lm",
-           "train_lm", "quantizer_parameter_ids", "kd_lm_loss", "hybrid_lm_loss"]
+           "train_lm", "quantizer_parameter_ids", "kd_lm_loss", "hybrid_lm_loss", "model_device"]
 
 log = logging.getLogger(__name__)
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -133,12 +133,18 @@ def warmup_cosine(step: int, recipe: LMRecipe) -> float:
 
 
 @torch.no_grad()
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (the CPU for a model without parameters): where batches go."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def evaluate_lm(model: nn.Module, batches: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Mean cross-entropy over ``batches`` in eval mode (the model's mode is restored)."""
     was = model.training
     model.eval()
     try:
-        return float(sum(lm_loss(model, x, y).item() for x, y in batches) / len(batches))
+        dev = model_device(model)
+        return float(sum(lm_loss(model, x.to(dev), y.to(dev)).item() for x, y in batches) / len(batches))
     finally:
         model.train(was)
 
@@ -162,11 +168,13 @@ def train_lm(model: nn.Module, corpus, recipe: LMRecipe, seed: int = 0, *, loss_
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, recipe))
     trained = [p for g in opt.param_groups for p in g["params"]]
     gen = torch.Generator().manual_seed(recipe.seed_offset + seed)
+    dev = model_device(model)
     hist: Dict[str, List] = {"loss": [], "eval": [], "step_s": []}
     t_start = time.perf_counter()
     bar = tqdm(range(recipe.steps), desc=desc, disable=not progress, leave=False)
     for step in bar:
-        x, y = corpus.batch("train", recipe.batch_size, recipe.context, gen)
+        x, y = corpus.batch("train", recipe.batch_size, recipe.context, gen)  # drawn on the CPU: same on any device
+        x, y = x.to(dev), y.to(dev)
         t0 = time.perf_counter()
         loss = loss_fn(model, x, y)
         opt.zero_grad(set_to_none=True)
