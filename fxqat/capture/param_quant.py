@@ -180,10 +180,16 @@ class ParamUseRecorder(TorchFunctionMode):
 
 
 def record_param_uses(model: nn.Module, args: Tuple, kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, ParamUse]:
-    """Run ``model(*args, **kwargs)`` once (no grad, RNG restored) and return its parameters' weight uses."""
+    """Run ``model(*args, **kwargs)`` once (no grad, RNG and buffers restored: BatchNorm statistics are left as they
+    were) and return its parameters' weight uses."""
     rec = ParamUseRecorder(model)
+    buffers = [(b, b.clone()) for b in model.buffers()]
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        rec.watch(model, *args, **(kwargs or {}))
+        try:
+            rec.watch(model, *args, **(kwargs or {}))
+        finally:
+            for b, saved in buffers:
+                b.copy_(saved)
     return rec.uses
 
 
