@@ -367,68 +367,68 @@ def _by(records, task, setting) -> Dict[str, Dict[int, Dict[str, Any]]]:
     return out
 
 
-def arm_table(arms: Dict[str, Dict[int, Dict[str, Any]]], metric: str, ref: Optional[str], lower_better: bool,
-              ratio_of: Callable[[str], Optional[float]]) -> List[str]:
-    """Markdown rows: arm, value per seed, mean ± sd, steps, step cost, and ``ref − arm`` per seed (ref: BR)."""
+def arm_table(arms: Dict[str, Dict[int, Dict[str, Any]]], metric: str, lower_better: bool) -> List[str]:
+    """Markdown rows: arm, value per seed, mean ± sd, steps, and for ``kd_matched`` the interleaved BR/KD step ratio
+    that set its step count."""
     seeds = sorted({s for a in arms.values() for s in a})
     sign = "lower is better" if lower_better else "higher is better"
-    head = ["| arm | " + " | ".join(f"seed {s}" for s in seeds) + f" | mean ± sd ({sign}) | steps | step / KD step |"
-            + (f" {ref} − arm per seed |" if ref else ""), "|---|" + "---|" * (len(seeds) + 3 + (1 if ref else 0))]
+    head = ["| arm | " + " | ".join(f"seed {s}" for s in seeds) + f" | mean ± sd ({sign}) | steps | BR step / KD step |",
+            "|---|" + "---|" * (len(seeds) + 3)]
     rows = []
     for arm in sorted(arms, key=lambda a: (a.split("@")[0] != "br", a)):
         per = arms[arm]
         vals = [per[s][metric] for s in seeds if s in per]
         cells = [f"{per[s][metric]:.4f}" if s in per else "" for s in seeds]
-        sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
+        sd = f"{statistics.stdev(vals):.4f}" if len(vals) > 1 else "n/a"
         steps = "/".join(sorted({str(per[s].get("steps", "")) for s in per}))
-        rt = ratio_of(arm)
-        diff = ""
-        if ref and ref in arms and arm != ref:
-            d = [arms[ref][s][metric] - per[s][metric] for s in seeds if s in per and s in arms[ref]]
-            diff = ", ".join(f"{v:+.4f}" for v in d)
-        rows.append(f"| {arm} | " + " | ".join(cells) + f" | {statistics.fmean(vals):.4f} ± {sd:.4f} | {steps} | "
-                    + (f"{rt:.2f}" if rt else "") + " |" + (f" {diff} |" if ref else ""))
+        ratio = ", ".join(f"{per[s]['step_ratio']['ratio']:.2f}" for s in seeds if s in per and "step_ratio" in per[s])
+        rows.append(f"| {arm} | " + " | ".join(cells) + f" | {statistics.fmean(vals):.4f} ± {sd} | {steps} | {ratio} |")
     return head + rows
+
+
+def comparisons(arms: Dict[str, Dict[int, Dict[str, Any]]], metric: str, lower_better: bool) -> List[str]:
+    """Per-seed differences of every BR arm against every KD arm (same seeds), signed so that positive means block
+    replacement is better."""
+    out = []
+    sign = -1.0 if lower_better else 1.0
+    for br in sorted(a for a in arms if a.startswith("br@")):
+        for kd in sorted(a for a in arms if a.startswith("kd")):
+            seeds = sorted(set(arms[br]) & set(arms[kd]))
+            if not seeds:
+                continue
+            d = [sign * (arms[br][s][metric] - arms[kd][s][metric]) for s in seeds]
+            out.append(f"- `{br}` vs `{kd}`: " + ", ".join(f"{v:+.4f} (seed {s})" for v, s in zip(d, seeds)))
+    return out
 
 
 def report() -> None:
     records = load_records()
     if not records:
         raise SystemExit(f"br_controls: no records in {RUNS}")
-    ratios: Dict[Tuple[str, str], List[float]] = {}
-    for r in records:
-        if "step_ratio" in r:
-            key = (r["setting"], json.dumps(r.get("hybrid", {}), sort_keys=True))
-            ratios.setdefault(key, []).append(r["step_ratio"]["ratio"])
-
-    def ratio_for(setting: str):
-        def fn(arm: str) -> Optional[float]:
-            if not arm.startswith("br"):
-                return 1.0 if arm.startswith("kd") else None
-            rec = next(iter(by_setting[setting][arm].values()))
-            vals = ratios.get((setting, json.dumps(rec.get("hybrid", {}), sort_keys=True)))
-            return statistics.median(vals) if vals else None
-        return fn
-
-    by_setting: Dict[str, Dict[str, Dict[int, Dict[str, Any]]]] = {}
-    sections = {"controls": [], "act": []}
+    sections: Dict[str, List[str]] = {"controls": [], "act": []}
     names = {"llm": "LLM benchmark char Llama, AdamW", "llmmini": "mini char Llama (MINI_MODEL), AdamW",
-             "cifar": "CIFAR-10 ResNet-20"}
+             "cifar": "CIFAR-10 ResNet-20, SGD"}
     for task, metric, lower in (("llm", "val_loss", True), ("llmmini", "val_loss", True), ("cifar", "top1", False)):
         for setting in sorted({r["setting"] for r in records if r["task"] == task}):
             arms = _by(records, task, setting)
             if not arms:
                 continue
-            by_setting[setting] = arms
-            ref = next((a for a in sorted(arms) if a.split("@")[0] == "br" and "_" not in a.split("@")[1]), None)
-            title = f"## {names[task]}: {setting}"
-            lines = [title, ""] + arm_table(arms, metric, ref, lower, ratio_for(setting)) + [""]
+            lines = [f"## {names[task]}: {setting}", ""]
+            ref = next((r for a in arms.values() for r in a.values() if "fp" in r or "fp_top1" in r), None)
+            if ref is not None:
+                lines += [f"FP checkpoint (no fine-tuning): {ref['fp']['val_loss']:.4f} validation loss." if "fp" in ref
+                          else f"FP checkpoint: {ref['fp_top1']:.2f} % top-1.", ""]
+            lines += arm_table(arms, metric, lower) + [""]
+            comp = comparisons(arms, metric, lower)
+            if comp:
+                lines += ["Block replacement minus KD per seed (positive: block replacement better):", ""] + comp + [""]
             sections["act" if setting in ACT_SETTINGS else "controls"] += lines
     m = machine()
-    head = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, 1 torch thread per run; other jobs shared "
-            "the machine (up to 8 processes on 2 cores), so wall times are not comparable across runs; the step "
-            "ratios are interleaved measurements in one process. Each record in `benchmarks/results/br_runs/` "
-            "holds the exact command that made it. Produced by `python benchmarks/br_controls.py report`.", ""]
+    head = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, 1 torch thread per run; up to 8 other "
+            "processes shared the 2 cores, so wall times are not comparable across runs; the BR/KD step ratios are "
+            "interleaved measurements (BR, KD, BR, KD, ...) in one process. Each record in "
+            "`benchmarks/results/br_runs/` holds the exact command that made it. Tables produced by "
+            "`python benchmarks/br_controls.py report`.", ""]
     docs = {
         "br_controls": ["# Block replacement vs tuned, compute-matched KD", ""] + head + sections["controls"],
         "br_llm_act": ["# Activation-quantized LLM regimes: block replacement vs KD", ""] + head + sections["act"],
