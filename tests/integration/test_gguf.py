@@ -214,7 +214,7 @@ def test_gguf_vocabulary_of_the_wrong_size_is_refused(tmp_path):
         to_gguf(qm, tmp_path / "m.gguf", GGUFVocab.from_chars(CHARS[:10]))
 
 
-@pytest.mark.slow  # loads llama.cpp and evaluates 4 x 48 tokens per file (about 10 s)
+@pytest.mark.slow  # prepares and trains a tiny Llama, then llama.cpp evaluates 4 x 48 tokens (about 30 s)
 @pytest.mark.parametrize("preset", ["gguf_q4_0", "gguf_q8_0"])
 def test_gguf_llama_cpp_runtime_parity(tmp_path, preset):
     llama_cpp = pytest.importorskip(
@@ -232,6 +232,7 @@ def test_gguf_llama_cpp_runtime_parity(tmp_path, preset):
     assert llama_cpp is not None and got.shape == ref.shape
     diff = float((got - ref).abs().max())
     agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
-    # llama.cpp's Q8_0 activations: measured max |diff| 0.03 (Q4_0) / 0.02 (Q8_0) on logits of spread ~2
-    assert diff < 0.2, diff
+    # llama.cpp's Q8_0 activations: measured on this random model (logits' std ~0.15) max |diff| 0.0044 (Q4_0) and
+    # 0.0041 (Q8_0), next-token agreement 99.5-100 % (near-ties of an untrained model); bounds ~10x / a few ties
+    assert diff < 0.05, diff
     assert agree >= 0.95, agree
