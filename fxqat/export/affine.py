@@ -35,11 +35,11 @@ from torch import nn
 
 from fxqat.export.params import AffineParams, ExportError, affine_params
 from fxqat.passes.insert_quant import QROLE, OpaqueWeightQuant
-from fxqat.quantizers.base import Quantizer
+from fxqat.quantizers.base import Quantizer, is_narrow_float
 
 __all__ = [
     "ExportError", "AffineParams", "QuantPoint", "quant_points", "fp_module", "safe_name", "cpu_inputs",
-    "affine_params", "lp_graph_copy",
+    "affine_params", "lp_graph_copy", "require_float32",
 ]
 
 
@@ -138,6 +138,19 @@ def quant_points(qm: fx.GraphModule) -> Dict[str, QuantPoint]:
         params = affine_params(str(node.target), q, layer)
         points[node.name] = QuantPoint(len(points), node.name, str(node.target), kind, layer, params, source)
     return points
+
+
+def require_float32(qm: nn.Module, where: str, reason: str) -> None:
+    """Raise :class:`ExportError` when ``qm`` holds bfloat16/float16 parameters, for an export path whose format
+    quantizes float32 tensors only (``reason`` says which); the message says to export a float32 copy, which has the
+    same integer codes (quantizer state is float32, narrow weights widen exactly)."""
+    narrow = sorted({str(p.dtype).replace("torch.", "") for p in qm.parameters() if is_narrow_float(p.dtype)})
+    if narrow:
+        raise ExportError(
+            f"{where}: the model holds {'/'.join(narrow)} parameters and {reason} Export a float32 copy, "
+            f"{where}(qm.float(), ...): fxqat's quantizer parameters are float32 and the weights widen exactly, so "
+            "the integer codes are the same (or use fxqat.export.to_pt2e or to_torchao, which keep the dtype)."
+        )
 
 
 def cpu_inputs(example_inputs: Any) -> Tuple:

@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxqat.export.affine import AffineParams, QuantPoint, cpu_inputs, fp_module, safe_name
+from fxqat.export.affine import AffineParams, QuantPoint, cpu_inputs, fp_module, require_float32, safe_name
 
 __all__ = ["QDQ", "to_onnx"]
 
@@ -108,8 +108,10 @@ def to_onnx(
         ``path`` as a string.
 
     Raises:
-        ExportError: naming the module/quantizer that cannot be represented.
+        ExportError: naming the module/quantizer that cannot be represented, or a bfloat16/float16 model.
     """
+    require_float32(qm, "to_onnx", "the QDQ graph quantizes float32 tensors (QuantizeLinear takes no bfloat16 or "
+                    "float16 input before opset 19).")
     inputs = cpu_inputs(example_inputs)
     fp, _ = fp_module(qm, _qdq_point)
     with torch.no_grad():

@@ -38,7 +38,15 @@ from torch import nn
 from torch.ao.quantization import FakeQuantizeBase, PlaceholderObserver, QConfig, QConfigMapping
 
 from fxqat.config import QATConfig
-from fxqat.export.affine import AffineParams, ExportError, QuantPoint, cpu_inputs, fp_module, safe_name
+from fxqat.export.affine import (
+    AffineParams,
+    ExportError,
+    QuantPoint,
+    cpu_inputs,
+    fp_module,
+    require_float32,
+    safe_name,
+)
 from fxqat.quantizers.registry import get_method
 
 __all__ = ["FixedAffineFakeQuantize", "to_qconfig_mapping", "to_torch_ao", "fxqat_backend_config"]
@@ -257,10 +265,11 @@ def to_torch_ao(qm: fx.GraphModule, example_inputs: Any) -> fx.GraphModule:
     (``lo, hi`` = the real bit-width's range). Requires <= 8 bits and affine quantizers.
 
     Raises:
-        ExportError: naming the module/quantizer that cannot be represented.
+        ExportError: naming the module/quantizer that cannot be represented, or a bfloat16/float16 model.
     """
     from torch.ao.quantization.quantize_fx import convert_to_reference_fx, prepare_qat_fx
 
+    require_float32(qm, "to_torch_ao", "torch.ao's quantize_per_tensor takes float32 tensors only.")
     inputs = cpu_inputs(example_inputs)
     fp, points = fp_module(qm, _act_point)
     layers = _to_module_form(fp, points)

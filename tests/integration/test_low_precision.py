@@ -211,6 +211,28 @@ def test_autocast_over_an_fp32_model():
         assert torch.equal(qm(ids).logits, fxqat.convert(qm)(ids).logits)  # fp32 outside autocast: exact as ever
 
 
+def test_qdq_exports_of_a_bf16_graph_model(tmp_path):
+    pytest.importorskip("torchao")
+    from fxqat.export import ExportError, to_onnx, to_pt2e, to_torch_ao
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).to(torch.bfloat16)
+    x = torch.randn(8, 16).to(torch.bfloat16)
+    qm = fxqat.prepare_qat(net, (x,), fxqat.QATConfig(w_bits=8, a_bits=8))
+    qm(x)
+    qm.eval()
+    with torch.no_grad():
+        fq = qm(x)
+        assert torch.equal(to_pt2e(qm, (x,))(x), fq)  # PT2E's Q/DQ ops take bf16: the same grid, exact
+    for export in (to_torch_ao, to_onnx):  # float32-only formats refuse, naming the float32 copy to export
+        with pytest.raises(ExportError, match=r"qm\.float\(\)"):
+            export(qm, (x,), *([tmp_path / "m.onnx"] if export is to_onnx else []))
+    q32 = copy.deepcopy(qm).float()
+    with torch.no_grad():  # the float32 copy: same codes; outputs differ only by bf16 vs float32 arithmetic
+        assert float((to_torch_ao(q32, (x.float(),))(x.float()) - fq.float()).abs().max()) <= 0.02 * float(
+            fq.float().abs().max())
+
+
 @pytest.fixture(scope="module")
 def bf16_llamas():
     pytest.importorskip("torchao")
@@ -322,8 +344,13 @@ def test_fsdp2_bf16_mixed_precision_on_two_gloo_processes(tmp_path):
     scales = [k for k in r0["state"] if k.endswith(".scale")]
     assert len(scales) == 14 and all(r0["state"][k].dtype == torch.float32 for k in scales)
     assert sum(not torch.equal(r0["state"][k], start.state_dict()[k]) for k in scales) == 14  # all trained
-    # the first step's loss is what the bf16 model with float32 quantizers computes on each rank's half batch
-    ref = copy.deepcopy(start).to(torch.bfloat16).train()
+    # the first step's loss is what the model computes on each rank's half batch with its parameters cast to bf16 as
+    # FSDP casts them: every parameter but the quantizers' (float32), no buffer (the rotary frequencies stay float32)
+    ref = copy.deepcopy(start).train()
+    for mod in ref.modules():
+        if not isinstance(mod, fxqat.Quantizer):
+            for p in mod.parameters(recurse=False):
+                p.data = p.data.to(torch.bfloat16)
     for r, res in enumerate((r0, r1)):
         batch = _fsdp_llama()[1][r::2]
         with torch.no_grad():
