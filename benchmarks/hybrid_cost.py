@@ -28,8 +28,8 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import machine, time_steps, write_results  # noqa: E402
 
 import fxqat  # noqa: E402
+from fxqat.graph.subgraph import extract, view  # noqa: E402
 from fxqat.models import get_model  # noqa: E402
-from fxqat.passes.extract import extract, view  # noqa: E402
 
 log = logging.getLogger("hybrid_cost")
 VARIANTS = ("fp", "qat", "hybrid_all", "hybrid_k2", "naive_all")
