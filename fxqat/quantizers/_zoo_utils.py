@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fxqat.quantizers.lsq import scale_grad
+from fxqat.quantizers.base import channel_rows
+from fxqat.quantizers.ste import scale_grad
 
 __all__ = [
     "grad_scaled", "StateShapeMixin", "set_tensor", "numel_per_scale", "act_clip_std", "axis_of", "check_choice",
@@ -42,7 +43,7 @@ def reduce(x: torch.Tensor, axis: Optional[int], fn: str) -> torch.Tensor:
 
     Returns shape ``[1]`` when ``axis`` is None, else ``[x.shape[axis]]``.
     """
-    flat = x.reshape(1, -1) if axis is None else x.transpose(0, axis).reshape(x.shape[axis], -1)
+    flat = channel_rows(x, axis)
     if fn.startswith("abs"):
         flat, fn = flat.abs(), fn[3:]
     if fn == "min":
@@ -54,7 +55,7 @@ def reduce(x: torch.Tensor, axis: Optional[int], fn: str) -> torch.Tensor:
     return flat.mean(dim=1)
 
 
-grad_scaled = scale_grad  # one definition (fxqat.quantizers.lsq): forward exactly x, gradient times factor
+grad_scaled = scale_grad  # one definition (fxqat.quantizers.ste): forward exactly x, gradient times factor
 
 
 class StateShapeMixin:

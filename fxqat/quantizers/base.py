@@ -43,7 +43,7 @@ from torch.ao.quantization import FakeQuantizeBase
 from fxqat.config import QuantSpec
 
 __all__ = [
-    "Quantizer", "NotAffineError", "int_range", "channel_view", "reduce_except", "grad_inside", "use_function",
+    "Quantizer", "NotAffineError", "int_range", "channel_view", "channel_rows", "grad_inside", "use_function",
     "to_groups", "from_groups", "all_reduce_", "compute_dtype", "is_narrow_float",
 ]
 
@@ -387,17 +387,17 @@ def channel_view(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
     return t.view(shape)
 
 
-def reduce_except(x: torch.Tensor, axis: Optional[int], fn: str = "mean") -> torch.Tensor:
-    """Reduce |x| (``fn`` = mean/max/std) over every axis but ``axis`` (None: over all, returning shape [1])."""
+def channel_rows(x: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
+    """``x`` as ``(x.shape[axis], rest)``: one row per channel of ``axis`` (one row when ``axis`` is None), the layout
+    of every "reduce over all axes but one" (per-channel scales, their initialisation and gradients).
+
+    Example:
+        >>> channel_rows(torch.arange(6.0).reshape(2, 3), 1).sum(1).tolist()
+        [3.0, 5.0, 7.0]
+    """
     if axis is None:
-        v = getattr(x, fn)() if fn != "absmean" else x.abs().mean()
-        return v.reshape(1)
-    moved = x.transpose(0, axis).reshape(x.shape[axis], -1)
-    if fn == "absmean":
-        return moved.abs().mean(dim=1)
-    if fn == "absmax":
-        return moved.abs().amax(dim=1)
-    return getattr(moved, fn)(dim=1)
+        return x.reshape(1, -1)
+    return x.transpose(0, axis).reshape(x.shape[axis], -1)
 
 
 _FLOAT_LAYOUT = {  # struct formats (float, same-width int) and the bit shift for bfloat16 (upper half of a float32)

@@ -33,10 +33,9 @@ import torch
 from torch import nn
 
 from fxqat.quantizers._zoo_utils import StateShapeMixin, act_clip_std, axis_of, check_choice, reduce, set_tensor
-from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, grad_inside, use_function
-from fxqat.quantizers.lsq import round_ste
+from fxqat.quantizers.base import NotAffineError, Quantizer, channel_rows, channel_view, grad_inside, use_function
 from fxqat.quantizers.registry import register
-from fxqat.quantizers.ste import clip_ste
+from fxqat.quantizers.ste import clip_ste, round_ste
 
 __all__ = ["DoReFaQuantizer", "dorefa_weight", "quantize_k", "DoReFaWeightMixin"]
 
@@ -72,7 +71,7 @@ def dorefa_weight(w: torch.Tensor, bits: int, ch_axis: Optional[int] = None) -> 
     if ch_axis is None:
         m = t.abs().max()
     else:
-        m = channel_view(t.abs().transpose(0, ch_axis).reshape(w.shape[ch_axis], -1).amax(dim=1), w, ch_axis)
+        m = channel_view(channel_rows(t.abs(), ch_axis).amax(dim=1), w, ch_axis)
     return 2 * quantize_k(t / (2 * m.clamp(min=_EPS)) + 0.5, bits) - 1
 
 

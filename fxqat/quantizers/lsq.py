@@ -35,28 +35,18 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from fxqat.quantizers.base import Quantizer, channel_view, grad_inside, use_function
+from fxqat.quantizers.base import Quantizer, channel_rows, channel_view, grad_inside, use_function
 from fxqat.quantizers.registry import register
 from fxqat.quantizers.scale_init import INITS, init_scale
+from fxqat.quantizers.ste import round_ste, scale_grad
 
-__all__ = ["LSQQuantizer", "LSQFunction", "round_ste", "scale_grad"]
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round to nearest (half to even) with a straight-through gradient."""
-    return (x.round() - x).detach() + x
-
-
-def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Identity in the forward pass; multiplies the gradient by ``factor``."""
-    y = x * factor
-    return x.detach() + (y - y.detach())  # forward: exactly x (y - y == 0); backward: factor
+__all__ = ["LSQQuantizer", "LSQFunction"]
 
 
 def _sum_except(t: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
     if axis is None:
         return t.sum().reshape(1)
-    return t.transpose(0, axis).reshape(t.shape[axis], -1).sum(1)
+    return channel_rows(t, axis).sum(1)
 
 
 class LSQFunction(torch.autograd.Function):

@@ -49,9 +49,18 @@ from fxqat.quantizers._zoo_utils import (
     sum_to,
     widen_degenerate,
 )
-from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, grad_inside, int_range, use_function
+from fxqat.quantizers.base import (
+    NotAffineError,
+    Quantizer,
+    channel_rows,
+    channel_view,
+    grad_inside,
+    int_range,
+    use_function,
+)
 from fxqat.quantizers.lsq import round_ste
 from fxqat.quantizers.registry import register
+from fxqat.quantizers.ste import round_ste
 
 __all__ = ["LSQPlusQuantizer", "LSQPlusFunction", "mse_range_search"]
 
@@ -108,7 +117,7 @@ def mse_range_search(
         (1.0, 0.0)
     """
     flat = x.detach().double()
-    flat = flat.reshape(1, -1) if axis is None else flat.transpose(0, axis).reshape(x.shape[axis], -1)
+    flat = channel_rows(flat, axis)
     if flat.shape[1] > _MAX_SAMPLES:
         flat = flat[:, :: math.ceil(flat.shape[1] / _MAX_SAMPLES)]
     mag = flat.abs().amax(dim=1).clamp(min=torch.finfo(torch.float64).tiny)

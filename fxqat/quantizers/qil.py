@@ -61,8 +61,8 @@ from fxqat.quantizers._zoo_utils import (
     sum_to,
 )
 from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, grad_inside, use_function
-from fxqat.quantizers.lsq import round_ste
 from fxqat.quantizers.registry import register
+from fxqat.quantizers.ste import round_ste
 
 __all__ = ["QILQuantizer", "QILFunction", "qil_transform"]
 

@@ -30,6 +30,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from fxqat.quantizers.base import channel_rows
+
 __all__ = ["INITS", "CHUNK_ELEMENTS", "init_scale", "mse_scale", "lowest_needed_ratio"]
 
 INITS = ("lsq", "absmax", "mse")
@@ -60,7 +62,7 @@ def init_scale(x: torch.Tensor, axis: Optional[int], qrange: Tuple[int, int], ho
     if how not in INITS:
         raise ValueError(f"init_scale: how={how!r}; choose one of {list(INITS)}")
     qmin, qmax = qrange
-    rows = _rows(x.float(), axis)
+    rows = channel_rows(x.float(), axis)
     if how == "lsq":
         return 2 * rows.abs().mean(dim=1) / math.sqrt(max(qmax, 1))
     half = (qmax - qmin) / 2 if qmin < 0 else max(qmax, 1)

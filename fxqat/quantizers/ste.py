@@ -1,4 +1,6 @@
-"""Clipping with straight-through gradients whose masks are float arithmetic: the plain-ops form that compiles fast.
+"""Straight-through helpers of the quantizer methods: rounding (:func:`round_ste`), gradient scaling
+(:func:`scale_grad`), and clipping whose gradient masks are float arithmetic (:func:`clip_ste`, the plain-ops form
+that compiles fast).
 
 Under ``torch.compile`` the quantizers run plain tensor ops (:func:`fxqat.quantizers.base.use_function`). The
 gradient of ``torch.clamp``, ``torch.where`` or ``torch.maximum`` is a comparison, and when the tensor being clipped
@@ -30,9 +32,20 @@ from typing import Union
 
 import torch
 
-__all__ = ["clip_ste", "Bound"]
+__all__ = ["clip_ste", "round_ste", "scale_grad", "Bound"]
 
 Bound = Union[float, torch.Tensor]
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest (half to even) with a straight-through gradient."""
+    return (x.round() - x).detach() + x
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity in the forward pass; multiplies the gradient by ``factor``."""
+    y = x * factor
+    return x.detach() + (y - y.detach())  # forward: exactly x (y - y == 0); backward: factor
 
 
 def _grad_part(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
