@@ -22,8 +22,9 @@ import torch.fx as fx
 from torch import nn
 
 from fxqat.capture.eager_model import convert_eager, eager_blocks, is_eager_model, prepare_eager
+from fxqat.capture.hierarchy import CAPTURE_ATTR
 from fxqat.capture.layers import is_quantized_layer
-from fxqat.capture.param_graph import finish_graph_params, plan_graph_params, traced_owners
+from fxqat.capture.param_graph import finish_graph_params, plan_graph_params
 from fxqat.capture.param_quant import freeze_params
 from fxqat.capture.shapes import propagate_shapes
 from fxqat.config import HybridConfig, QATConfig, track_overrides, warn_unmatched_overrides
@@ -152,9 +153,6 @@ def _prepare(model: nn.Module, example_inputs: Any, config: QATConfig, inplace: 
         qm.train(model.training)
         return qm
     plan, uses = plan_graph_params(model, _as_tuple(example_inputs), config)  # weights that are no layer modules
-    if traced_owners(gm, plan):  # their owners run their own forward, as leaves, so that the weights follow them
-        leaves = config.with_(leaf_modules=tuple(config.leaf_modules) + traced_owners(gm, plan))
-        gm = prepare_fp_graph(model, example_inputs, leaves, inplace, concrete_args)
     annotate(gm, config, fp_weights=plan.fp_layer_weights)
     n_layers = sum(1 for n in gm.graph.nodes if is_weight_layer_node(n))
     if n_layers == 0:

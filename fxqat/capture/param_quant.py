@@ -63,7 +63,7 @@ from fxqat.quantizers.registry import make_quantizer
 
 __all__ = ["ParamUse", "ParamUseRecorder", "record_param_uses", "quantize_params", "unquantize_params",
            "quantized_param", "param_quantizers", "freeze_params", "PARAM_QUANT", "ParamPlan", "plan_params",
-           "embedding_spec", "layer_weight_names"]
+           "embedding_spec", "layer_weight_names", "RowsQuant"]
 
 log = logging.getLogger(__name__)
 PARAM_QUANT = "fxqat_pq"  # child ModuleDict of an owner: parameter name -> its weight quantizer
@@ -391,3 +391,22 @@ def layer_weight_names(model: nn.Module) -> Dict[int, str]:
         if entry is not None:
             found.setdefault(id(getattr(m, entry.weight)), f"{name}.{entry.weight}" if name else entry.weight)
     return found
+
+
+class RowsQuant(nn.Module):
+    """A weight quantizer applied in the ``[rows, reduction]`` layout (for a parameter a graph reads directly).
+
+    Example:
+        >>> rq = RowsQuant(make_quantizer(QuantSpec(bits=2, kind="weight", granularity="per_channel")), (1,))
+        >>> w = torch.randn(3, 4, 5)  # reduced over dim 1: one row per (dim 0, dim 2) pair
+        >>> y = rq(w); [len(torch.unique(y[i, :, j])) <= 4 for i, j in ((0, 0), (2, 4))]
+        [True, True]
+    """
+
+    def __init__(self, quantizer: Quantizer, reduced: Tuple[int, ...]) -> None:
+        super().__init__()
+        self.quantizer = quantizer
+        self.reduced = tuple(reduced)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return from_rows(self.quantizer(to_rows(w, self.reduced)), w.shape, self.reduced)

@@ -30,7 +30,7 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.sdpa = heads, sdpa
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.rel = nn.Parameter(torch.randn(dim // heads, dim // heads))  # a product with a weight: not a matmul
+        self.rel = nn.Parameter(torch.randn(dim // heads, dim // heads))  # a weight: not an activation product
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -81,7 +81,8 @@ def test_matmul_operands_get_activation_quantizers_only_with_the_option(sdpa):
     assert len(prod_off) == len(prod_on) == expected
     for name, operands in prod_off.items():  # default: no operand is quantized
         assert not any(_is_act_quantizer(a) for a in operands), name
-    with_weight = [name for name, ops in prod_on.items() if any(a.op == "get_attr" for a in ops)]
+    # q @ rel multiplies by a weight parameter: rel gets a weight quantizer (fxqat.capture.param_graph), no act one
+    with_weight = [name for name, ops in prod_on.items() if any(a.meta.get(QROLE) == "weight" for a in ops)]
     assert len(with_weight) == 1 and not any(_is_act_quantizer(a) for a in prod_on[with_weight[0]])
     quantized = {name: ops for name, ops in prod_on.items() if name not in with_weight}
     assert len(quantized) == expected - 1
@@ -94,7 +95,7 @@ def test_matmul_operands_get_activation_quantizers_only_with_the_option(sdpa):
         assert on.get_submodule(p_quant.target).spec.signed is False
     weight_layers = lambda qm: sorted(q.weight_layer for q in fxqat.named_quantizers(qm).values()  # noqa: E731
                                       if q.kind == "weight")
-    assert weight_layers(on) == weight_layers(off) == ["attn.proj", "attn.qkv", "embed", "head"]
+    assert weight_layers(on) == weight_layers(off) == ["attn", "attn.proj", "attn.qkv", "embed", "head"]
     for qm in (off, on):
         fxqat.set_quantization(qm, False)
         with torch.no_grad():
