@@ -58,7 +58,6 @@ from fxqat.quantizers.base import (
     int_range,
     use_function,
 )
-from fxqat.quantizers.lsq import round_ste
 from fxqat.quantizers.registry import register
 from fxqat.quantizers.ste import round_ste
 

@@ -40,13 +40,6 @@ INITS = ("lsq", "absmax", "mse")
 CHUNK_ELEMENTS = 1 << 18
 
 
-def _rows(x: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
-    """``x`` as (channels, rest), one row per scale (a single row when ``axis`` is None)."""
-    if axis is None:
-        return x.reshape(1, -1)
-    return x.transpose(0, axis).reshape(x.shape[axis], -1)
-
-
 @torch.no_grad()
 def init_scale(x: torch.Tensor, axis: Optional[int], qrange: Tuple[int, int], how: str = "lsq",
                grid: int = 40) -> torch.Tensor:
