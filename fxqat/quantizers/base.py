@@ -10,15 +10,15 @@ methods:
   (raise :class:`NotAffineError` when there is none).
 
 Initialisation state lives in the ``initialized`` buffer, so it is saved in the ``state_dict`` and a resumed model
-does not re-initialise.
+does not re-initialise. Python-side mirrors of the two flags keep ``forward`` free of tensor reads (and so of graph
+breaks under ``torch.compile``).
 
 Low-precision models (bfloat16, float16). One rule, kept here for every method: the fake-quantization runs in
 float32 and its result leaves in the dtype it came in (:func:`compute_dtype`, applied by ``forward`` and
 ``integer_repr``), and the quantizer's own parameters and buffers stay float32 when the model is cast to a narrower
 float (``model.to(torch.bfloat16)``, ``.half()``; see ``_apply``). So the grid ``k·s`` has the float32 step size ``s``
 of an fp32 model's quantizer, each output is the bf16/fp16 value nearest to ``k·s``, and a converted or exported model
-that computes ``k·s`` in float32 and rounds it to the model's dtype reproduces it exactly. Python-side mirrors of the two flags keep ``forward`` free of tensor reads (and so of graph
-breaks under ``torch.compile``).
+that computes ``k·s`` in float32 and rounds it to the model's dtype reproduces it exactly.
 
 Example:
     >>> import torch
