@@ -13,14 +13,14 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Tuple
+from typing import Any, Dict, Literal, Optional, Tuple
 
 from fxqat.method_registry import available_methods, get_method, make_quantizer
 from fxqat.validate import check_bool, check_choice, check_int, did_you_mean, options_tuple
 
 __all__ = [
     "QuantSpec", "Kind", "GRANULARITIES", "check_bits", "check_method", "check_options", "check_buildable",
-    "check_group_size", "check_granularity_support",
+    "check_group_size", "check_granularity_support", "granularity_support", "granularity_table",
 ]
 
 Kind = Literal["weight", "act", "grad"]
@@ -92,6 +92,42 @@ def check_granularity_support(method: str, granularity: str, kind: str) -> None:
             f"QuantSpec: method {method!r} does not support granularity={granularity!r} for kind={kind!r}; "
             f"it supports {list(supported)}{hint}."
         )
+
+
+def granularity_support() -> Dict[str, Dict[str, Tuple[str, ...]]]:
+    """method -> granularity -> the tensor kinds it is offered for, from each method class's ``granularities`` and
+    ``kinds`` and the kinds a granularity applies to (:data:`GRANULARITIES`).
+
+    Example:
+        >>> granularity_support()["dynamic"]
+        {'per_token': ('act',)}
+    """
+    out: Dict[str, Dict[str, Tuple[str, ...]]] = {}
+    for name in available_methods():
+        cls = get_method(name)
+        kinds = getattr(cls, "kinds", ("weight", "act"))
+        out[name] = {
+            g: tuple(k for k in kinds if k in GRANULARITIES[g])
+            for g in GRANULARITIES
+            if g in cls.granularities and any(k in GRANULARITIES[g] for k in kinds)
+        }
+    return out
+
+
+def granularity_table() -> str:
+    """The method × granularity support table (Markdown) of ``docs/quantizers.md``, checked by
+    ``tests/unit/test_docs_quantizers.py``.
+
+    Example:
+        >>> print(granularity_table().splitlines()[0])
+        | method | per_tensor | per_channel | per_group | per_token |
+    """
+    support = granularity_support()
+    lines = ["| method | " + " | ".join(GRANULARITIES) + " |", "|---" * (len(GRANULARITIES) + 1) + "|"]
+    for name, row in support.items():
+        cells = [", ".join(row[g]) if g in row else "—" for g in GRANULARITIES]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)

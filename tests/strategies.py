@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
-from fxqat.quantizers.registry import granularity_support
+from fxqat.quant_spec import granularity_support
 
 __all__ = [
     "low_precision_quant_st",

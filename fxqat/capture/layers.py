@@ -27,8 +27,8 @@ from torch import nn
 
 from fxqat.config import QuantSpec
 from fxqat.layer_registry import WeightLayer, base_forward, weight_layer_entry
+from fxqat.method_registry import make_quantizer
 from fxqat.quantizers.base import Quantizer
-from fxqat.quantizers.registry import make_quantizer
 
 __all__ = ["quantize_layer", "unquantize_layer", "is_quantized_layer", "WEIGHT_QUANT", "ACT_QUANT", "FIRST_LAST"]
 

@@ -42,8 +42,8 @@ from fxqat.capture.param_quant import (
 )
 from fxqat.capture.param_report import fp_params, quantized_param_ids, warn_unexpected
 from fxqat.config import QATConfig, QuantSpec
+from fxqat.method_registry import make_quantizer
 from fxqat.passes.insert_quant import CONTAINER, QROLE
-from fxqat.quantizers.registry import make_quantizer
 
 __all__ = ["plan_graph_params", "finish_graph_params", "UNQUANTIZED_META", "PARAM_WEIGHTS_META"]
 

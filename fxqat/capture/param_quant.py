@@ -46,6 +46,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fxqat.config import QATConfig, QuantSpec
 from fxqat.layer_registry import weight_layer_entry
+from fxqat.method_registry import make_quantizer
 from fxqat.passes.param_weights import (
     MATMUL_OPS,
     ROUTER_PASS_OPS,
@@ -59,7 +60,6 @@ from fxqat.passes.param_weights import (
     weight_use,
 )
 from fxqat.quantizers.base import Quantizer
-from fxqat.quantizers.registry import make_quantizer
 
 __all__ = ["ParamUse", "ParamUseRecorder", "record_param_uses", "quantize_params", "unquantize_params",
            "quantized_param", "param_quantizers", "freeze_params", "PARAM_QUANT", "ParamPlan", "plan_params",

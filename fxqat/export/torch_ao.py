@@ -47,7 +47,7 @@ from fxqat.export.affine import (
     require_float32,
     safe_name,
 )
-from fxqat.quantizers.registry import get_method
+from fxqat.method_registry import get_method
 
 __all__ = ["FixedAffineFakeQuantize", "to_qconfig_mapping", "to_torch_ao", "fxqat_backend_config"]
 

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxqat.config import QATConfig, QuantSpec
+from fxqat.method_registry import make_quantizer
 from fxqat.passes.annotate import QMETA, LayerQuant
-from fxqat.quantizers.registry import make_quantizer
 
 __all__ = ["insert_quant", "OpaqueWeightQuant", "QROLE", "CONTAINER"]
 

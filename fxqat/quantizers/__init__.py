@@ -15,9 +15,9 @@ import sys
 import types
 import warnings
 
+from fxqat.method_registry import available_methods, get_method, make_quantizer, register
 from fxqat.quantizers.base import NotAffineError, Quantizer, int_range
 from fxqat.quantizers.control import named_quantizers
-from fxqat.quantizers.registry import available_methods, get_method, make_quantizer, register
 
 __all__ = [
     "Quantizer", "NotAffineError", "int_range", "available_methods", "get_method", "make_quantizer", "register",

@@ -32,9 +32,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fxqat.method_registry import register
 from fxqat.quantizers._zoo_utils import StateShapeMixin, act_clip_std, axis_of, check_choice, reduce, set_tensor
 from fxqat.quantizers.base import NotAffineError, Quantizer, channel_rows, channel_view, grad_inside, use_function
-from fxqat.quantizers.registry import register
 from fxqat.quantizers.ste import clip_ste, round_ste
 
 __all__ = ["DoReFaQuantizer", "dorefa_weight", "quantize_k", "DoReFaWeightMixin"]

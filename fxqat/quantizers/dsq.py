@@ -54,6 +54,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fxqat.method_registry import register
 from fxqat.quantizers._dsq_function import DSQFunction, DSQFusedFunction, dsq_hard
 from fxqat.quantizers._zoo_utils import (
     StateShapeMixin,
@@ -66,7 +67,6 @@ from fxqat.quantizers._zoo_utils import (
     widen_degenerate,
 )
 from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, use_function
-from fxqat.quantizers.registry import register
 
 __all__ = ["DSQQuantizer", "dsq_soft"]
 

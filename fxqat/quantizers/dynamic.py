@@ -30,8 +30,8 @@ from typing import Tuple
 
 import torch
 
+from fxqat.method_registry import register
 from fxqat.quantizers.base import Quantizer, int_range
-from fxqat.quantizers.registry import register
 
 __all__ = ["DynamicQuantizer", "per_token_qparams", "fake_quantize_per_token"]
 

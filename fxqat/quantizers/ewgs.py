@@ -45,6 +45,7 @@ from typing import Callable, Iterable, List, Optional
 import torch
 from torch import nn
 
+from fxqat.method_registry import register
 from fxqat.quantizers._ewgs_function import EWGSFunction
 from fxqat.quantizers._zoo_utils import (
     StateShapeMixin,
@@ -56,7 +57,6 @@ from fxqat.quantizers._zoo_utils import (
     set_tensor,
 )
 from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, use_function
-from fxqat.quantizers.registry import register
 
 __all__ = ["EWGSQuantizer", "ewgs_discretize", "refresh_ewgs_delta"]
 

@@ -38,8 +38,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from fxqat.method_registry import register
 from fxqat.quantizers.base import Quantizer
-from fxqat.quantizers.registry import register
 from fxqat.quantizers.scale_init import INITS, init_scale
 
 __all__ = ["GGUFQuantizer", "GGUFGridFunction", "gguf_step", "gguf_codes", "BLOCK", "FORMATS",

@@ -58,6 +58,7 @@ from typing import Dict, Optional
 
 import torch
 
+from fxqat.method_registry import register
 from fxqat.quantizers.base import Quantizer, all_reduce_, compute_dtype, is_narrow_float
 from fxqat.quantizers.grad_ops import (
     Scratch,
@@ -70,7 +71,6 @@ from fxqat.quantizers.grad_ops import (
     reusable_output,
     uniform_noise,
 )
-from fxqat.quantizers.registry import register
 
 __all__ = [
     "GradQuantizer", "quantize_gradient", "uniform_noise", "clip_fraction", "max_and_count_above", "ema_search_gamma",

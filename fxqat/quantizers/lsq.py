@@ -35,8 +35,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from fxqat.method_registry import register
 from fxqat.quantizers.base import Quantizer, channel_rows, channel_view, grad_inside, use_function
-from fxqat.quantizers.registry import register
 from fxqat.quantizers.scale_init import INITS, init_scale
 from fxqat.quantizers.ste import round_ste, scale_grad
 

@@ -37,6 +37,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from fxqat.method_registry import register
 from fxqat.quantizers._zoo_utils import (
     StateShapeMixin,
     axis_of,
@@ -58,7 +59,6 @@ from fxqat.quantizers.base import (
     int_range,
     use_function,
 )
-from fxqat.quantizers.registry import register
 from fxqat.quantizers.ste import round_ste
 
 __all__ = ["LSQPlusQuantizer", "LSQPlusFunction", "mse_range_search"]

@@ -48,6 +48,7 @@ import math
 import torch
 from torch import nn
 
+from fxqat.method_registry import register
 from fxqat.quantizers._zoo_utils import (
     StateShapeMixin,
     axis_of,
@@ -60,7 +61,6 @@ from fxqat.quantizers._zoo_utils import (
 )
 from fxqat.quantizers.base import Quantizer, channel_view, grad_inside, use_function
 from fxqat.quantizers.grad_ops import noise_from_codes, uniform_noise, uniform_noise_codes
-from fxqat.quantizers.registry import register
 from fxqat.quantizers.ste import clip_ste, round_ste
 
 __all__ = ["NoiseTemperQuantizer", "NoiseTemperFunction"]

@@ -36,10 +36,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fxqat.method_registry import register
 from fxqat.quantizers._zoo_utils import StateShapeMixin, act_clip_std, check_choice, reduce
 from fxqat.quantizers.base import NotAffineError, Quantizer, grad_inside, use_function
 from fxqat.quantizers.dorefa import DoReFaWeightMixin
-from fxqat.quantizers.registry import register
 from fxqat.quantizers.ste import clip_ste
 
 __all__ = ["PACTQuantizer", "PACTFunction", "pact_clip"]

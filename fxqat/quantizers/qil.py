@@ -49,6 +49,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from fxqat.method_registry import register
 from fxqat.quantizers._zoo_utils import (
     StateShapeMixin,
     act_clip_std,
@@ -61,7 +62,6 @@ from fxqat.quantizers._zoo_utils import (
     sum_to,
 )
 from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, grad_inside, use_function
-from fxqat.quantizers.registry import register
 from fxqat.quantizers.ste import round_ste
 
 __all__ = ["QILQuantizer", "QILFunction", "qil_transform"]

@@ -19,8 +19,8 @@ import torch
 
 import fxqat
 from fxqat.config import HybridConfig
+from fxqat.method_registry import available_methods
 from fxqat.models.small import MLP, SmallCNN
-from fxqat.quantizers.registry import available_methods
 
 PKG = Path(fxqat.__file__).resolve().parent
 #: packages whose code runs in prepare / calibrate / training steps (export, checkpointing and reports may use the CPU)

@@ -8,7 +8,8 @@ from pathlib import Path
 import fxqat
 from fxqat import method_registry
 from fxqat.config import GRANULARITIES
-from fxqat.quantizers.registry import get_method, granularity_support, granularity_table
+from fxqat.method_registry import get_method
+from fxqat.quant_spec import granularity_support, granularity_table
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 TABLE = re.compile(r"<!-- granularity-table:[^\n]*-->\n(.*?)\n<!-- /granularity-table -->", re.S)
@@ -19,7 +20,7 @@ def test_granularity_table_in_the_docs_matches_the_code():
     assert len(found) == 1, "docs/quantizers.md needs exactly one generated granularity table"
     assert found[0] == granularity_table(), (
         "docs/quantizers.md is out of date; regenerate the table with "
-        "python -c 'from fxqat.quantizers.registry import granularity_table; print(granularity_table())'"
+        "python -c 'from fxqat.quant_spec import granularity_table; print(granularity_table())'"
     )
 
 

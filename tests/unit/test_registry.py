@@ -60,7 +60,7 @@ def test_missing_method_module_is_not_skipped(fresh_registry, monkeypatch):
 def test_a_healthy_extra_module_registers_its_method(fresh_registry):
     fresh_registry(
         "fxqat_tmp_good_method",
-        "from fxqat.quantizers.registry import register\n"
+        "from fxqat.method_registry import register\n"
         "from fxqat.quantizers.lsq import LSQQuantizer\n"
         "@register('tmp_good')\n"
         "class TmpGood(LSQQuantizer):\n"
