@@ -423,6 +423,19 @@ def report() -> None:
             if comp:
                 lines += ["Block replacement minus KD per seed (positive: block replacement better):", ""] + comp + [""]
             sections["act" if setting in ACT_SETTINGS else "controls"] += lines
+    cost = [r for r in records if "step_ratio" in r]
+    if cost:
+        sections["controls"] += [
+            "## Step cost: block replacement step / KD step (interleaved in one process, median of rounds)", "",
+            "| model | setting | HybridConfig | paths | BR step s | KD step s | ratio | measured by |",
+            "|---|---|---|---|---|---|---|---|"]
+        for r in sorted(cost, key=lambda r: (r["task"], r["setting"], json.dumps(r.get("hybrid", {})), r["arm"])):
+            sr = r["step_ratio"]
+            hyb = ", ".join(f"{k}={v}" for k, v in (r.get("hybrid") or {}).items()) or "default"
+            sections["controls"].append(
+                f"| {r['task']} | {r['setting']} | {hyb} | {r.get('n_paths', '')} | {sr['br_step_s']:.3f} | "
+                f"{sr['kd_step_s']:.3f} | {sr['ratio']:.2f} | {r['arm']} s{r['seed']} |")
+        sections["controls"].append("")
     m = machine()
     head = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, 1 torch thread per run; up to 8 other "
             "processes shared the 2 cores, so wall times are not comparable across runs; the BR/KD step ratios are "

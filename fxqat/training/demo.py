@@ -84,11 +84,27 @@ def _pick_data(data: str, data_dir: Optional[str]) -> str:
 
 
 def format_table(rows: Dict[str, Dict[str, Any]]) -> str:
-    """The result table: one line per arm with top-1 (%) and wall time (s)."""
+    """The result table: one line per arm with top-1 (%) and wall time (s), and, when both arms ran, how much more
+    time block replacement took than KD (the arms run equal *steps*, not equal compute).
+
+    Example:
+        >>> print(format_table({"LSQ + KD W2A2": {"top1": 60.0, "time_s": 10.0},
+        ...                     "LSQ + block repl. W2A2": {"top1": 61.0, "time_s": 25.0}}))
+        arm                          top-1 (%)  time (s)
+        ------------------------------------------------
+        LSQ + KD W2A2                    60.00      10.0
+        LSQ + block repl. W2A2           61.00      25.0
+        block replacement took 2.5x the KD arm's time (equal steps, not equal compute: docs/block_replacement.md)
+    """
     lines = [f"{'arm':<28} {'top-1 (%)':>9} {'time (s)':>9}", "-" * 48]
     for name, r in rows.items():
         note = " (cached)" if r.get("cached") else ""
         lines.append(f"{name:<28} {r['top1']:>9.2f} {r['time_s']:>9.1f}{note}")
+    kd = next((r for n, r in rows.items() if "+ KD" in n), None)
+    br = next((r for n, r in rows.items() if "block repl." in n), None)
+    if kd and br and kd["time_s"] > 0:
+        lines.append(f"block replacement took {br['time_s'] / kd['time_s']:.1f}x the KD arm's time (equal steps, not "
+                     "equal compute: docs/block_replacement.md)")
     return "\n".join(lines)
 
 
