@@ -232,7 +232,7 @@ def markdown(payload: Dict[str, Any]) -> str:
     rows = payload["rows"]
     lines = [
         "# Scale benchmark (issue 24)", "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, 24 GB; torch {payload['torch']} (CPU build); "
+        f"Machine: {m['cpu']} VM, {m['cores']} cores, 24 GB; torch {payload['torch']}, device {payload.get('device', 'cpu')}; "
         f"{payload['threads']} intra-op thread(s) per arm; one batch of {payload['batch']} × {payload['seq']} tokens. "
         f"{payload.get('note') or ''}", "",
         "Llama-shaped models (vocabulary 32000, untied embeddings, random weights), each arm in its own subprocess. "
@@ -260,7 +260,32 @@ def markdown(payload: Dict[str, Any]) -> str:
                      f"{fmt(r['step_s'])} ({fmt(r['step_cpu_s'])}) | {fmt(step_x, '.2f')} | {conv} | "
                      f"{r['rss_peak_gb']:.2f} | {fmt(peak_x, '.2f')} | {note} |")
     lines += ["", "`step ×ao` compares CPU seconds; `prep s/100M` is CPU seconds per 100M parameters.", ""]
+    lines += targets(rows)
     return "\n".join(lines)
+
+
+def targets(rows: Dict[str, Dict[str, Any]]) -> List[str]:
+    """The issue's targets per size and dtype, from the rows: fxqat prepare + calibrate <= 3 CPU s per 100M
+    parameters, peak memory <= 1.1x torchao's, training step <= torchao's; block replacement's extra bytes per
+    parameter over fxqat's plain QAT."""
+    out = ["## Targets (fxqat 8da4w against torchao's QAT of the same size and dtype)", "",
+           "| size | dtype | prepare CPU s / 100M (≤ 3) | peak ÷ torchao (≤ 1.1) | step ÷ torchao (≤ 1) | "
+           "BR extra bytes / param |", "|---|---|---|---|---|---|"]
+    for size in SIZES:
+        for dtype in DTYPES:
+            fx, ao, br = (rows.get(f"{size}/{dtype}/{a}", {}) for a in ("fxqat", "torchao", "br"))
+            if "rss_peak_gb" not in fx:
+                continue
+            per100 = fx["prepare_cpu_s"] / (fx["params"] / 1e8)
+            peak = fx["rss_peak_gb"] / ao["rss_peak_gb"] if "rss_peak_gb" in ao else None
+            step = fx["step_cpu_s"] / ao["step_cpu_s"] if "step_cpu_s" in ao else None
+            extra = ((br["rss_peak_gb"] - fx["rss_peak_gb"]) * 1e9 / fx["params"]) if "rss_peak_gb" in br else None
+            mark = lambda v, lim: "—" if v is None else f"{v:.2f} {'✓' if v <= lim else '✗'}"  # noqa: E731
+            note = f" ({br['partner']} partner)" if "partner" in br else ""
+            out.append(f"| {size} | {dtype} | {mark(per100, 3.0)} | {mark(peak, 1.1)} | {mark(step, 1.0)} | "
+                       f"{fmt(extra)}{note} |")
+    out += ["", "Causes of the gaps and what was changed: docs/performance.md, section *Scale*.", ""]
+    return out
 
 
 def plot(payload: Dict[str, Any], path: Path) -> None:
@@ -278,11 +303,12 @@ def plot(payload: Dict[str, Any], path: Path) -> None:
                 pts = sorted((r["params"] / 1e9, r[field]) for k, r in payload["rows"].items()
                              if k.endswith(f"/{dtype}/{arm}") and field in r)
                 if pts:
-                    ax.plot(*zip(*pts), style, label=f"{arm} {dtype}")
+                    ax.plot(*zip(*pts), style, color=f"C{ARMS.index(arm)}", label=f"{arm} {dtype}")
         ax.set_xlabel("parameters (billions)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[2].legend(fontsize=7)
+    for ax in axes:
+        ax.legend(fontsize=7)
     m = payload["machine"]
     fig.suptitle(f"Scale: {m['cpu']}, {m['cores']} cores, {payload['threads']} thread(s); other jobs ran "
                  "concurrently (CPU times shown)", fontsize=9)
