@@ -32,7 +32,8 @@ from fxqat.graph.blocks import partition
 from fxqat.mixed.allocate import Allocation
 from fxqat.passes.annotate import annotate, is_weight_layer_node
 from fxqat.passes.build_hybrid import build_hybrid, mark_cuts
-from fxqat.passes.insert_quant import CONTAINER, QROLE, OpaqueWeightQuant, insert_quant
+from fxqat.passes.convert import convert_graph
+from fxqat.passes.insert_quant import CONTAINER, insert_quant
 from fxqat.passes.kv_cache import quantize_kv, warn_if_no_kv
 from fxqat.passes.normalize import normalize
 from fxqat.passes.shard_units import prepared_blocks
@@ -238,49 +239,4 @@ def convert(qm: fx.GraphModule) -> fx.GraphModule:
     """
     if is_eager_model(qm):
         return convert_eager(qm)
-    lp_graph = copy.deepcopy(qm.graph)
-    lp = fx.GraphModule(qm, lp_graph, type(qm).__name__ + "LP")
-    for m in list(lp.modules()):
-        if isinstance(m, OpaqueWeightQuant):  # the wrapped leaf stays registered at its own path
-            lp.add_submodule(m.module_path, m.module)
-    lp = copy.deepcopy(lp)
-    lp.eval()
-    for p in lp.parameters():
-        p.requires_grad_(False)
-    frozen = []
-    for node in lp.graph.nodes:
-        if node.op == "call_module" and node.meta.get(QROLE) == "weight" and node.args[0].op == "get_attr":
-            frozen.append(node)
-    container = lp.get_submodule("fxqat_quant") if frozen else None
-    for node in frozen:
-        buf = f"frozen_{node.target.split('.')[-1]}"
-        container.register_buffer(buf, torch.empty(0), persistent=False)
-        node.meta["fxqat.frozen_from"] = (node.target, node.args[0].target)
-        with lp.graph.inserting_before(node):
-            ga = lp.graph.get_attr(f"fxqat_quant.{buf}")
-        ga.meta["fxqat.frozen_from"] = node.meta["fxqat.frozen_from"]
-        node.replace_all_uses_with(ga)
-        lp.graph.erase_node(node)
-    lp.graph.eliminate_dead_code()
-    lp.graph.lint()
-    lp.recompile()
-    _refresh_frozen(lp)
-    lp.register_load_state_dict_post_hook(lambda mod, _keys: _refresh_frozen(mod))
-    return lp
-
-
-@torch.no_grad()
-def _refresh_frozen(lp: fx.GraphModule) -> None:
-    container = lp.get_submodule("fxqat_quant") if hasattr(lp, "fxqat_quant") else None
-    for node in lp.graph.nodes:
-        src = node.meta.get("fxqat.frozen_from")
-        if node.op == "get_attr" and src is not None:
-            q_name, w_name = src
-            q = lp.get_submodule(q_name)
-            w = lp.get_parameter(w_name) if "." in w_name else getattr(lp, w_name)
-            q.eval()
-            setattr(container, node.target.split(".")[-1], q(w).detach().clone())
-    for m in lp.modules():
-        if isinstance(m, OpaqueWeightQuant):
-            m.freeze()
-        freeze_params(m)  # parameters quantized where used (fxqat.capture.param_quant); a no-op elsewhere
+    return convert_graph(qm, freeze_params)
