@@ -43,10 +43,8 @@ from fxqat.hybrid_output import HybridOutput
 from fxqat.integrations.causal_lm import causal_lm_loss
 from fxqat.integrations.optimizers import TALROptimizer, find_talr, rebind_parameters
 from fxqat.integrations.quant_logs import PREFIX, quantizer_logs
-from fxqat.quantizers.base import Quantizer
-from fxqat.quantizers.control import calibrate, named_quantizers
+from fxqat.quantizers.control import calibrate, named_quantizers, quantizer_parameters
 from fxqat.quantizers.noise_temper import NoiseTemperQuantizer
-from fxqat.training.lm import quantizer_parameter_ids
 from fxqat.training.losses import logits_of
 from fxqat.training.optim import TransitionRateScheduler
 
@@ -159,7 +157,7 @@ class FxqatCallback(TrainerCallback):
 
     @staticmethod
     def _check_decay(model: nn.Module, optimizer) -> None:
-        qids = quantizer_parameter_ids(model)
+        qids = {id(p) for p in quantizer_parameters(model).values()}
         if any(g.get("weight_decay", 0) and any(id(p) in qids and p.requires_grad for p in g["params"])
                for g in optimizer.param_groups):
             log.warning("fxqat: the optimizer applies weight decay to quantizer scales; QATTrainer (or "
@@ -239,8 +237,7 @@ class QATTrainer(Trainer):
 
     def get_decay_parameter_names(self, model: nn.Module) -> list:
         names = super().get_decay_parameter_names(model)
-        quant = {f"{mn}.{pn}" for mn, m in model.named_modules() if isinstance(m, Quantizer)
-                 for pn, _ in m.named_parameters()}
+        quant = quantizer_parameters(model)
         return [n for n in names if n not in quant]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

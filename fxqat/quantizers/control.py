@@ -21,7 +21,7 @@ from torch import nn
 
 from fxqat.quantizers.base import Quantizer
 
-__all__ = ["named_quantizers", "set_quantization", "calibrate", "trainable_parameters"]
+__all__ = ["named_quantizers", "quantizer_parameters", "set_quantization", "calibrate", "trainable_parameters"]
 
 
 def named_quantizers(model: nn.Module) -> Dict[str, "Quantizer"]:
@@ -33,6 +33,19 @@ def named_quantizers(model: nn.Module) -> Dict[str, "Quantizer"]:
         {}
     """
     return {name: m for name, m in model.named_modules() if isinstance(m, Quantizer)}
+
+
+def quantizer_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """The parameters of every fxqat quantizer inside ``model`` (scales, clip values, offsets), by qualified name:
+    what optimizers put in their own group (learning rate, no weight decay).
+
+    Example:
+        >>> import torch, torch.nn as nn, fxqat
+        >>> qm = fxqat.prepare_qat(nn.Sequential(nn.Linear(4, 4)), (torch.randn(2, 4),))
+        >>> sorted(quantizer_parameters(qm))
+        ['fxqat_quant.a_input_1.scale', 'fxqat_quant.w_0.scale']
+    """
+    return {f"{mn}.{pn}" if mn else pn: p for mn, m in named_quantizers(model).items() for pn, p in m.named_parameters()}
 
 
 def set_quantization(qm: nn.Module, enabled: bool = True, kinds: Iterable[str] = ("weight", "act", "grad")) -> nn.Module:

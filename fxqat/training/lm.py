@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fxqat.quantizers.base import Quantizer
+from fxqat.quantizers.control import quantizer_parameters
 from fxqat.training.losses import distillation_loss, hybrid_loss, logits_of
 
 __all__ = ["LMRecipe", "FP_RECIPE", "FINETUNE_RECIPE", "lm_loss", "lm_optimizer", "warmup_cosine", "evaluate_lm",
@@ -102,8 +102,9 @@ def hybrid_lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
 
 
 def quantizer_parameter_ids(model: nn.Module) -> set:
-    """``id``s of the parameters that belong to fxqat quantizers (scales, clip values, offsets)."""
-    return {id(p) for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters()}
+    """``id``s of :func:`fxqat.quantizers.control.quantizer_parameters` (the parameters ``lm_optimizer`` keeps out of
+    weight decay)."""
+    return {id(p) for p in quantizer_parameters(model).values()}
 
 
 def lm_optimizer(params: Iterable[nn.Parameter], recipe: LMRecipe, no_decay: Iterable[int] = ()) -> torch.optim.AdamW:

@@ -47,8 +47,8 @@ from torch.distributed.tensor import DTensor
 
 from fxqat.config import HybridConfig
 from fxqat.hybrid_output import HybridOutput
-from fxqat.quantizers.base import Quantizer
 from fxqat.quantizers.control import calibrate as calibrate_quantizers
+from fxqat.quantizers.control import quantizer_parameters
 from fxqat.training import distributed as ddp
 from fxqat.training.checkpoint import (
     CheckpointError,
@@ -175,7 +175,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig, params: Optional[Iterable] 
     params = list(params)
     if params and isinstance(params[0], dict):  # already param groups
         return params
-    qids = {id(p) for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters()}
+    qids = {id(p) for p in quantizer_parameters(model).values()}
     weights = [p for p in params if id(p) not in qids]
     quant = [p for p in params if id(p) in qids]
     groups = [{"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "weights"}]
