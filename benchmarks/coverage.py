@@ -103,7 +103,9 @@ def _fxqat(model, args, kwargs) -> Dict[str, Any]:
     # are not the training ones (mobileone_s0's grow ~20x through 113 blocks and every later 8-bit activation then
     # rounds to 0). The first training forward initialises the quantizers, as torchao's arm does.
     n_wq = sum(q.kind == "weight" for q in fxqat.named_quantizers(qm).values())
-    targets = {q.weight_target for q in fxqat.named_quantizers(qm).values() if q.kind == "weight"}
+    # a weight computed from a parameter (nf_regnet's standardised conv weight) is read at its layer: <layer>.weight
+    targets = {q.weight_target or f"{q.weight_layer}.weight" for q in fxqat.named_quantizers(qm).values()
+               if q.kind == "weight" and (q.weight_target or q.weight_layer)}
     rep = fxqat.capture_report(qm)
     share = rep.graph_share if rep is not None else 1.0
     return {"prepared": True, "trained": _train_step(qm, args, kwargs), "weight_quantizers": n_wq,

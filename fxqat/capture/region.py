@@ -41,12 +41,13 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from fxqat.capture.example_tracer import GUARD, TRAINING_GUARD, ExampleTracer, is_guard
-from fxqat.capture.modes import drop_training_guards, merge_modes, same_program, training_flags
+from fxqat.capture.modes import drop_training_guards, merge_modes, program_key, same_program, training_flags
 from fxqat.capture.no_cache import NO_CACHE, nullable_slots
 from fxqat.trace import TraceFailure, adopt_hierarchy, trace
 
 __all__ = ["GraphRegion", "Binding", "Origin", "trace_region", "Unbindable", "bind_call", "restore_module",
-           "positional_names", "canonical_call", "CONSTANT_TYPES"]
+           "positional_names", "canonical_call", "CONSTANT_TYPES",
+           "check_calls"]
 
 _INNER = "fxqat_inner"
 CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device, enum.Enum)
@@ -394,22 +395,14 @@ def _examples(binding: Binding, args: Tuple, kwargs: Dict[str, Any]) -> List[Any
     return [leaves[i] for i in binding.inputs]
 
 
-def trace_region(
-    module: nn.Module, args: Tuple, kwargs: Dict[str, Any], name: str, leaf_modules: Sequence = (),
-    example_output: Any = None,
-) -> GraphRegion:
-    """Trace ``module`` for calls shaped like ``module(*args, **kwargs)``.
+#: (class, binding, traced program) -> (inputs made of handed-on constants, nullable cache inputs): the decoder
+#: layers of a model are one class called alike, and the second one's decisions are the first one's
+_DECISIONS: Dict[Tuple[Any, str, str], Tuple[Tuple[int, ...], Tuple[int, ...]]] = {}
 
-    ``example_output`` (the output of that call) restores a dict subclass (a transformers ``ModelOutput``) that
-    torch.fx would return as a plain dict.
 
-    Raises:
-        Unbindable: an argument is neither a tensor nor a constant.
-        TraceFailure: the module's own code cannot be traced.
-    """
-    binding, _ = bind_call(args, kwargs, name, positional_names(module))
-    inner_leaves = tuple(f"{_INNER}.{x}" if isinstance(x, str) else x for x in leaf_modules)
-    gm = _trace_both_modes(module, binding, _examples(binding, args, kwargs), inner_leaves, name)
+def _decide_inputs(module: nn.Module, binding: Binding, gm: fx.GraphModule, args: Tuple, kwargs: Dict[str, Any],
+                   inner_leaves: Tuple, name: str) -> Tuple[fx.GraphModule, Binding]:
+    """Which ``None``/bool constants become inputs and which cache inputs may be ``None`` (module docstring)."""
     nones = tuple(i for i, v in binding.constants if v is None)
     flags = tuple(i for i, v in binding.constants if type(v) is bool)
     recorded = dict(binding.constants)
@@ -428,6 +421,37 @@ def trace_region(
     if binding.opaque:  # a cache argument that may also be None (use_cache=False)
         binding = dataclasses.replace(binding, nullable=nullable_slots(
             binding, lambda b: _trace_both_modes(module, b, _examples(b, args, kwargs), inner_leaves, name)))
+    return gm, binding
+
+
+def trace_region(
+    module: nn.Module, args: Tuple, kwargs: Dict[str, Any], name: str, leaf_modules: Sequence = (),
+    example_output: Any = None,
+) -> GraphRegion:
+    """Trace ``module`` for calls shaped like ``module(*args, **kwargs)``.
+
+    ``example_output`` (the output of that call) restores a dict subclass (a transformers ``ModelOutput``) that
+    torch.fx would return as a plain dict.
+
+    Raises:
+        Unbindable: an argument is neither a tensor nor a constant.
+        TraceFailure: the module's own code cannot be traced.
+    """
+    binding, _ = bind_call(args, kwargs, name, positional_names(module))
+    inner_leaves = tuple(f"{_INNER}.{x}" if isinstance(x, str) else x for x in leaf_modules)
+    gm = _trace_both_modes(module, binding, _examples(binding, args, kwargs), inner_leaves, name)
+    key = (type(module), repr(binding), program_key(gm.graph))
+    decided = _DECISIONS.get(key)
+    if decided is not None:  # a module of the same class whose call traced to the same program: same decisions
+        if decided[0]:
+            binding = binding.with_optional(decided[0])
+            gm = _trace_both_modes(module, binding, _examples(binding, args, kwargs), inner_leaves, name)
+        binding = dataclasses.replace(binding, nullable=decided[1])
+    else:
+        gm, binding = _decide_inputs(module, binding, gm, args, kwargs, inner_leaves, name)
+        if len(_DECISIONS) > 256:
+            _DECISIONS.clear()
+        _DECISIONS[key] = (binding.optional, binding.nullable)
     graph = gm.graph
     _strip_inner(graph)
     for node in graph.nodes:  # guards name the region they belong to
@@ -446,6 +470,23 @@ def trace_region(
         region.fxqat_output_type = type(example_output)
     region.train(module.training)
     return region
+
+
+def check_calls(region: GraphRegion, args: Tuple, kwargs: Dict[str, Any]) -> None:
+    """Run ``region`` once on its example call (no grad, RNG and buffers restored), so that a graph region inside it
+    that refuses the call its graph makes (traced code may build an argument another way than the eager code did,
+    e.g. a mask tensor where the eager call passed ``None``) fails here, at capture, and not at the first forward.
+
+    Raises:
+        ValueError: a region inside ``region`` refuses its call.
+    """
+    saved = {k: b.clone() for k, b in region.named_buffers()}
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            region(*copy.deepcopy(args), **copy.deepcopy(kwargs))
+    finally:
+        for k, b in region.named_buffers():
+            b.copy_(saved[k])
 
 
 def restore_module(region: GraphRegion) -> nn.Module:
