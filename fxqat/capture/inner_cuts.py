@@ -2,7 +2,7 @@
 
 An eager-root model's blocks come from its verified layer chain, one block per layer (:mod:`fxqat.capture.chain`).
 A chain layer that is a graph region (a traced ``LlamaDecoderLayer``) has a graph, so the residual structure inside it
-is visible: :func:`inner_blocks` partitions that graph like a whole traced model (:func:`fxqat.graph.partition`),
+is visible: :func:`_inner` partitions that graph like a whole traced model (:func:`fxqat.graph.partition`),
 which cuts a decoder layer after its attention residual add and after its MLP residual add. :func:`refine` splits
 the layer blocks accordingly; a layer that runs eagerly has no graph and stays one block (a warning names it).
 
@@ -58,7 +58,7 @@ from fxqat.graph.subgraph import OUTPUT, extract, view
 from fxqat.passes.annotate import is_weight_layer_node
 from fxqat.quantizers.base import Quantizer
 
-__all__ = ["FP_GRAPH", "RecordTap", "SuffixRunner", "inner_blocks", "refine", "insert_tap", "remove_taps",
+__all__ = ["FP_GRAPH", "RecordTap", "SuffixRunner", "refine", "insert_tap", "remove_taps",
            "suffix_runner"]
 
 log = logging.getLogger(__name__)
@@ -75,17 +75,13 @@ def _fp_view(region: GraphRegion) -> fx.GraphModule:
     return view(region, copy.deepcopy(region.meta[FP_GRAPH]), f"{type(region).__name__}FP")
 
 
-def inner_blocks(region: nn.Module) -> List[Block]:
-    """The blocks of a chain layer's own graph (module names relative to the layer); ``[]`` when it has none.
+def _inner(region: nn.Module) -> Tuple[List[Block], List[Set[str]]]:
+    """The blocks of a chain layer's own graph (module names relative to the layer; ``[]`` when it has none) and,
+    per block, the (relative) module paths its nodes run in (their module stacks).
 
     A node counts as a quantized layer when ``annotate`` marked it or when it calls a module that holds quantizers
     (an eager attention inside the layer, whose projections are quantized in place).
     """
-    return _inner(region)[0]
-
-
-def _inner(region: nn.Module) -> Tuple[List[Block], List[Set[str]]]:
-    """The inner blocks and, per block, the (relative) module paths its nodes run in (their module stacks)."""
     if not isinstance(region, GraphRegion) or FP_GRAPH not in region.meta:
         return [], []
     gm = _fp_view(region)
@@ -111,7 +107,7 @@ def _holder_name(owners: Sequence[str]) -> str:
 def refine(
     model: nn.Module, blocks: Sequence[Block], cuts: Sequence[ChainCut], layers: Sequence[str],
 ) -> Tuple[List[Block], List[ChainCut]]:
-    """Split every chain-layer block whose layer is a graph region at the cuts of :func:`inner_blocks`.
+    """Split every chain-layer block whose layer is a graph region at the cuts of :func:`_inner`.
 
     Args:
         model: the captured eager-root model.
