@@ -48,7 +48,7 @@ from torch import nn
 from fxqat.capture.eager_model import convert_eager, is_eager_model
 from fxqat.export.affine import ExportError
 from fxqat.export.gguf_vocab import GGUFVocab
-from fxqat.mixed.layers import quant_layers
+from fxqat.mixed.quant_layers import quant_layers
 from fxqat.quantizers.base import Quantizer
 from fxqat.quantizers.gguf import BLOCK, gguf_step, is_gguf_quantizer
 
@@ -119,8 +119,8 @@ def pack_blocks(k: torch.Tensor, d16: torch.Tensor, fmt: str, rows: int) -> np.n
     Example:
         >>> b = pack_blocks(torch.arange(-8, 24).clamp(max=7).reshape(1, 32), torch.ones(1, dtype=torch.float16),
         ...                 "Q4_0", 1)
-        >>> b.shape, b[0, :2].view(np.float16)[0], hex(b[0, 2]), hex(b[0, 17])
-        ((1, 18), 1.0, '0x80', '0xff')
+        >>> b.shape, float(b[0, :2].view(np.float16)[0]), hex(b[0, 2]), hex(b[0, 17])  # (k0 = -8, k16 = 7): 0xf0
+        ((1, 18), 1.0, '0xf0', '0xff')
     """
     d = d16.to(torch.float16).numpy().reshape(-1, 1).view(np.uint8)
     codes = k.to(torch.int16).numpy()
