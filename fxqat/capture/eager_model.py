@@ -30,7 +30,7 @@ from fxqat.capture.chain import chain_blocks, find_chain
 from fxqat.capture.eager_hybrid import make_eager_hybrid, remove_hybrid
 from fxqat.capture.hierarchy import CAPTURE_ATTR, CaptureReport, Region, capture_eager
 from fxqat.capture.inner_cuts import refine
-from fxqat.capture.layers import WEIGHT_QUANT, is_quantized_layer
+from fxqat.capture.layer_quant import WEIGHT_QUANT, is_quantized_layer
 from fxqat.capture.param_graph import PARAM_WEIGHTS_META, UNQUANTIZED_META
 from fxqat.capture.param_quant import (
     ParamUseRecorder,
@@ -126,7 +126,9 @@ def _quantized_names(model: nn.Module) -> set:
             for node in m.graph.nodes:
                 if node.meta.get(QROLE) == "weight":
                     names.add(name)
-                    break
+                    target = getattr(m.get_submodule(str(node.target)), "weight_target", "") or ""
+                    if target:  # the layer itself (a region may hold the model's prefix: its embeddings)
+                        names.add(target.rpartition(".")[0])
     return names
 
 

@@ -7,7 +7,7 @@ on its own, from the call it received on the example inputs (recorded with forwa
    bound to its signature; the region goes through the usual passes (normalize, annotate, insert_quant), so its
    activations, functional layers and residual structure are seen;
 2. otherwise it stays eager and its own children are captured the same way, recursively;
-3. a weight layer reached in an eager region is quantized in place (:func:`fxqat.capture.layers.quantize_layer`).
+3. a weight layer reached in an eager region is quantized in place (:func:`fxqat.capture.layer_quant.quantize_layer`).
 
 The first and last weight layer (in call order) follow ``QATConfig.first_last`` and overrides match qualified names
 in the user's model, exactly as in a whole-model graph. What was captured how is returned as a
@@ -43,11 +43,11 @@ from typing import Any, Dict, List, Optional, Tuple
 from torch import nn
 
 from fxqat.capture.inner_cuts import FP_GRAPH
-from fxqat.capture.layers import WEIGHT_QUANT, quantize_layer
+from fxqat.capture.layer_quant import WEIGHT_QUANT, quantize_layer
 from fxqat.capture.lora import is_lora_layer, lora_parts, pin_deepcopy, wrap_lora_layer
 from fxqat.capture.param_quant import ParamPlan, quantize_params
 from fxqat.capture.record import Call, record_calls
-from fxqat.capture.region import GraphRegion, trace_region
+from fxqat.capture.region import GraphRegion, check_calls, trace_region
 from fxqat.capture.shapes import propagate_shapes
 from fxqat.config import QATConfig
 from fxqat.layer_registry import holds_weight_layer, is_weight_layer, registered_types, weight_layer_entry
@@ -220,6 +220,8 @@ class _Capturer:
                 self.capture_module(region.get_submodule(parent_name), cname, leaf, full)
                 if not foreign:  # a foreign weight layer is quantized in place but belongs to this graph region
                     inner.append(full)
+        if any(isinstance(region.get_submodule(n[len(name) + 1:]), GraphRegion) for n in inner):
+            check_calls(region, call.args, call.kwargs)  # its graph calls those regions the way they were captured
         annotate(region, self.config, prefix=name + ".", first_last_names=self.first_last,
                  fp_weights=self.plan.fp_layer_weights)
         if name in self.force_leaves:  # a chain layer: its FP graph gives cuts inside it (HybridConfig.cuts)
@@ -258,12 +260,14 @@ class _Capturer:
         reason = self.calls[name].unbindable_reason
         if name in self.plan.owners:  # its own parameters are quantized where its forward uses them
             reason = reason or "owns weights that are no layer modules (quantized in place where its forward uses them)"
+        kept: List[Region] = []
         if not reason:
             index = len(self.regions)
             try:
                 region, inner = self.try_region(child, name)
             except Exception as exc:  # noqa: BLE001 - any failure keeps the module eager
                 reason = _first_reason(exc)
+                kept = self.regions[index:]  # regions captured inside it before the failure stay installed
                 del self.regions[index:]
                 log.debug("fxqat: %s stays eager (%s)", name, reason, exc_info=True)
             else:
@@ -275,6 +279,7 @@ class _Capturer:
                 return ()
         index = len(self.regions)
         self.regions.append(Region(name, "eager", reason, ()))
+        self.regions += kept
         own = self.capture_children(child, name)
         self.quantize_own_params(child, name)
         self.regions[index] = Region(name, "eager", reason, own)

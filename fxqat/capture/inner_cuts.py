@@ -129,6 +129,10 @@ def refine(
                           "there is no cut inside it; it stays one block. fxqat.capture_report(model) says why it is "
                           "eager.", UserWarning, stacklevel=2)
         if len(inner) < 2:
+            if isinstance(layer, GraphRegion):
+                warnings.warn(f"fxqat: HybridConfig(cuts='residual'): chain layer {b.name} has a graph but no cut "
+                              "inside it (no node that every path through the layer crosses, e.g. a parallel "
+                              "residual or a second output); it stays one block.", UserWarning, stacklevel=2)
             out_blocks.append((b.name, b.modules, exit_))
             if exit_ != "output":
                 out_cuts.append(_cut_of(exit_))

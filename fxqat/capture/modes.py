@@ -32,7 +32,7 @@ import torch.fx as fx
 
 from fxqat.capture.example_tracer import TRAINING_GUARD, GuardFailure, is_guard
 
-__all__ = ["same_program", "merge_modes", "by_mode", "uniform_modes", "training_flags", "drop_training_guards"]
+__all__ = ["same_program", "program_key", "merge_modes", "by_mode", "uniform_modes", "training_flags", "drop_training_guards"]
 
 _CONSTANTS = (type(None), bool, int, float)
 
@@ -185,3 +185,16 @@ def same_program(fixed: fx.Graph, passing: fx.Graph, n_tensors: int, fixed_value
         return _program(fixed, n_tensors, fixed_values) == _program(passing, n_tensors, passing_values)
     except Exception:  # noqa: BLE001 - arguments that do not compare (tensors): not provably the same
         return False
+
+
+def program_key(graph: fx.Graph) -> str:
+    """A string equal for two graphs that run the same ops on the same inputs, numbers aside (a layer index)."""
+    index: Dict[fx.Node, int] = {}
+    out = []
+    for k, node in enumerate(graph.nodes):
+        index[node] = k
+        args = fx.node.map_aggregate((node.args, node.kwargs), lambda v: ("node", index[v]) if isinstance(v, fx.Node)
+                                     else type(v).__name__ if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                     else v)
+        out.append((node.op, node.target, args))
+    return repr(out)

@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import sys
@@ -117,6 +118,12 @@ def _without_shape_prop_traceback() -> Iterator[None]:
         sys.stderr.write(text if cut < 0 else text[:cut])
 
 
+def _fresh(inputs: Tuple) -> Tuple:
+    """``inputs`` with copies of the objects that are no tensors (a cache the graph updates: each run gets its own)."""
+    return tuple(x if x is None or isinstance(x, (torch.Tensor, bool, int, float, str)) else copy.deepcopy(x)
+                 for x in inputs)
+
+
 def propagate_shapes(gm: fx.GraphModule, inputs: Tuple, model_name: str) -> None:
     """Run the example inputs through the traced graph once (eval mode, no grad) to record tensor metadata."""
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -131,9 +138,9 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Tuple, model_name: str) -> None
     gm.eval()
     try:
         with torch.no_grad():
-            if not _fake_propagate(gm, inputs):
+            if not _fake_propagate(gm, _fresh(inputs)):
                 with _without_shape_prop_traceback():
-                    _ShapeProp(gm).propagate(*inputs)
+                    _ShapeProp(gm).propagate(*_fresh(inputs))
     except _FailingNode as exc:
         raise ValueError(
             f"the example_inputs ({describe_inputs(inputs)}) do not fit {model_name}: {exc.where} failed with "
