@@ -23,7 +23,7 @@ from torch import nn
 
 from fxqat.capture.eager_model import convert_eager, eager_blocks, is_eager_model, prepare_eager
 from fxqat.capture.hierarchy import CAPTURE_ATTR
-from fxqat.capture.layers import is_quantized_layer
+from fxqat.capture.layer_quant import is_quantized_layer
 from fxqat.capture.param_graph import finish_graph_params, plan_graph_params
 from fxqat.capture.param_quant import freeze_params
 from fxqat.capture.shapes import propagate_shapes

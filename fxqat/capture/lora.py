@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fxqat.capture.layers import ACT_QUANT, WEIGHT_QUANT, is_quantized_layer
+from fxqat.capture.layer_quant import ACT_QUANT, WEIGHT_QUANT, is_quantized_layer
 
 __all__ = [
     "LoraParts", "LORA_MODES", "register_lora_layer", "lora_parts", "is_lora_layer", "lora_layer_types",

@@ -37,7 +37,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxqat.capture.layers import is_quantized_layer, quantize_layer
+from fxqat.capture.layer_quant import is_quantized_layer, quantize_layer
 from fxqat.capture.lora import LORA_ATTR, LORA_MODES, lora_parts, named_lora_layers, wrap_lora_layer
 from fxqat.passes.insert_quant import QROLE
 from fxqat.quantizers.base import Quantizer

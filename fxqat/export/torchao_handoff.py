@@ -45,7 +45,7 @@ from torch import nn
 
 from fxqat.capture.eager_model import is_eager_model, lp_eager_copy
 from fxqat.capture.hierarchy import CAPTURE_ATTR
-from fxqat.capture.layers import is_quantized_layer, unquantize_layer
+from fxqat.capture.layer_quant import is_quantized_layer, unquantize_layer
 from fxqat.capture.region import GraphRegion, restore_module
 from fxqat.export.affine import ExportError, affine_params, lp_graph_copy
 from fxqat.layer_registry import weight_layer_entry

@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxqat.capture.eager_model import eager_blocks, is_eager_model
-from fxqat.capture.layers import ACT_QUANT, FIRST_LAST, WEIGHT_QUANT, is_quantized_layer
+from fxqat.capture.layer_quant import ACT_QUANT, FIRST_LAST, WEIGHT_QUANT, is_quantized_layer
 from fxqat.graph.blocks import META_KEY, Block
 from fxqat.passes.annotate import QMETA
 from fxqat.passes.insert_quant import CONTAINER, QROLE, OpaqueWeightQuant

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxqat.capture.layers import WEIGHT_QUANT
+from fxqat.capture.layer_quant import WEIGHT_QUANT
 from fxqat.layer_registry import weight_layer_entry
-from fxqat.mixed.layers import QuantLayer
+from fxqat.mixed.quant_layers import QuantLayer
 from fxqat.quantizers.base import Quantizer
 
 __all__ = ["weight_pairs", "weight_errors", "second_order_per_batch", "fisher_terms", "math_attention"]

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from fxqat.graph.blocks import Block
 from fxqat.hybrid_output import HybridOutput
-from fxqat.mixed.layers import QuantLayer, model_blocks, split_fixed
+from fxqat.mixed.quant_layers import QuantLayer, model_blocks, split_fixed
 from fxqat.mixed.second_order import math_attention, second_order_per_batch, weight_errors, weight_pairs
 from fxqat.mixed.state import hybrid_of, path_mode, preserved
 from fxqat.mixed.table import METHODS, BlockSensitivity, SensitivityTable

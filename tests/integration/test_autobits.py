@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import fxqat
 from fxqat import data
 from fxqat.cli import main
-from fxqat.mixed.layers import quant_layers
+from fxqat.mixed.quant_layers import quant_layers
 from fxqat.models import get_model
 
 needs_digits = pytest.mark.skipif(not data.data_available("digits"), reason="scikit-learn digits not available")

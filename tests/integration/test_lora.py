@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import fxqat
-from fxqat.capture.layers import WEIGHT_QUANT
+from fxqat.capture.layer_quant import WEIGHT_QUANT
 from fxqat.capture.lora import effective_weight, lora_parts, named_lora_layers
 from fxqat.capture.lora_adopt import adopt_lora
 from fxqat.capture.lora_merge import merge_lora

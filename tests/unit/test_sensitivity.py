@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import fxqat
 from fxqat.config import QuantSpec
-from fxqat.mixed.layers import quant_layers
+from fxqat.mixed.quant_layers import quant_layers
 from fxqat.quantizers import make_quantizer
 
 
