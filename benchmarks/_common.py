@@ -16,7 +16,8 @@ import torch.nn as nn
 import fxqat
 
 __all__ = ["machine", "time_steps", "write_results", "torchao_config", "torchao_rtn", "torchao_qat_prepare",
-           "torchao_qat_convert", "PRESET", "fxqat_prepare", "AUTOBITS_ARMS", "uniform_config", "arm_rows", "cost_rows", "allocation_rows"]
+           "torchao_qat_convert", "PRESET", "fxqat_prepare", "AUTOBITS_ARMS", "uniform_config", "arm_rows", "cost_rows", "allocation_rows",
+           "SCALE_SIZES", "scale_llama"]
 
 
 def machine() -> Dict[str, object]:
@@ -163,3 +164,30 @@ def allocation_rows(res: Dict) -> List[str]:
         rows.append(f"| {key} | " + " | ".join(str(a["bits"].get(b, "")) for b in blocks)
                     + f" | {a['avg_bits']:.2f} | {pl} |")
     return rows
+
+
+# ------------------------------------------------------------------------------------- Llama shapes (scale rows)
+#: Llama-shaped configurations of the scale rows (vocabulary 32000, untied embeddings; 1.1B is Llama-3.2-1B's shape)
+#: with their parameter counts; ``"llm"`` is the LLM benchmark's char-Llama (vocabulary 65)
+SCALE_SIZES: Dict[str, Dict[str, int]] = {
+    "llm": dict(params=804_224),
+    "0.4B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=4, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=32000, params=374_360_064),
+    "1.1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=32000, params=1_104_218_112),
+}
+
+
+def scale_llama(size: str, dtype: torch.dtype = torch.float32, max_positions: int = 512, seed: int = 0) -> nn.Module:
+    """A random-weight ``LlamaForCausalLM`` of a :data:`SCALE_SIZES` shape in ``dtype`` (``"llm"``: the char-Llama)."""
+    import transformers
+
+    from fxqat.models.hf import char_llama
+
+    if size == "llm":
+        return char_llama(65, seed=seed).to(dtype)
+    shape = {k: v for k, v in SCALE_SIZES[size].items() if k != "params"}
+    cfg = transformers.LlamaConfig(max_position_embeddings=max_positions, use_cache=False, tie_word_embeddings=False,
+                                   **shape)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).to(dtype)

@@ -24,6 +24,8 @@ from torch import nn
 from fxqat.capture.eager_model import convert_eager, eager_blocks, is_eager_model, prepare_eager
 from fxqat.capture.hierarchy import CAPTURE_ATTR
 from fxqat.capture.layer_quant import is_quantized_layer
+from fxqat.capture.lora import has_lora_layers, pin_deepcopy
+from fxqat.capture.lora_merge import merge_lora, peft_inner, prefixed_report
 from fxqat.capture.param_graph import finish_graph_params, plan_graph_params
 from fxqat.capture.param_quant import freeze_params
 from fxqat.capture.shapes import propagate_shapes
@@ -140,9 +142,21 @@ def _prepare(model: nn.Module, example_inputs: Any, config: QATConfig, inplace: 
              concrete_args: Optional[Dict[str, Any]], example_kwargs: Optional[Dict[str, Any]]) -> nn.Module:
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise TypeError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}.")
+    if peft_inner(model) is not None and has_lora_layers(model):  # PEFT's wrapper: capture starts at its model
+        work = model if inplace else copy.deepcopy(model)
+        prefix, inner = peft_inner(work)
+        _prepare(inner, example_inputs, config, True, concrete_args, example_kwargs)  # in place (eager: LoRA)
+        setattr(work, CAPTURE_ATTR, prefixed_report(getattr(inner, CAPTURE_ATTR), prefix + "."))
+        pin_deepcopy(work)
+        return work.train(model.training)
     try:
         if example_kwargs:
             raise TraceFailure("the example call passes keyword arguments")
+        if has_lora_layers(model):  # LoRA layers are quantized in place (fxqat.capture.lora)
+            if config.hybrid is not None:
+                raise ValueError(f"{type(model).__name__} holds LoRA layers: block replacement (QATConfig.hybrid) is "
+                                 "not supported with LoRA; train with distillation (fxqat.kd_loss) instead.")
+            raise TraceFailure("the model holds LoRA layers (their base layers are quantized in place)")
         gm = prepare_fp_graph(model, example_inputs, config, inplace, concrete_args)
     except TraceFailure as exc:
         reason = _root_reason(exc)
@@ -237,6 +251,8 @@ def convert(qm: fx.GraphModule) -> fx.GraphModule:
     An eager-root model (hierarchical capture) keeps its module tree: its weights are replaced by their
     fake-quantized values and its weight quantizers disabled.
     """
+    if has_lora_layers(qm):  # adapters first merged into their base layers: exactly the codes training saw
+        qm = merge_lora(qm)
     if is_eager_model(qm):
         return convert_eager(qm)
     return convert_graph(qm, freeze_params)

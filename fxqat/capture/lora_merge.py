@@ -33,7 +33,7 @@ from torch import nn
 from fxqat.capture.hierarchy import CAPTURE_ATTR, CaptureReport
 from fxqat.capture.lora import merged_copy
 
-__all__ = ["merge_lora"]
+__all__ = ["merge_lora", "prefixed_report", "peft_inner"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,28 @@ def _rebased(report: CaptureReport, prefix: str) -> CaptureReport:
                     for r in inside)
     layers = tuple(_strip(n, prefix) for n in report.weight_layers if n.startswith(prefix))
     uncalled = tuple(_strip(n, prefix) for n in report.uncalled if n.startswith(prefix))
-    return CaptureReport(regions, layers, uncalled)
+    extra = {"unquantized": tuple((_strip(n, prefix), why) for n, why in report.unquantized if n.startswith(prefix))} \
+        if hasattr(report, "unquantized") else {}
+    return replace(report, regions=regions, weight_layers=layers, uncalled=uncalled, **extra)
+
+
+def prefixed_report(report: CaptureReport, prefix: str) -> CaptureReport:
+    """``report`` of a submodule, as seen from a model that holds it under ``prefix`` (``"base_model.model."``)."""
+    regions = tuple(replace(r, name=prefix + r.name if r.name else prefix[:-1],
+                            weight_layers=tuple(prefix + n for n in r.weight_layers)) for r in report.regions)
+    extra = {"unquantized": tuple((prefix + n, why) for n, why in report.unquantized)} \
+        if hasattr(report, "unquantized") else {}
+    return replace(report, regions=regions, weight_layers=tuple(prefix + n for n in report.weight_layers),
+                   uncalled=tuple(prefix + n for n in report.uncalled), **extra)
+
+
+def peft_inner(model: nn.Module):
+    """``(qualified name, module)`` of the model a PEFT ``PeftModel`` wraps, or None for any other module."""
+    get_base = getattr(type(model), "get_base_model", None)
+    if not callable(get_base) or not hasattr(model, "peft_config"):
+        return None
+    inner = model.get_base_model()
+    return next((n, m) for n, m in model.named_modules() if m is inner)
 
 
 def merge_lora(qm: nn.Module) -> nn.Module:

@@ -74,7 +74,7 @@ class Binding:
             a call may pass either bool there.
         nullable: the opaque leaf indices where a call may also pass ``None`` (:mod:`fxqat.capture.no_cache`).
         positional: the names of the forward's parameters that may be passed by position, in order; calls are
-            compared in :func:`canonical_call` form, so ``m(x)`` and ``m(input_ids=x)`` bind alike.
+            compared in :func:`canonical_call` form (by keyword), so ``m(x)`` and ``m(input_ids=x)`` bind alike.
     """
 
     spec: Any
@@ -168,8 +168,8 @@ def _same_constant(a: Any, b: Any) -> bool:
 
 
 def positional_names(module: nn.Module) -> Tuple[str, ...]:
-    """The names of ``module.forward``'s parameters that a call may pass by position, in order (``()`` when its
-    signature cannot be read)."""
+    """The names of ``module.forward``'s parameters that a call may pass by position, in order (``""`` for a
+    positional-only one; ``()`` when its signature cannot be read)."""
     try:
         params = inspect.signature(module.forward).parameters.values()
     except (TypeError, ValueError):
@@ -178,24 +178,29 @@ def positional_names(module: nn.Module) -> Tuple[str, ...]:
     for p in params:
         if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
             break
-        names.append(p.name)
+        names.append("" if p.kind == p.POSITIONAL_ONLY else p.name)
     return tuple(names)
 
 
 def canonical_call(positional: Tuple[str, ...], args: Tuple, kwargs: Dict[str, Any]) -> Tuple[Tuple, Dict[str, Any]]:
-    """``(args, kwargs)`` with the keyword arguments that name the next positional parameters moved into position:
-    ``f(input_ids=x, labels=y)`` and ``f(x, labels=y)`` give the same call when ``input_ids`` is the first parameter.
+    """``(args, kwargs)`` with the positional arguments that have a parameter name passed by keyword instead:
+    ``f(x, labels=y)`` and ``f(input_ids=x, labels=y)`` give the same call when ``input_ids`` is the first parameter
+    (keywords, not positions: decorated forwards read their flags from ``kwargs``). ``""`` in ``positional`` marks a
+    positional-only parameter, which stays in place.
 
     Example:
-        >>> canonical_call(("input_ids", "attention_mask"), (), {"input_ids": 1, "labels": 2})
-        ((1,), {'labels': 2})
+        >>> canonical_call(("input_ids", "attention_mask"), (1,), {"labels": 2})
+        ((), {'labels': 2, 'input_ids': 1})
     """
     args, kwargs = tuple(args), dict(kwargs)
-    for name in positional[len(args):]:
-        if name not in kwargs:
-            break
-        args += (kwargs.pop(name),)
-    return args, kwargs
+    keep = 0
+    while keep < min(len(args), len(positional)) and not positional[keep]:
+        keep += 1
+    moved = {n: a for n, a in zip(positional[keep:], args[keep:]) if n not in kwargs}
+    if len(moved) != min(len(args), len(positional)) - keep:
+        return args, kwargs  # a clash (the call itself is wrong): left as it is
+    kwargs.update(moved)
+    return args[:keep] + args[keep + len(moved):], kwargs
 
 
 def bind_call(args: Tuple, kwargs: Dict[str, Any], where: str,

@@ -198,3 +198,43 @@ def test_lora_merged_model_exports_to_torchao():
         inner = name.removeprefix("base_model.model.")
         assert type(tm.get_parameter(f"{inner}.weight")).__name__ == "IntxUnpackedToInt8Tensor"
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)  # same codes and scales; torchao's matmul order differs
+
+
+def _trainer_run(out, steps, resume=None):
+    from transformers import Trainer, TrainingArguments
+
+    from fxqat.integrations.lm_dataset import CharLMDataset
+    from fxqat.integrations.transformers import FxqatCallback, prepare_for_trainer
+    from fxqat.text_data import tiny_shakespeare
+
+    corpus = tiny_shakespeare()
+    data = CharLMDataset(corpus, "train", n=steps * 4, context=16, seed=0)
+    example = torch.stack([data[i]["input_ids"] for i in range(2)])
+    model = char_llama(corpus.vocab_size, seed=0, **SIZES)
+    qm = prepare_for_trainer(_peft(model), {"input_ids": example}, INT4)
+    args = TrainingArguments(str(out), per_device_train_batch_size=4, max_steps=steps, learning_rate=3e-3,
+                             logging_steps=1, save_strategy="steps", save_steps=2, report_to=[], disable_tqdm=True,
+                             use_cpu=True, seed=0, dataloader_num_workers=0, lr_scheduler_type="constant")
+    trainer = Trainer(model=qm, args=args, train_dataset=data, callbacks=[FxqatCallback()])
+    trainer.train(resume_from_checkpoint=resume)
+    return qm, trainer
+
+
+def _lora_state(qm):
+    """LoRA factors and quantizer state, by parameter name."""
+    keep = ("lora_A", "lora_B", "fxqat_")
+    return {k: v for k, v in qm.state_dict().items() if any(s in k for s in keep)}
+
+
+@pytest.mark.slow
+def test_lora_peft_model_in_trainer_saves_and_resumes_adapters_and_step_sizes(tmp_path):
+    from fxqat.integrations.transformers import QUANTIZER_FILE
+
+    full, _ = _trainer_run(tmp_path / "full", 4)
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    assert (ckpt / QUANTIZER_FILE).exists() and (ckpt / "adapter_model.safetensors").exists()
+    resumed, trainer = _trainer_run(tmp_path / "resumed", 4, resume=str(ckpt))
+    assert trainer.state.global_step == 4
+    a, b = _lora_state(full), _lora_state(resumed)
+    assert len([k for k in a if "fxqat_wq" in k]) >= 2 * len(TARGETS)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # atol=0: same batches, RNG, state

@@ -56,7 +56,7 @@ def test_a_passed_on_none_is_an_input_that_also_takes_a_tensor():
 
 def test_a_none_the_code_branches_on_stays_a_constant():
     layer, x, region = _region(BranchesOnMask)
-    assert region.fxqat_binding.optional == (2,)  # leaves: x, attention_mask, flag; only the unused flag is an input
+    assert region.fxqat_binding.optional == (1,)  # leaves (keywords, sorted): attention_mask, flag, x; only the unused flag is an input
     torch.testing.assert_close(region(x, attention_mask=None, flag=False), layer(x, attention_mask=None, flag=False), atol=0, rtol=0)
     with pytest.raises(ValueError, match="'layer' was captured with an argument fixed to None"):
         region(x, attention_mask=torch.ones(3, 4, dtype=torch.bool), flag=False)

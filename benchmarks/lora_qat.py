@@ -1,0 +1,321 @@
+"""QAT + LoRA (issue 27): memory and step time against full QAT and FP LoRA, and accuracy on the LLM benchmark.
+
+LoRA here is fxqat's protocol module (``base_layer`` + ``lora_A``/``lora_B`` + ``scaling``, the math of PEFT's
+``lora.Linear``, rank 8, alpha 16, on every linear layer of the decoder blocks; ``lm_head`` stays FP), so that the
+measurement does not depend on PEFT's wrapper classes (tests/integration/test_lora.py covers PEFT itself).
+
+Arms:
+
+* ``fp_lora``       LoRA in FP (base frozen); for accuracy then merged and quantized by torchao RTN (int4/int2, g32)
+* ``lora_base``     fxqat ``QATConfig.lora="base"``: Q(W) x + s·B·A·x (torchtune's QAT + LoRA)
+* ``lora_merged``   fxqat ``QATConfig.lora="merged"``: Q(W + s·B·A) x, deployed exactly by merge + convert
+* ``full_qat``      fxqat preset QAT of every weight (the LLM benchmark's ``lsq`` arm)
+
+Usage::
+
+    python benchmarks/lora_qat.py memory --sizes llm 0.4B --dtypes fp32 bf16     # one subprocess per arm
+    python benchmarks/lora_qat.py accuracy --seed 0 --steps 250                  # one seed's part
+    python benchmarks/lora_qat.py report                                          # lora_qat.{md,json}
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import PRESET, SCALE_SIZES, machine, scale_llama, torchao_rtn  # noqa: E402
+
+import fxqat  # noqa: E402
+from fxqat.capture.lora import effective_weight, lora_parts, named_lora_layers  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = Path(__file__).resolve().parent.parent / "runs" / "lora_qat"
+ARMS = ("fp_lora", "lora_base", "lora_merged", "full_qat")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RANK, ALPHA = 8, 16
+LORA_LR = 1e-3  # LoRA factors (and, in the QAT arms, step sizes); full QAT keeps the benchmark's 1e-4
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + lora_B(lora_A(x)) · alpha/r``: PEFT's LoRA (A Kaiming-uniform, B zero), fxqat's protocol."""
+
+    def __init__(self, base: nn.Linear, r: int = RANK, alpha: float = ALPHA):
+        super().__init__()
+        self.base_layer, self.scaling = base, alpha / r
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, dtype=base.weight.dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, dtype=base.weight.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+
+def add_lora(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Freeze ``model`` and wrap every target linear layer in :class:`LoRALinear` (in place)."""
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, m in list(model.named_modules()):
+        for cname, child in list(m.named_children()):
+            if cname in TARGETS and type(child) is nn.Linear:
+                setattr(m, cname, LoRALinear(child))
+    return model
+
+
+@torch.no_grad()
+def merged_fp(model: nn.Module) -> nn.Module:
+    """An FP copy with every LoRALinear replaced by its base layer holding W + s·B·A."""
+    out = copy.deepcopy(model)
+    for name, m in list(named_lora_layers(out)):
+        parts = lora_parts(m)
+        parts.base.weight.data = effective_weight(parts)
+        parent, _, child = name.rpartition(".")
+        setattr(out.get_submodule(parent), child, parts.base)
+    return out
+
+
+def prepared(model: nn.Module, arm: str, setting: str, x0: torch.Tensor) -> nn.Module:
+    """The model of a training arm (LoRA wrapped already for the LoRA arms)."""
+    if arm == "fp_lora":
+        return model
+    cfg = fxqat.QATConfig.preset(PRESET[setting])
+    if arm in ("lora_base", "lora_merged"):
+        cfg = cfg.with_(lora=arm.split("_")[1])
+    qm = fxqat.prepare_qat(model, (x0,), cfg)
+    fxqat.calibrate(qm, [x0])
+    return qm
+
+
+# --------------------------------------------------------------------------------------------------- memory
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+def memory_arm(size: str, dtype: str, arm: str, seq: int, batch: int) -> Dict[str, Any]:
+    """One arm in this process: build, prepare, three optimiser steps (the last two timed); peak RSS."""
+    from fxqat.training.lm import lm_loss
+
+    torch.set_num_threads(int(os.environ.get("LORA_QAT_THREADS", "2")))
+    model = scale_llama(size, DTYPES[dtype], max(seq, 128))
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    x, y = ids[:, :-1], ids[:, 1:]
+    rec: Dict[str, Any] = {"params": sum(p.numel() for p in model.parameters()), "rss_model_gb": peak_rss_gb()}
+    if arm != "full_qat":
+        add_lora(model)
+    model = prepared(model, arm, "int4", x)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    rec["trainable"] = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+
+    def step() -> float:
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        lm_loss(model, x, y).backward()
+        opt.step()
+        return time.perf_counter() - t
+
+    times = [step() for _ in range(3)]
+    rec["step_s"] = statistics.median(times[1:])
+    rec["step_first_s"] = times[0]
+    rec["peak_rss_gb"] = peak_rss_gb()
+    return rec
+
+
+def mem_available_gb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1e6
+    return float("inf")
+
+
+def needed_gb(size: str, dtype: str, arm: str) -> float:
+    """What an arm needs available before it starts: weights, plus gradients and AdamW moments for full QAT."""
+    n = SCALE_SIZES[size]["params"] if size in SCALE_SIZES else 1e6
+    b = 4 if dtype == "fp32" else 2
+    per = b * (4 if arm == "full_qat" else 1.3)
+    return n * per / 1e9 + 1.5
+
+
+def run_memory(args) -> Dict[str, Any]:
+    out_path = RESULTS / "lora_qat_memory.json"
+    rows = json.loads(out_path.read_text()) if out_path.exists() else {}
+    for size in args.sizes:
+        for dtype in args.dtypes:
+            for arm in args.arms:
+                key = f"{size}/{dtype}/{arm}"
+                need, avail = needed_gb(size, dtype, arm), mem_available_gb()
+                if avail < max(need, 14.0 if size == "1.1B" else 0.0):
+                    rows[key] = {"skipped": f"needs ~{need:.1f} GB available, {avail:.1f} GB were"}
+                    print(key, rows[key], flush=True)
+                    continue
+                seq, batch = (128, 8) if size == "llm" else (args.seq, 1)
+                cmd = [sys.executable, __file__, "_arm", size, dtype, arm, str(seq), str(batch)]
+                t = time.time()
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                line = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+                rows[key] = json.loads(line[-1]) if res.returncode == 0 and line else {
+                    "failed": (res.stderr.strip().splitlines() or ["?"])[-1][:300]}
+                rows[key].update(seq=seq, batch=batch, wall_s=round(time.time() - t, 1))
+                print(key, rows[key], flush=True)
+                out_path.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- accuracy
+def run_accuracy(args) -> Dict[str, Any]:
+    from fxqat.text_data import tiny_shakespeare
+    from fxqat.training.lm import FINETUNE_RECIPE, evaluate_lm, kd_lm_loss, lm_loss, train_lm
+    from fxqat.training.recipes import pretrained_char_llama
+
+    torch.set_num_threads(1)
+    corpus = tiny_shakespeare()
+    fp, info = pretrained_char_llama(corpus, progress=False)
+    val = list(corpus.batches("val", args.n_val, 32, 128, 1337))
+    x0 = next(corpus.batches("train", 1, 32, 128, 10000 + args.seed))[0]
+    part_path = RESULTS / f"lora_qat_acc_s{args.seed}.json"
+    part = json.loads(part_path.read_text()) if part_path.exists() else {}
+    part["fp_val_loss"] = evaluate_lm(fp, val)
+
+    def train(model, arm, kd):
+        lr = 1e-4 if arm == "full_qat" else LORA_LR
+        recipe = FINETUNE_RECIPE.__class__(**{**FINETUNE_RECIPE.__dict__, "steps": args.steps, "lr": lr})
+        loss = kd_lm_loss(copy.deepcopy(fp)) if kd else lm_loss
+        t = time.time()
+        hist = train_lm(model, corpus, recipe, args.seed, loss_fn=loss, params=fxqat.trainable_parameters(model),
+                        progress=False, desc=arm)
+        return {"time_s": round(time.time() - t, 1), "step_s": statistics.median(hist["step_s"]),
+                "train_loss_last": hist["loss"][-1]}
+
+    if "fp_lora" in args.arms and "fp_lora" not in part:
+        model = add_lora(copy.deepcopy(fp), seed=args.seed)
+        rec = train(model, "fp_lora", False)
+        merged = merged_fp(model)
+        rec["val_loss_fp"] = evaluate_lm(merged, val)
+        for setting in args.settings:
+            rec[f"val_loss_rtn_{setting}"] = evaluate_lm(torchao_rtn(merged, setting), val)
+        part["fp_lora"] = rec
+        part_path.write_text(json.dumps(part, indent=2))
+        print("fp_lora", rec, flush=True)
+    for setting in args.settings:
+        for arm in [a for a in args.arms if a != "fp_lora"]:
+            for kd in args.kd:
+                key = f"{setting}/{arm}" + ("_kd" if kd else "")
+                if key in part:
+                    continue
+                base = copy.deepcopy(fp)
+                model = prepared(add_lora(base, seed=args.seed) if arm != "full_qat" else base, arm, setting, x0)
+                rec = train(model, arm, kd)
+                rec["val_loss"] = evaluate_lm(fxqat.convert(model), val)  # merged (LoRA) and converted: deployed
+                part[key] = rec
+                part_path.write_text(json.dumps(part, indent=2))
+                print(key, rec, flush=True)
+    return part
+
+
+# --------------------------------------------------------------------------------------------------- report
+def fmt(v: Optional[float], spec: str = ".2f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def report(args) -> int:
+    mem = json.loads((RESULTS / "lora_qat_memory.json").read_text()) if (RESULTS / "lora_qat_memory.json").exists() \
+        else {}
+    parts = {int(p.stem.split("_s")[-1]): json.loads(p.read_text()) for p in sorted(RESULTS.glob("lora_qat_acc_s*.json"))}
+    lines = ["# QAT + LoRA (issue 27)", "",
+             f"Machine: {machine()['cpu']}, {machine()['cores']} cores, torch {torch.__version__}, CPU only; other "
+             "jobs were running on the machine at the same time (timings are indicative, memory is per process).", ""]
+    lines += ["## Memory and step time", "",
+              "Peak RSS of the whole process (model build included) and median step time (AdamW step, batch x seq "
+              "tokens) of each arm, each in its own subprocess. int4 weight-only per-group 32; LoRA rank 8 on every "
+              "decoder linear layer. `llm` is the LLM benchmark's 0.8M char-Llama (batch 32 x 128); 0.4B and 1.1B are "
+              "benchmarks/scale.py's Llama shapes with random weights (batch 1).", "",
+              "| size | dtype | arm | trainable | peak RSS GB | x full QAT | step s | x FP LoRA |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
+    for key, r in mem.items():
+        size, dtype, arm = key.split("/")
+        full = mem.get(f"{size}/{dtype}/full_qat", {})
+        fpl = mem.get(f"{size}/{dtype}/fp_lora", {})
+        if "peak_rss_gb" not in r:
+            lines.append(f"| {size} | {dtype} | {arm} | | {r.get('skipped') or r.get('failed')} | | | |")
+            continue
+        rm = r["peak_rss_gb"] / full["peak_rss_gb"] if "peak_rss_gb" in full else None
+        rs = r["step_s"] / fpl["step_s"] if "step_s" in fpl else None
+        lines.append(f"| {size} | {dtype} | {arm} | {r['trainable']:,} | {r['peak_rss_gb']:.2f} | {fmt(rm)} | "
+                     f"{r['step_s']:.3f} | {fmt(rs)} |")
+    lines += ["", "## Accuracy (LLM benchmark, validation loss of the deployed model, mean over seeds)", ""]
+    if parts:
+        seeds = sorted(parts)
+        settings = sorted({k.split("/")[0] for p in parts.values() for k in p if "/" in k}, reverse=True)
+        lines += [f"Seeds {seeds}; FP model val loss {statistics.mean(p['fp_val_loss'] for p in parts.values()):.4f}. "
+                  "Every arm trains the same number of steps from the cached FP checkpoint and is evaluated after "
+                  "merging and converting (what is deployed); `fp_lora` is merged in FP and then quantized by torchao "
+                  "RTN.", "", "| setting | arm | KD | val loss | per seed |", "|---|---|---|---:|---|"]
+        for setting in settings:
+            vals = [p["fp_lora"][f"val_loss_rtn_{setting}"] for p in parts.values() if "fp_lora" in p]
+            if vals:
+                lines.append(f"| {setting} | fp_lora + RTN | no | {statistics.mean(vals):.4f} | "
+                             f"{', '.join(f'{v:.4f}' for v in vals)} |")
+            for arm in ARMS[1:]:
+                for kd in ("", "_kd"):
+                    vals = [p[f"{setting}/{arm}{kd}"]["val_loss"] for p in parts.values() if f"{setting}/{arm}{kd}" in p]
+                    if vals:
+                        lines.append(f"| {setting} | {arm} | {'yes' if kd else 'no'} | {statistics.mean(vals):.4f} | "
+                                     f"{', '.join(f'{v:.4f}' for v in vals)} |")
+    payload = {"machine": machine(), "memory": mem, "accuracy": {str(k): v for k, v in parts.items()},
+               "rank": RANK, "alpha": ALPHA, "targets": TARGETS, "lora_lr": LORA_LR}
+    (RESULTS / "lora_qat.json").write_text(json.dumps(payload, indent=2))
+    (RESULTS / "lora_qat.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_arm":
+        size, dtype, arm, seq, batch = argv[1:6]
+        print(json.dumps(memory_arm(size, dtype, arm, int(seq), int(batch))), flush=True)
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("memory")
+    m.add_argument("--sizes", nargs="+", default=["llm", "0.4B", "1.1B"])
+    m.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    m.add_argument("--arms", nargs="+", default=list(ARMS))
+    m.add_argument("--seq", type=int, default=256)
+    a = sub.add_parser("accuracy")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--steps", type=int, default=250)
+    a.add_argument("--n-val", type=int, default=16)
+    a.add_argument("--settings", nargs="+", default=["int4", "int2"])
+    a.add_argument("--arms", nargs="+", default=list(ARMS))
+    a.add_argument("--kd", nargs="+", type=int, default=[0, 1])
+    sub.add_parser("report")
+    args = ap.parse_args(argv)
+    if args.cmd == "memory":
+        run_memory(args)
+    elif args.cmd == "accuracy":
+        run_accuracy(args)
+    return report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
