@@ -226,3 +226,22 @@ def test_opaque_cache_training_branch_and_shapes_trace_exactly(p):
         region(x, cache=object())
     by_mode = [n for n in region.graph.nodes if getattr(n.target, "__name__", "") == "by_mode"]
     assert len(by_mode) == (1 if p else 0)  # p differs between the modes: chosen at run time from the flag
+
+
+def test_eager_attention_implementation_reaches_both_matmuls_and_the_kv_and_takes_one_token():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    torch.manual_seed(0)
+    model, x = transformers.LlamaForCausalLM(cfg).eval(), torch.randint(0, 99, (2, 12))
+    base = len(fxqat.named_quantizers(fxqat.prepare_qat(model, (x,), fxqat.QATConfig(w_bits=4, a_bits=8))))
+    qm = fxqat.prepare_qat(model, (x,), fxqat.QATConfig(w_bits=4, a_bits=8, quantize_matmuls=True, kv_bits=4))
+    kv = [m for m in qm.modules() if isinstance(m, KVQuantizer)]
+    assert len(kv) == 2 * 2  # the key of Q @ K^T and the value of P @ V in each layer
+    # Q, K^T, P and V of both layers, plus each KV quantizer's own dynamic quantizer
+    assert len(fxqat.named_quantizers(qm)) - base == 4 * 2 + len(kv)
+    fxqat.set_quantization(qm, False)
+    with torch.no_grad():
+        assert torch.equal(qm(x).logits, model(x).logits)
+        one = torch.randint(0, 99, (2, 1))  # eager attention has no branch on the length: any length runs
+        assert torch.equal(qm(one).logits, model(one).logits)
