@@ -113,8 +113,13 @@ def run_arm(size: str, dtype: str, arm: str, seq: int, partner: str, device: str
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, max_position_embeddings=max(seq, 512), use_cache=False,
                                    tie_word_embeddings=False, **SIZES[size])
-    with torch.device(device):  # random init where the model lives
-        model = transformers.LlamaForCausalLM(cfg).to(DTYPES[dtype])
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPES[dtype])  # built in its dtype: no float32 copy inflates a bf16 arm's peak memory
+    try:
+        with torch.device(device):  # random init where the model lives
+            model = transformers.LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
     ids = torch.randint(0, VOCAB, (1, seq + 1), generator=torch.Generator().manual_seed(0)).to(device)
     x, y = ids[:, :-1], ids[:, 1:]
     rec: Dict[str, Any] = {"params": sum(p.numel() for p in model.parameters()), "rss_model_gb": peak_gb()}

@@ -65,13 +65,21 @@ class LSQFunction(torch.autograd.Function):
         sv = s if ch_axis is None else channel_view(s, x, ch_axis)
         v = x / sv
         q = torch.clamp(v, qmin, qmax).round_()  # one temporary fewer than clamp then round
-        ctx.save_for_backward(v, q)
+        # a weight (a leaf, or a view of one: the per-group view) is alive anyway: save it and s, and recompute
+        # x/s and the codes in backward (the same values, bit for bit), so that a quantized weight holds no extra
+        # memory between forward and backward (8 bytes per element otherwise); activations save x/s and the codes
+        ctx.recompute = x.is_leaf or (x._base is not None and x._base.is_leaf)
+        ctx.save_for_backward(*((x, s) if ctx.recompute else (v, q)))
         ctx.grad_factor, ctx.ch_axis, ctx.qrange = grad_factor, ch_axis, (qmin, qmax)
         return q * sv
 
     @staticmethod
     def backward(ctx, g):
         v, q = ctx.saved_tensors
+        if ctx.recompute:
+            x, s = v, q
+            v = x / (s if ctx.ch_axis is None else channel_view(s, x, ctx.ch_axis))
+            q = torch.clamp(v, *ctx.qrange).round_()
         gx = grad_inside(g, v, *ctx.qrange)  # STE inside (qmin, qmax), 0 where clipped (the paper's ends)
         if ctx.ch_axis is None:
             gs = torch.dot(g.reshape(-1), q.reshape(-1)) - torch.dot(gx.reshape(-1), v.reshape(-1))
