@@ -264,7 +264,8 @@ def markdown(payload: Dict[str, Any]) -> str:
     lines = [
         "# Capture coverage: fxqat vs torchao QAT", "",
         f"Machine: {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']}, {mach['torch_threads']} thread(s); "
-        f"produced by `{payload['command']}` in {payload['wall_s'] / 60:.1f} min.", "",
+        f"produced by `{payload['command']}` in {payload['wall_s'] / 60:.1f} min."
+        + (f" {payload['note']}" if payload.get("note") else ""), "",
         f"**Trained**: fxqat {ftr}/{len(rows)}, torchao {atr}/{len(rows)}. **Weight layers with a weight "
         f"fake-quantizer**: fxqat {fxq}/{tot}, torchao {ao}/{tot} (weight layers counted by fxqat's registry: "
         "Linear, Conv*, ConvTranspose*, GPT-2 Conv1D; torchao's QAT swaps nn.Linear only).", "",
@@ -331,6 +332,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--note", default="", help="a sentence for the report (e.g. other jobs running alongside)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("fxqat").setLevel(logging.WARNING)
@@ -339,7 +341,7 @@ def main(argv=None) -> int:
     rows = coverage(args.quick)
     llama = llama_steps(3 if args.quick else args.rounds)
     payload = {"machine": machine(), "command": "python benchmarks/coverage.py" + (" --quick" if args.quick else ""),
-               "rows": rows, "llama": llama, "wall_s": time.perf_counter() - t0}
+               "rows": rows, "llama": llama, "wall_s": time.perf_counter() - t0, "note": args.note}
     md = markdown(payload)
     if args.quick:
         print(md)
