@@ -387,17 +387,27 @@ def arm_table(arms: Dict[str, Dict[int, Dict[str, Any]]], metric: str, lower_bet
 
 
 def comparisons(arms: Dict[str, Dict[int, Dict[str, Any]]], metric: str, lower_better: bool) -> List[str]:
-    """Per-seed differences of every BR arm against every KD arm (same seeds), signed so that positive means block
-    replacement is better."""
+    """Per-seed differences of every BR arm against KD at its learning rate, compute-matched KD at its learning rate
+    and the best KD arm of the learning-rate sweep (tuned KD), signed so that positive means block replacement is
+    better."""
     out = []
     sign = -1.0 if lower_better else 1.0
+    kds = [a for a in arms if a.split("@")[0] == "kd"]
+    best = (min if lower_better else max)(kds, key=lambda a: statistics.fmean(r[metric] for r in arms[a].values())) \
+        if kds else None
     for br in sorted(a for a in arms if a.startswith("br@")):
-        for kd in sorted(a for a in arms if a.startswith("kd")):
+        lr = br.split("@")[1]
+        targets = [(f"kd@{lr}", "same lr"), (f"kd_matched@{lr}", "same lr, BR's compute"), (best, "tuned: best KD lr")]
+        done = set()
+        for kd, why in targets:
+            if kd is None or kd not in arms or kd in done:
+                continue
+            done.add(kd)
             seeds = sorted(set(arms[br]) & set(arms[kd]))
             if not seeds:
                 continue
             d = [sign * (arms[br][s][metric] - arms[kd][s][metric]) for s in seeds]
-            out.append(f"- `{br}` vs `{kd}`: " + ", ".join(f"{v:+.4f} (seed {s})" for v, s in zip(d, seeds)))
+            out.append(f"- `{br}` vs `{kd}` ({why}): " + ", ".join(f"{v:+.4f} (seed {s})" for v, s in zip(d, seeds)))
     return out
 
 
