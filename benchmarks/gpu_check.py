@@ -1,6 +1,6 @@
 """GPU check (issue 24 item 5): fxqat's training paths on a CUDA device, in under 8 minutes.
 
-Three parts, each a subprocess with its own time limit (the budget is split 3 : 2 : 3 minutes):
+Three parts, each a subprocess with its own time limit (the budget is split 2.5 : 1.5 : 4 minutes):
 
 1. ``llm.py --quick --device cuda --seeds 0``: the LLM benchmark's smoke profile (every arm: FP control, torchao RTN
    and QAT, fxqat PTQ / LSQ / LSQ+KD / BR / compute-matched KD) trained and evaluated on the GPU (its FP pre-training,
@@ -40,11 +40,11 @@ RESULTS = HERE / "results"
 #: part -> (command line after the interpreter, time limit in seconds)
 PARTS: Dict[str, tuple] = {
     "llm_quick": (["llm.py", "--quick", "--device", "cuda", "--seeds", "0", "--no-progress", "--out",
-                   str(RESULTS / "gpu" / "llm_quick")], 180),
+                   str(RESULTS / "gpu" / "llm_quick")], 150),
     "step_time_compiled": (["step_time.py", "--llm", "--quick", "--device", "cuda", "--out", "gpu/step_time_llm"],
-                           120),
+                           90),
     "scale_1.1B": (["scale.py", "--sizes", "1.1B", "--device", "cuda", "--wait", "0", "--out",
-                    str(RESULTS / "gpu"), "--note", "GPU run."], 180),
+                    str(RESULTS / "gpu"), "--note", "GPU run."], 240),
 }
 
 
