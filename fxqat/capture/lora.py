@@ -350,9 +350,15 @@ def merged_copy(qm: nn.Module) -> Tuple[nn.Module, List[str]]:
         if _lora_mode(m) is None:
             continue
         parts = lora_parts(m)
+        base_rel = next(n for n, sub in m.named_modules() if sub is parts.base)
         with torch.no_grad():
             merged = effective_weight(parts)
             parts.base.weight.data = merged
         _replace(out, name, parts.base)
+        wq = getattr(parts.base, WEIGHT_QUANT)
+        for attr in ("weight_target", "weight_layer"):  # the base layer now sits where its LoRA layer was
+            value = getattr(wq, attr, None)
+            if isinstance(value, str):
+                setattr(wq, attr, value.replace(f".{base_rel}", "", 1) if f".{base_rel}" in value else value)
         names.append(name)
     return out, names

@@ -36,6 +36,7 @@ import safetensors.torch
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from fxqat.api import prepare_qat
 from fxqat.config import HybridConfig, QATConfig
@@ -69,11 +70,12 @@ def prepare_for_trainer(model: PreTrainedModel, example_batch: Mapping[str, torc
         The prepared model (same class, module tree and config), its quantizers not yet calibrated: FxqatCallback
         calibrates them on the first training batch, or call ``fxqat.calibrate(qm, [batch])`` first.
     """
-    if not isinstance(model, PreTrainedModel):
+    inner = model.get_base_model() if _is_peft(model) else model  # a PEFT (LoRA) model: docs/lora.md
+    if not isinstance(inner, PreTrainedModel):
         raise TypeError(f"prepare_for_trainer expects a transformers PreTrainedModel, got {type(model).__name__}; "
                         "use fxqat.prepare_qat for other modules.")
     kwargs = {k: v for k, v in example_batch.items() if k not in _NOT_MODEL_INPUTS}
-    if "use_cache" in inspect.signature(model.forward).parameters:
+    if "use_cache" in inspect.signature(inner.forward).parameters:
         kwargs.setdefault("use_cache", False)  # Trainer trains with use_cache=False (TrainingArguments.use_cache)
     qm = prepare_qat(model, (), config, example_kwargs=kwargs)
     if getattr(qm.config, "use_cache", None) is not None:
@@ -81,10 +83,26 @@ def prepare_for_trainer(model: PreTrainedModel, example_batch: Mapping[str, torc
     # Trainer passes num_items_in_batch as a model keyword when the forward takes **kwargs; HF models hand it on to
     # every decoder layer, whose captured graph was specialised without it. The losses here use it instead.
     qm.accepts_loss_kwargs = False
+    if _is_peft(qm):  # Trainer reads the flag on the model PEFT wraps
+        qm.get_base_model().accepts_loss_kwargs = False
     return qm
 
 
-class FxqatCallback(TrainerCallback):
+def _is_peft(model: nn.Module) -> bool:
+    """A PEFT ``PeftModel`` (it saves only its adapters: the callback saves the quantizer state beside them)."""
+    return callable(getattr(type(model), "get_base_model", None)) and hasattr(model, "peft_config")
+
+
+#: file a checkpoint of a PEFT model gets for its quantizer state (PEFT's save_pretrained writes the adapters only)
+QUANTIZER_FILE = "fxqat_quantizers.safetensors"
+
+
+def _quantizer_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    keys = {f"{name}.{k}" for name, q in named_quantizers(model).items() for k in q.state_dict()}
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in keys}
+
+
+class FxqatCallback(TrainerCallback, ExportableState):
     """Calibration, schedules and quantizer logging for a model prepared by fxqat, in any ``transformers.Trainer``.
 
     Pass it at construction (``Trainer(..., callbacks=[FxqatCallback()])``; :class:`QATTrainer` adds one itself):
@@ -109,6 +127,17 @@ class FxqatCallback(TrainerCallback):
         self._params: Dict[str, nn.Parameter] = {}
         self._hook = None
         self.optimizer = None
+        self._where = None  # (args, state) of the running Trainer, for state()
+
+    def state(self) -> dict:
+        """Trainer stores this in ``trainer_state.json``: where this checkpoint's quantizer file is (PEFT models)."""
+        folder = None
+        if self._where is not None:
+            args, st = self._where
+            folder = os.path.abspath(os.path.join(args.output_dir, f"checkpoint-{st.global_step}"))
+        return {"args": {"calibrate": self.calibrate, "temper_every": self.temper_every,
+                         "log_quantizers": self.log_quantizers, "detail": self.detail},
+                "attributes": {"quantizer_checkpoint": folder}}
 
     # ------------------------------------------------------------------------------------------- set-up
     def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -120,6 +149,13 @@ class FxqatCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.optimizer = optimizer
+        self._where = (args, state)
+        mine = (state.stateful_callbacks or {}).get(type(self).__name__)
+        folder = mine.get("attributes", {}).get("quantizer_checkpoint") if isinstance(mine, dict) else None
+        if state.global_step > 0 and _is_peft(model) and folder:  # resume: PEFT loaded the adapters only
+            saved = os.path.join(folder, QUANTIZER_FILE)
+            if os.path.exists(saved):
+                model.load_state_dict(safetensors.torch.load_file(saved, device="cpu"), strict=False)
         current = dict(model.named_parameters())
         stale = {p: current[n] for n, p in self._params.items() if n in current and current[n] is not p}
         if rebind_parameters(optimizer, stale):  # a resume loaded per-channel scales into new Parameters
@@ -176,6 +212,12 @@ class FxqatCallback(TrainerCallback):
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         if self.temper_every == "epoch":
             self._advance(model)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if model is not None and _is_peft(model) and args.should_save:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            safetensors.torch.save_file(_quantizer_state(model), os.path.join(folder, QUANTIZER_FILE))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._hook is not None:
