@@ -241,6 +241,56 @@ def run_accuracy(args) -> Dict[str, Any]:
     return part
 
 
+# --------------------------------------------------------------------------------------------------- exports
+def run_exports(args) -> Dict[str, Any]:
+    """Every export path on a merged PEFT LoRA model (tiny char-Llama, 2 training steps): ExecuTorch (8da4w),
+    GGUF (gguf_q4_0), HF checkpoint (int4 weight-only), against ``fxqat.convert``'s logits."""
+    import tempfile
+
+    import peft
+
+    from fxqat.export import save_pretrained, to_executorch, to_gguf
+    from fxqat.export.executorch import load_executorch
+    from fxqat.export.gguf_vocab import GGUFVocab
+    from fxqat.models.hf import char_llama
+    from fxqat.text_data import tiny_shakespeare
+
+    torch.set_num_threads(1)
+    ids = torch.randint(0, 65, (1, 16), generator=torch.Generator().manual_seed(0))
+
+    def trained(preset):
+        m = char_llama(65, seed=0, **QUICK_MODEL)
+        torch.manual_seed(1)
+        pm = peft.get_peft_model(m, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                    init_lora_weights=False))
+        qm = fxqat.prepare_qat(pm, (ids,), fxqat.QATConfig.preset(preset))
+        opt = torch.optim.AdamW(fxqat.trainable_parameters(qm), lr=1e-2)
+        for _ in range(2):
+            opt.zero_grad()
+            qm(ids).logits.square().mean().backward()
+            opt.step()
+        qm.eval()
+        with torch.no_grad():
+            return fxqat.merge_lora(qm), fxqat.convert(qm)(ids).logits
+
+    d, res = tempfile.mkdtemp(), {}
+    merged, ref = trained("8da4w")
+    out = load_executorch(to_executorch(merged, (ids,), os.path.join(d, "m.pte")))(ids)[0]
+    res["executorch_8da4w"] = {"max_abs_vs_convert": float((out - ref).abs().max()), "ref_absmax": float(ref.abs().max())}
+    merged, _ = trained("gguf_q4_0")
+    types = to_gguf(merged, os.path.join(d, "m.gguf"), GGUFVocab.from_chars(tiny_shakespeare().chars))
+    res["gguf_q4_0"] = {"q4_0_tensors": sum(v == "Q4_0" for v in types.values())}
+    import transformers
+
+    merged, ref = trained("int4_weight_only")
+    save_pretrained(merged, os.path.join(d, "hf"))
+    with torch.no_grad():
+        got = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(d, "hf"))(ids).logits
+    res["hf_checkpoint_int4"] = {"max_abs_vs_convert": float((got - ref).abs().max())}
+    (RESULTS / "lora_qat_exports.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
 # --------------------------------------------------------------------------------------------------- report
 def fmt(v: Optional[float], spec: str = ".2f") -> str:
     return "–" if v is None else format(v, spec)
@@ -258,7 +308,7 @@ def report(args) -> int:
     lines += ["## Memory and step time", "",
               "Peak RSS of the whole process (model build included) and median step time (AdamW step, batch x seq "
               "tokens) of each arm, each in its own subprocess. int4 weight-only per-group 32; LoRA rank 8 on every "
-              "decoder linear layer. `llm` is the LLM benchmark's 0.8M char-Llama (batch 32 x 128); 0.4B and 1.1B are "
+              "decoder linear layer. `llm` is the LLM benchmark's 0.8M char-Llama (batch 8 x 128); 0.4B and 1.1B are "
               "benchmarks/scale.py's Llama shapes with random weights (batch 1).", "",
               "| size | dtype | arm | trainable | peak RSS GB | x full QAT | step s | x FP LoRA |",
               "|---|---|---|---:|---:|---:|---:|---:|"]
@@ -277,7 +327,8 @@ def report(args) -> int:
     if quick and parts:
         lines += ["**Reduced proxy, not the LLM benchmark's protocol**: the benchmark's FP pre-training did not finish "
                   "in this session on the shared 2-core machine, so these rows use llm.py's smoke-profile char-Llama "
-                  "(2 layers, hidden 32; FP pre-trained 300 steps, batch 8 x 32) and the step count given in the json.",
+                  "(2 layers, hidden 32; FP pre-trained 300 steps, batch 8 x 32), 100 fine-tuning steps per arm "
+                  "(`accuracy --quick --steps 100 --n-val 8`), 8 validation batches of 8 x 32.",
                   ""]
     if parts:
         seeds = sorted(parts)
@@ -297,7 +348,15 @@ def report(args) -> int:
                     if vals:
                         lines.append(f"| {setting} | {arm} | {'yes' if kd else 'no'} | {statistics.mean(vals):.4f} | "
                                      f"{', '.join(f'{v:.4f}' for v in vals)} |")
-    payload = {"machine": machine(), "memory": mem, "accuracy": {str(k): v for k, v in parts.items()},
+    exp_path = RESULTS / "lora_qat_exports.json"
+    exports = json.loads(exp_path.read_text()) if exp_path.exists() else {}
+    if exports:
+        lines += ["", "## Export of the merged model (`python benchmarks/lora_qat.py exports`)", "",
+                  "A PEFT LoRA char-Llama (r=4 on q/v/down_proj), prepared with lora='merged', 2 steps, "
+                  "`fxqat.merge_lora`, then each export path; compared with `fxqat.convert(qm)`'s logits.", "",
+                  "| path | result |", "|---|---|"]
+        lines += [f"| {k} | {json.dumps(v)} |" for k, v in exports.items()]
+    payload = {"machine": machine(), "memory": mem, "exports": exports, "accuracy": {str(k): v for k, v in parts.items()},
                "rank": RANK, "alpha": ALPHA, "targets": TARGETS, "lora_lr": LORA_LR}
     (RESULTS / "lora_qat.json").write_text(json.dumps(payload, indent=2))
     (RESULTS / "lora_qat.md").write_text("\n".join(lines) + "\n")
@@ -327,11 +386,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     a.add_argument("--kd", nargs="+", type=int, default=[0, 1])
     a.add_argument("--quick", action="store_true", help="llm.py's smoke-profile model instead of the benchmark's")
     sub.add_parser("report")
+    sub.add_parser("exports")
     args = ap.parse_args(argv)
     if args.cmd == "memory":
         run_memory(args)
     elif args.cmd == "accuracy":
         run_accuracy(args)
+    elif args.cmd == "exports":
+        run_exports(args)
     return report(args)
 
 
