@@ -63,6 +63,10 @@ SETUP = {
     ("docs/choosing_bits.md", 0): _IMAGE,
     ("docs/deploy.md", 0): _IMAGE,
     ("docs/deploy.md", 2): _LLAMA,
+    ("docs/deploy.md", 3): _LLAMA + "x = ids\nchars = [chr(0x100 + i) for i in range(llama.config.vocab_size)]\n",
+    ("docs/llm.md", 1): ("from transformers import LlamaConfig, LlamaForCausalLM\n"
+                         "cfg = " + _TINY_LLAMA.replace("transformers.", "") + "\n"),
+    ("docs/lora.md", 0): _LLAMA,
     ("docs/getting_started.md", 1): "fp_model = torchvision.models.resnet18(num_classes=10)\n"
                                      "y = torch.randint(0, 10, (8,))\n",
     ("docs/hf_trainer.md", 1): "args = trainer.args\n",
@@ -76,6 +80,9 @@ EDITS = {
     ("docs/deploy.md", 0): [("# ... train ...", "fxqat.calibrate(qm, [x])  # stands in for training")],
     ("docs/deploy.md", 1): [("# ... train pm ...", "pm(x)  # stands in for training")],
     ("docs/deploy.md", 2): [("# ... train ...", "fxqat.calibrate(qm, [ids])  # stands in for training")],
+    ("docs/deploy.md", 3): [("# ... train ...", "fxqat.calibrate(qm, [x])  # stands in for training"),
+                            ('GGUFVocab.from_tokenizer(tokenizer, pre="llama-bpe")', "GGUFVocab.from_chars(chars)")],
+    ("docs/lora.md", 0): [("lr=1e-3)\n...\n", "lr=1e-3)\nqm(ids)  # stands in for training\n")],
     ("docs/hf_trainer.md", 0): [("n=250 * 32, context=128", "n=8, context=32"),
                                 ("max_steps=250, learning_rate=1e-4, save_steps=125",
                                  "max_steps=2, learning_rate=1e-4, save_steps=125, per_device_train_batch_size=2, "
@@ -90,6 +97,7 @@ SKIP = {
 NEEDS = {
     ("README.md", 2): ("transformers",), ("README.md", 3): ("transformers", "accelerate"),
     ("docs/deploy.md", 0): ("onnx", "onnxruntime", "torchao"), ("docs/deploy.md", 2): ("torchao", "executorch"),
+    ("docs/deploy.md", 3): ("transformers", "gguf"), ("docs/lora.md", 0): ("transformers", "peft", "torchao"),
     ("docs/fsdp.md", 0): ("transformers",), ("docs/hf_trainer.md", 0): ("transformers", "accelerate"),
     ("docs/hf_trainer.md", 1): ("transformers", "accelerate"), ("docs/llm.md", 0): ("transformers",),
 }
