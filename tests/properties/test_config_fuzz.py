@@ -130,6 +130,8 @@ QAT_VALID = {
     "first_last_layers": st.sampled_from([(), ("first",), ("last",), ("first", "last"), "last"]),
     "quantize_matmuls": st.just(False),  # True needs a_bits (drawn None above); tests/unit/test_matmuls.py covers it
     "quantize_router": st.booleans(), "quantize_embeddings": st.booleans(),
+    "lora": st.sampled_from(["merged", "base"]), "kv_bits": st.none() | st.integers(2, 8),
+    "kv_granularity": st.sampled_from(["per_token", "per_head"]),
 }
 HYBRID_VALID = {
     "paths": st.sampled_from(["all", 1, 2, 3]), "partner": st.sampled_from(["frozen", "shared"]),
@@ -151,6 +153,7 @@ QAT_BAD = {
     "first_last": 17, "act_signed": "no", "overrides": "fc", "hybrid": {}, "w_options": 5, "a_options": "init",
     "g_options": [1], "leaf_modules": [3], "w_granularity": "per_chanel", "group_size": 0, "a_granularity": "token",
     "first_last_layers": ("middle",), "quantize_matmuls": "yes", "quantize_router": "no", "quantize_embeddings": 1,
+    "lora": "merge", "kv_bits": 0, "kv_granularity": "token",
 }
 HYBRID_BAD = {
     "paths": 0, "partner": "froze", "mode": "lp", "kd_weight": float("nan"), "temperature": 0.0, "path_weights": (),

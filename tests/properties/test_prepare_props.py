@@ -9,10 +9,11 @@ from hypothesis import strategies as st
 from strategies import any_model_st
 
 import fxqat
-from fxqat.quantizers import available_methods
+from fxqat.quant_spec import granularity_support
 from fxqat.trace import trace
 
-METHODS = [m for m in available_methods() if m not in ("grad", "dynamic")]  # dynamic: per-token activations only
+# methods offered per-tensor for both weights and activations (dynamic is per-token only, gguf per-group weights only)
+METHODS = [m for m, g in granularity_support().items() if set(g.get("per_tensor", ())) >= {"weight", "act"}]
 
 
 @given(any_model_st())
