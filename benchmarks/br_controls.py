@@ -23,7 +23,11 @@ Usage::
     python benchmarks/br_controls.py llm --setting int2 --seed 0 --arms br --hybrid paths=1 --tag p1
     python benchmarks/br_controls.py llm --setting int2 --ratios --hybrid paths=1   # interleaved step times only
     python benchmarks/br_controls.py cifar --seed 0 --epochs 2 --arms br@0.01 kd@0.01 kd@0.016 kd_matched@0.01
+    python benchmarks/br_controls.py llm --model mini --setting w4a4 --seed 0 --arms kd@0.001 br@0.001 kd_matched@0.001
     python benchmarks/br_controls.py report
+
+The committed records were made with ``--model mini`` (``MINI_MODEL``: the benchmark model's FP pre-training did not
+fit the shared machine in that session); every record holds its exact command.
 """
 
 from __future__ import annotations
