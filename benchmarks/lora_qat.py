@@ -310,6 +310,8 @@ def report(args) -> int:
               "tokens) of each arm, each in its own subprocess. int4 weight-only per-group 32; LoRA rank 8 on every "
               "decoder linear layer. `llm` is the LLM benchmark's 0.8M char-Llama (batch 8 x 128); 0.4B and 1.1B are "
               "benchmarks/scale.py's Llama shapes with random weights (batch 1).", "",
+              "Step times of this run are not comparable: the arms ran at different times under a load average of "
+              "about 15 on 2 cores (the FP LoRA step came out slowest); no step-time conclusion is drawn from them.", "",
               "| size | dtype | arm | trainable | peak RSS GB | x full QAT | step s | x FP LoRA |",
               "|---|---|---|---:|---:|---:|---:|---:|"]
     for key, r in mem.items():
