@@ -17,7 +17,19 @@ import fxqat
 
 __all__ = ["machine", "time_steps", "write_results", "torchao_config", "torchao_rtn", "torchao_qat_prepare",
            "torchao_qat_convert", "PRESET", "fxqat_prepare", "AUTOBITS_ARMS", "uniform_config", "arm_rows", "cost_rows", "allocation_rows",
-           "SCALE_SIZES", "scale_llama"]
+           "SCALE_SIZES", "scale_llama", "mem_available_gb"]
+
+
+def mem_available_gb() -> float:
+    """The kernel's MemAvailable in GB (inf where /proc/meminfo is absent): the memory guard of the scale arms."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1e6
+    except OSError:
+        pass
+    return float("inf")
 
 
 def machine() -> Dict[str, object]:

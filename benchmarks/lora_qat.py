@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import PRESET, SCALE_SIZES, machine, scale_llama, torchao_rtn  # noqa: E402
+from _common import PRESET, SCALE_SIZES, machine, mem_available_gb, scale_llama, torchao_rtn  # noqa: E402
 
 import fxqat  # noqa: E402
 from fxqat.capture.lora import effective_weight, lora_parts, named_lora_layers  # noqa: E402
@@ -141,14 +141,6 @@ def memory_arm(size: str, dtype: str, arm: str, seq: int, batch: int) -> Dict[st
     rec["step_first_s"] = times[0]
     rec["peak_rss_gb"] = peak_rss_gb()
     return rec
-
-
-def mem_available_gb() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1e6
-    return float("inf")
 
 
 def needed_gb(size: str, dtype: str, arm: str) -> float:

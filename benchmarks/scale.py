@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine, not_lm_head, torchao_config, torchao_qat_convert  # noqa: E402
+from _common import machine, mem_available_gb, not_lm_head, torchao_config, torchao_qat_convert  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARMS = ("fp", "torchao", "fxqat", "br")
@@ -74,14 +74,6 @@ def needed_gb(size: str, dtype: str) -> float:
     if size == "1.1B":
         return 20.0 if dtype == "fp32" else 12.0
     return n_params(size) * (4 if dtype == "fp32" else 2) * 5 / 1e9 + 1.0
-
-
-def mem_available_gb() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1e6
-    return float("inf")
 
 
 # ------------------------------------------------------------------------------------------------- one arm (child)

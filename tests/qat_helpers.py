@@ -1,4 +1,5 @@
-"""Small helpers several test files share: a briefly trained prepared model, and which blocks own each module."""
+"""Small helpers several test files share: a briefly trained prepared model (any loss, or next-token LM steps), a
+model whose root forward cannot be traced, and which blocks own each module."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import torch
+from torch import nn
 
 import fxqat
 
@@ -23,6 +25,39 @@ def trained(net, x, preset: str, steps: int = 3, **overrides):
         loss.backward()
         opt.step()
     return qm.eval()
+
+
+def lm_steps(qm, x: torch.Tensor, vocab: int, steps: int = 3, lr: float = 1e-2):
+    """``steps`` Adam steps of next-token cross-entropy on ``x`` for a prepared causal LM (every trainable
+    parameter, quantizer scales included), so learned step sizes move off their initial values; returned in eval
+    mode."""
+    qm.train()
+    opt = torch.optim.Adam([p for p in qm.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        logits = qm(x).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return qm.eval()
+
+
+class DataDepRoot(nn.Module):
+    """An eager root (a data-dependent branch torch.fx cannot trace) over a ModuleList chain and a head; returns
+    ``(logits, features)``, or the logits alone with ``features=False``."""
+
+    def __init__(self, n: int = 3, d: int = 8, features: bool = True):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(d, d), nn.ReLU()) for _ in range(n)])
+        self.head = nn.Linear(d, 2)
+        self.features = features
+
+    def forward(self, x):
+        if x.sum() > 1e9:
+            x = -x
+        for layer in self.layers:
+            x = layer(x)
+        return (self.head(x), x) if self.features else self.head(x)
 
 
 def block_owners(blocks) -> Dict[str, List[int]]:

@@ -4,25 +4,10 @@ idempotence, hooks in train mode, partner semantics, conversion, reports)."""
 import pytest
 import torch
 import torch.nn as nn
+from qat_helpers import DataDepRoot
 
 import fxqat
 from fxqat.trace import FxqatTracer
-
-
-class DataDepRoot(nn.Module):
-    """An eager root (data-dependent branch) over a ModuleList chain and a head."""
-
-    def __init__(self, n=3, d=8):
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(d, d), nn.ReLU()) for _ in range(n)])
-        self.head = nn.Linear(d, 2)
-
-    def forward(self, x):
-        if x.sum() > 1e9:
-            x = -x
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x), x
 
 
 class TwiceLinear(nn.Module):

@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from qat_helpers import lm_steps
 
 import fxqat
 from fxqat.export import ExportError, GGUFVocab, to_gguf
@@ -49,16 +50,7 @@ def tiny(arch="llama", seed=0, **kw):
 def qat(model, preset, steps=3, **cfg):
     """Prepare with ``preset`` and train a few steps, so the steps are learned (not llama.cpp's initial ones)."""
     x = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(1))
-    qm = fxqat.prepare_qat(model, (x,), fxqat.QATConfig.preset(preset, **cfg))
-    qm.train()
-    opt = torch.optim.Adam([p for p in qm.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(steps):
-        logits = qm(x).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return qm.eval()
+    return lm_steps(fxqat.prepare_qat(model, (x,), fxqat.QATConfig.preset(preset, **cfg)), x, VOCAB, steps)
 
 
 def read(path):

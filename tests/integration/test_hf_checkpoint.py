@@ -14,6 +14,7 @@ import textwrap
 
 import pytest
 import torch
+from qat_helpers import lm_steps
 
 import fxqat
 from fxqat.export import ExportError, load_for_qat, save_pretrained
@@ -46,15 +47,7 @@ def trained(preset, steps=3):
                                    tie_word_embeddings=False)
     model = transformers.LlamaForCausalLM(cfg).eval()
     x = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(1))
-    qm = fxqat.prepare_qat(model, (x,), fxqat.QATConfig.preset(preset)).train()
-    opt = torch.optim.Adam([p for p in qm.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(steps):
-        logits = qm(x).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return qm.eval(), x
+    return lm_steps(fxqat.prepare_qat(model, (x,), fxqat.QATConfig.preset(preset)), x, VOCAB, steps), x
 
 
 @pytest.mark.parametrize("preset", ["int4_weight_only", "8da4w", "gguf_q4_0"])

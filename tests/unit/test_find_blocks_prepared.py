@@ -6,25 +6,9 @@ graph-root model.
 
 import torch
 import torchvision
-from torch import nn
+from qat_helpers import DataDepRoot
 
 import fxqat
-
-
-class DataDependentRoot(nn.Module):
-    """A root forward torch.fx cannot trace (a data-dependent branch): prepared through the eager-root capture."""
-
-    def __init__(self, n: int = 3, d: int = 8):
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(d, d), nn.ReLU()) for _ in range(n)])
-        self.head = nn.Linear(d, 2)
-
-    def forward(self, x):
-        if x.sum() > 1e9:
-            x = -x
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x)
 
 
 def _summary(blocks):
@@ -44,7 +28,7 @@ def test_find_blocks_of_a_prepared_graph_root_model_equals_its_fp_blocks():
 
 def test_find_blocks_of_a_prepared_eager_root_model_equals_its_fp_blocks():
     torch.manual_seed(0)
-    model, x = DataDependentRoot(), torch.randn(2, 8)
+    model, x = DataDepRoot(features=False), torch.randn(2, 8)
     fp = fxqat.find_blocks(model, (x,))
     qm = fxqat.prepare_qat(model, (x,), fxqat.QATConfig())
     assert fxqat.capture_report(qm).regions[0].kind == "eager"
