@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import fxqat
 
-__all__ = ["machine", "time_steps", "write_results", "torchao_config", "torchao_rtn", "torchao_qat_prepare",
+__all__ = ["machine", "time_steps", "write_results", "read_results", "RESULTS_DIR", "torchao_config", "torchao_rtn", "torchao_qat_prepare",
            "torchao_qat_convert", "PRESET", "fxqat_prepare", "AUTOBITS_ARMS", "uniform_config", "arm_rows", "cost_rows", "allocation_rows",
            "SCALE_SIZES", "scale_llama", "mem_available_gb"]
 
@@ -65,9 +65,19 @@ def time_steps(steps: Dict[str, Callable[[], None]], warmup: int = 3, rounds: in
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+#: where benchmark results are committed
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def read_results(stem: str) -> Dict[str, object]:
+    """The payload of ``benchmarks/results/<stem>.json`` (to merge new rows into an earlier run)."""
+    with open(os.path.join(RESULTS_DIR, f"{stem}.json")) as f:
+        return json.load(f)
+
+
 def write_results(stem: str, payload: Dict[str, object], markdown: str) -> None:
     """Write ``benchmarks/results/<stem>.json`` and ``<stem>.md``."""
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    out = RESULTS_DIR
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"{stem}.json"), "w") as f:
         json.dump(payload, f, indent=2)
