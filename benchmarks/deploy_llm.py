@@ -135,7 +135,8 @@ def executorch_markdown(et) -> list:
           "row by row, against the fake-quantized model (FP: against FP). Tokens/s: one program run on the "
           f"{a['context']}-token window per decoded token ({a['decode_tokens']} tokens, the whole window recomputed "
           "each time, as a cache-less program decodes; llama.cpp above decodes with a KV cache), one XNNPACK thread, "
-          "best of 3.\n",
+          f"best of 3. Run with other jobs on the machine (load average {et['load_average']})."
+          "\n",
           "| model | .pte loss | max Δ logit | agreement | .pte bytes | tokens/s | export+lowering s |",
           "|---|---|---|---|---|---|---|"]
     for name, r in et["rows"].items():
@@ -177,6 +178,7 @@ def main() -> None:
         int4, _ = trained(fp, corpus, x0, "int4_weight_only", args.qat_steps)
         payload["executorch"] = {
             "args": et_args, "fake_quant_loss": evaluate_lm(q8da4w, val),
+            "load_average": "/".join(f"{v:.1f}" for v in os.getloadavg()),
             "rows": executorch_rows({"FP (float32)": (fp, fp), "8da4w": (q8da4w, q8da4w),
                                      "int4_weight_only": (int4, int4)}, val, out, args.decode_tokens)}
         write_results("deploy_llm", payload, markdown(payload))
@@ -216,6 +218,7 @@ def main() -> None:
                "presets": rows, "bytes": sizes, "llama_cpp_tokens_per_s": speed,
                "note": "other jobs ran concurrently on the 2-core machine (load average 10-18): speeds are noisy"}
     payload["executorch"] = {"args": et_args, "fake_quant_loss": rows.get("8da4w", {}).get("fake_quant_loss"),
+                             "load_average": "/".join(f"{v:.1f}" for v in os.getloadavg()),
                              "rows": executorch_rows(et_models, val, out, args.decode_tokens)}
     write_results("deploy_llm", payload, markdown(payload))
     print(markdown(payload))
