@@ -39,7 +39,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from fxqat.quantizers.base import NotAffineError, Quantizer, from_groups, to_groups
+from fxqat.quantizers.base import NotAffineError, Quantizer
+from fxqat.quantizers.layout import from_groups, to_groups
 
 __all__ = ["ExportError", "AffineParams", "affine_params"]
 

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fxqat.quantizers.base import channel_rows
+from fxqat.quantizers.layout import channel_rows
 from fxqat.quantizers.ste import scale_grad
 
 __all__ = [

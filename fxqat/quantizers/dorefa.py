@@ -34,7 +34,8 @@ from torch import nn
 
 from fxqat.method_registry import register
 from fxqat.quantizers._zoo_utils import StateShapeMixin, act_clip_std, axis_of, check_choice, reduce, set_tensor
-from fxqat.quantizers.base import NotAffineError, Quantizer, channel_rows, channel_view, grad_inside, use_function
+from fxqat.quantizers.base import NotAffineError, Quantizer, grad_inside, use_function
+from fxqat.quantizers.layout import channel_rows, channel_view
 from fxqat.quantizers.ste import clip_ste, round_ste
 
 __all__ = ["DoReFaQuantizer", "dorefa_weight", "quantize_k", "DoReFaWeightMixin"]

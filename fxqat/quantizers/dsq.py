@@ -66,7 +66,8 @@ from fxqat.quantizers._zoo_utils import (
     set_tensor,
     widen_degenerate,
 )
-from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, use_function
+from fxqat.quantizers.base import NotAffineError, Quantizer, use_function
+from fxqat.quantizers.layout import channel_view
 
 __all__ = ["DSQQuantizer", "dsq_soft"]
 

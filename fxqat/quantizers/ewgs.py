@@ -56,7 +56,8 @@ from fxqat.quantizers._zoo_utils import (
     reduce,
     set_tensor,
 )
-from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, use_function
+from fxqat.quantizers.base import NotAffineError, Quantizer, use_function
+from fxqat.quantizers.layout import channel_view
 
 __all__ = ["EWGSQuantizer", "ewgs_discretize", "refresh_ewgs_delta"]
 

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from fxqat.method_registry import register
-from fxqat.quantizers.base import Quantizer, channel_rows, channel_view, grad_inside, use_function
+from fxqat.quantizers.base import Quantizer, grad_inside, use_function
+from fxqat.quantizers.layout import channel_rows, channel_view
 from fxqat.quantizers.scale_init import INITS, init_scale
 from fxqat.quantizers.ste import round_ste, scale_grad
 

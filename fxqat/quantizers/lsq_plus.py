@@ -53,12 +53,11 @@ from fxqat.quantizers._zoo_utils import (
 from fxqat.quantizers.base import (
     NotAffineError,
     Quantizer,
-    channel_rows,
-    channel_view,
     grad_inside,
     int_range,
     use_function,
 )
+from fxqat.quantizers.layout import channel_rows, channel_view
 from fxqat.quantizers.ste import round_ste
 
 __all__ = ["LSQPlusQuantizer", "LSQPlusFunction", "mse_range_search"]

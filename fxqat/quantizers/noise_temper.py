@@ -59,8 +59,9 @@ from fxqat.quantizers._zoo_utils import (
     reduce,
     set_tensor,
 )
-from fxqat.quantizers.base import Quantizer, channel_view, grad_inside, use_function
+from fxqat.quantizers.base import Quantizer, grad_inside, use_function
 from fxqat.quantizers.grad_ops import noise_from_codes, uniform_noise, uniform_noise_codes
+from fxqat.quantizers.layout import channel_view
 from fxqat.quantizers.ste import clip_ste, round_ste
 
 __all__ = ["NoiseTemperQuantizer", "NoiseTemperFunction"]

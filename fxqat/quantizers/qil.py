@@ -61,7 +61,8 @@ from fxqat.quantizers._zoo_utils import (
     set_tensor,
     sum_to,
 )
-from fxqat.quantizers.base import NotAffineError, Quantizer, channel_view, grad_inside, use_function
+from fxqat.quantizers.base import NotAffineError, Quantizer, grad_inside, use_function
+from fxqat.quantizers.layout import channel_view
 from fxqat.quantizers.ste import round_ste
 
 __all__ = ["QILQuantizer", "QILFunction", "qil_transform"]

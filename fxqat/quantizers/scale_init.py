@@ -30,7 +30,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from fxqat.quantizers.base import channel_rows
+from fxqat.quantizers.layout import channel_rows
 
 __all__ = ["INITS", "CHUNK_ELEMENTS", "init_scale", "mse_scale", "lowest_needed_ratio"]
 

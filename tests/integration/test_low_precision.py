@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import fxqat
 from fxqat.models import get_model
-from fxqat.quantizers.base import channel_view, from_groups
+from fxqat.quantizers.layout import channel_view, from_groups
 
 pytest.importorskip("transformers")
 from fxqat.models.hf import char_llama  # noqa: E402

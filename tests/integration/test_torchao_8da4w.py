@@ -24,8 +24,8 @@ import torch.nn as nn
 
 import fxqat
 from fxqat.quantizers import make_quantizer
-from fxqat.quantizers.base import to_groups
 from fxqat.quantizers.dynamic import per_token_qparams
+from fxqat.quantizers.layout import to_groups
 
 torchao = pytest.importorskip("torchao", reason="torchao not installed: pip install -e '.[export]'")
 from torchao.quantization.qat import IntxFakeQuantizeConfig, IntxFakeQuantizer  # noqa: E402

@@ -33,8 +33,8 @@ import torch
 import fxqat
 from fxqat.config import GRANULARITIES, QuantSpec
 from fxqat.quantizers import NotAffineError, get_method, make_quantizer
-from fxqat.quantizers.base import to_groups
 from fxqat.quantizers.dynamic import per_token_qparams
+from fxqat.quantizers.layout import to_groups
 
 METHODS = [m for m in fxqat.available_methods() if m != "grad"]
 BITS = list(range(2, 9))
