@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from fxqat.capture.region import CONSTANT_TYPES, Binding, Unbindable, bind_call, positional_names
+from fxqat.capture.binding import CONSTANT_TYPES, Binding, Unbindable, bind_call, positional_names
 
 __all__ = ["Call", "record_calls", "snapshot_objects"]
 
