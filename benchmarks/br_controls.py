@@ -280,10 +280,42 @@ def llm_main(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- CIFAR
+def block_of(name: str, blocks) -> Optional[str]:
+    """The block owning parameter ``name``: the block with the longest module name that prefixes it."""
+    best, best_len = None, -1
+    for b in blocks:
+        for m in b.modules:
+            if (name == m or name.startswith(m + ".")) and len(m) > best_len:
+                best, best_len = b.name, len(m)
+    return best
+
+
+def block_grad_ratios(br_model: nn.Module, batches, blocks) -> Dict[str, float]:
+    """Per block: ‖∇ block replacement's loss‖ / ‖∇ its backbone terms alone (the KD loss)‖ over the block's
+    parameters, summed over ``batches`` (same model, same batch, same forward): the per-block step-size factor that
+    block replacement gives each block under SGD, relative to KD."""
+    from fxqat.training.losses import distillation_loss
+
+    params = [(n, p) for n, p in br_model.named_parameters() if p.requires_grad]
+    owner = {n: block_of(n, blocks) for n, _ in params}
+    sq: Dict[str, List[float]] = {}
+    br_model.train()
+    for x, y in batches:
+        out = br_model(x)
+        for which, loss in (("br", fxqat.hybrid_loss(out, y)[0]), ("kd", distillation_loss(out.lp, out.fp, y)[0])):
+            grads = torch.autograd.grad(loss, [p for _, p in params], retain_graph=which == "br", allow_unused=True)
+            for (n, _), g in zip(params, grads):
+                if g is not None and owner[n] is not None:
+                    acc = sq.setdefault(owner[n], [0.0, 0.0])
+                    acc[which == "kd"] += float(g.pow(2).sum())
+    return {b: math.sqrt(v[0] / v[1]) for b, v in sq.items() if v[1] > 0}
+
+
 def cifar_main(args) -> None:
     from fxqat import data as fdata
     from fxqat.models import get_model
-    from fxqat.training.loop import TrainConfig, compute_loss
+    from fxqat.quantizers.control import quantizer_parameters
+    from fxqat.training.loop import TrainConfig, calibrate, compute_loss, fit
     from fxqat.training.recipes import train_fp, train_qat
 
     hybrid = parse_hybrid(args.hybrid)
@@ -331,6 +363,11 @@ def cifar_main(args) -> None:
             steps[name] = step
         return interleaved_ratio(steps, args.ratio_rounds)
 
+    setting = f"w{bits}a{bits}_{args.optimizer}_{base_steps}steps"
+    if args.ratios:
+        save_record("cifar", setting, f"ratio{('_' + args.tag) if args.tag else ''}", args.seed,
+                    {"step_ratio": ratio(0.01), "hybrid": hybrid})
+        return
     for arm in args.arms:
         kind, lr = parse_arm(arm, 0.01)
         label = f"{kind}@{lr:g}" + (f"_{args.tag}" if args.tag else "")
@@ -340,7 +377,7 @@ def cifar_main(args) -> None:
         if kind == "kd_matched":
             extra["step_ratio"] = ratio(lr)
             steps = max(base_steps, round(base_steps * extra["step_ratio"]["ratio"]))
-        if kind not in ("lsq", "kd", "br", "kd_matched"):
+        if kind not in ("lsq", "kd", "br", "kd_matched", "kd_blocklr"):
             raise SystemExit(f"br_controls: unknown CIFAR arm {kind!r}")
         if kind in ("br", "kd_matched"):
             extra["hybrid"] = hybrid
@@ -349,12 +386,32 @@ def cifar_main(args) -> None:
         loader = fdata.BatchLoader(tr, 128, train=True, seed=args.seed, rank=0, world_size=1)
         qm = prepare(kind == "br")
         t0 = time.perf_counter()
-        hist = train_qat(qm, loader, qcfg, test_loader=test, teacher=teacher() if "kd" in kind else None,
-                         desc=f"{kind} W{bits}A{bits} s{args.seed}")
+        if kind == "kd_blocklr":  # KD with each block's lr scaled by BR's measured gradient ratio (4 batches)
+            brm = prepare(True)
+            batches = list(zip(range(4), fdata.BatchLoader(tr, 128, train=True, seed=99, rank=0, world_size=1)))
+            fxqat.calibrate(brm, batches[0][1][0])
+            loader.set_epoch(0)
+            calibrate(qm, next(iter(loader))[0])  # as train_qat does
+            blocks = fxqat.find_blocks(fp, (x0,))
+            extra["block_ratio"] = block_grad_ratios(brm, [b for _, b in batches], blocks)
+            del brm
+            groups: Dict[Tuple[str, float], List[nn.Parameter]] = {}
+            qids = {id(p) for p in quantizer_parameters(qm).values()}
+            for n, p in qm.named_parameters():
+                if p.requires_grad:
+                    f = extra["block_ratio"].get(block_of(n, blocks), 1.0)
+                    groups.setdefault(("q" if id(p) in qids else "w", f), []).append(p)
+            pg = [{"params": ps, "lr": lr * f, "weight_decay": 0.0 if k == "q" else qcfg.weight_decay}
+                  for (k, f), ps in groups.items()]
+            hist = fit(qm, loader, qcfg, test_loader=test, teacher=teacher(), params=pg,
+                       desc=f"{kind} W{bits}A{bits} s{args.seed}")
+        else:
+            hist = train_qat(qm, loader, qcfg, test_loader=test, teacher=teacher() if "kd" in kind else None,
+                             desc=f"{kind} W{bits}A{bits} s{args.seed}")
         rec = {**extra, "top1": hist["final"]["test_top1"], "steps": steps, "time_s": time.perf_counter() - t0}
         if kind == "br":
             rec["running_sensitivity"] = running_table(qm)
-        save_record("cifar", f"w{bits}a{bits}_{args.optimizer}_{base_steps}steps", label, args.seed, rec)
+        save_record("cifar", setting, label, args.seed, rec)
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -474,7 +531,8 @@ def main(argv=None) -> int:
     for name in ("llm", "cifar"):
         p = sub.add_parser(name)
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--arms", nargs="+", default=["br", "kd", "kd_matched"])
+        p.add_argument("--arms", nargs="*", default=["br", "kd", "kd_matched"],
+                       help="arms to run; none: only build (and cache) the FP checkpoint")
         p.add_argument("--hybrid", nargs="*", default=[], help="HybridConfig fields key=value for the br arm")
         p.add_argument("--tag", default="", help="suffix of the arm label (e.g. the hybrid option)")
         p.add_argument("--ratio-rounds", type=int, default=16)
@@ -485,8 +543,8 @@ def main(argv=None) -> int:
             p.add_argument("--model", default="benchmark", choices=("benchmark", "mini"),
                            help="the benchmark's char Llama or the 16x cheaper mini profile (MINI_MODEL)")
             p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the recipe's 250)")
-            p.add_argument("--ratios", action="store_true", help="only measure the interleaved BR/KD step ratio")
-        else:
+        p.add_argument("--ratios", action="store_true", help="only measure the interleaved BR/KD step ratio")
+        if name == "cifar":
             p.add_argument("--epochs", type=int, default=2)
             p.add_argument("--steps", type=int, default=None,
                            help="QAT steps per arm (default: --epochs); 120 = accuracy.py's short profile")
