@@ -447,10 +447,11 @@ def arm_table(arms: Dict[str, Dict[int, Dict[str, Any]]], metric: str, lower_bet
     return head + rows
 
 
-def comparisons(arms: Dict[str, Dict[int, Dict[str, Any]]], metric: str, lower_better: bool) -> List[str]:
-    """Per-seed differences of every BR arm against KD at its learning rate, compute-matched KD at its learning rate
-    and the best KD arm of the learning-rate sweep (tuned KD), signed so that positive means block replacement is
-    better."""
+def comparison_data(arms: Dict[str, Dict[int, Dict[str, Any]]], metric: str,
+                    lower_better: bool) -> List[Tuple[str, str, str, List[Tuple[int, float]]]]:
+    """``(br arm, kd arm, why, [(seed, difference)])`` of every BR arm against KD at its learning rate,
+    compute-matched KD at its learning rate, KD with per-block learning rates, and the best KD arm of the
+    learning-rate sweep (tuned KD); signed so that positive means block replacement is better."""
     out = []
     sign = -1.0 if lower_better else 1.0
     kds = [a for a in arms if a.split("@")[0] == "kd"]
@@ -458,18 +459,49 @@ def comparisons(arms: Dict[str, Dict[int, Dict[str, Any]]], metric: str, lower_b
         if kds else None
     for br in sorted(a for a in arms if a.startswith("br@")):
         lr = br.split("@")[1]
-        targets = [(f"kd@{lr}", "same lr"), (f"kd_matched@{lr}", "same lr, BR's compute"), (best, "tuned: best KD lr")]
+        targets = [(f"kd@{lr}", "same lr"), (f"kd_matched@{lr}", "same lr, BR's compute"),
+                   (f"kd_blocklr@{lr}", "per-block lr = BR's gradient ratio"), (best, "tuned: best KD lr")]
         done = set()
         for kd, why in targets:
             if kd is None or kd not in arms or kd in done:
                 continue
             done.add(kd)
             seeds = sorted(set(arms[br]) & set(arms[kd]))
-            if not seeds:
-                continue
-            d = [sign * (arms[br][s][metric] - arms[kd][s][metric]) for s in seeds]
-            out.append(f"- `{br}` vs `{kd}` ({why}): " + ", ".join(f"{v:+.4f} (seed {s})" for v, s in zip(d, seeds)))
+            if seeds:
+                out.append((br, kd, why, [(s, sign * (arms[br][s][metric] - arms[kd][s][metric])) for s in seeds]))
     return out
+
+
+def comparisons(arms: Dict[str, Dict[int, Dict[str, Any]]], metric: str, lower_better: bool) -> List[str]:
+    """Markdown lines of :func:`comparison_data`."""
+    return [f"- `{br}` vs `{kd}` ({why}): " + ", ".join(f"{v:+.4f} (seed {s})" for s, v in d)
+            for br, kd, why, d in comparison_data(arms, metric, lower_better)]
+
+
+def plot_differences(panels: List[Tuple[str, str, List[Tuple[str, str, str, List[Tuple[int, float]]]]]],
+                     path: Path) -> None:
+    """One panel per (task, setting): each BR-vs-control difference per seed as a point, 0 marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [p for p in panels if p[2]]
+    if not panels:
+        return
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 1.2 + 0.45 * sum(len(p[2]) for p in panels)),
+                             squeeze=False, gridspec_kw={"height_ratios": [max(1, len(p[2])) for p in panels]})
+    for ax, (title, unit, comp) in zip(axes[:, 0], panels):
+        for row, (br, kd, why, d) in enumerate(comp):
+            ax.scatter([v for _, v in d], [row] * len(d), color="C0" if "tuned" not in why else "C1", zorder=3)
+        ax.axvline(0.0, color="k", lw=0.8)
+        ax.set_yticks(range(len(comp)), [f"{br} vs {kd}" for br, kd, _, _ in comp], fontsize=7)
+        ax.set_title(f"{title} ({unit}; right of 0: block replacement better)", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def report() -> None:
@@ -477,6 +509,7 @@ def report() -> None:
     if not records:
         raise SystemExit(f"br_controls: no records in {RUNS}")
     sections: Dict[str, List[str]] = {"controls": [], "act": []}
+    panels: Dict[str, list] = {"controls": [], "act": []}
     names = {"llm": "LLM benchmark char Llama, AdamW", "llmmini": "mini char Llama (MINI_MODEL), AdamW",
              "cifar": "CIFAR-10 ResNet-20, SGD"}
     for task, metric, lower in (("llm", "val_loss", True), ("llmmini", "val_loss", True), ("cifar", "top1", False)):
@@ -491,6 +524,8 @@ def report() -> None:
                           else f"FP checkpoint: {ref['fp_top1']:.2f} % top-1.", ""]
             lines += arm_table(arms, metric, lower) + [""]
             comp = comparisons(arms, metric, lower)
+            panels["act" if setting in ACT_SETTINGS else "controls"].append(
+                (f"{names[task]}: {setting}", "nats" if lower else "top-1 points", comparison_data(arms, metric, lower)))
             if comp:
                 lines += ["Block replacement minus KD per seed (positive: block replacement better):", ""] + comp + [""]
             sections["act" if setting in ACT_SETTINGS else "controls"] += lines
@@ -518,6 +553,12 @@ def report() -> None:
         "br_llm_act": ["# Activation-quantized LLM regimes: block replacement vs KD", ""] + head + sections["act"],
     }
     for stem, lines in docs.items():
+        key = "act" if stem == "br_llm_act" else "controls"
+        if any(p[2] for p in panels[key]):
+            plot_differences(panels[key], RESULTS / f"{stem}.png")
+            lines += [f"![per-seed differences]({stem}.png)", "",
+                      f"*`{stem}.png`: every per-seed difference listed above, one point per seed (orange: against "
+                      "the best KD learning rate).*"]
         sel = [r for r in records if (r["setting"] in ACT_SETTINGS) == (stem == "br_llm_act")]
         (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
         (RESULTS / f"{stem}.json").write_text(json.dumps({"records": sel}, indent=1))
