@@ -23,8 +23,9 @@ from fxqat.capture.eager_model import capture_report
 from fxqat.capture.hierarchy import CaptureReport
 from fxqat.capture.lora_adopt import adopt_lora
 from fxqat.capture.lora_merge import merge_lora
-from fxqat.config import HybridConfig, Override, QATConfig, QuantSpec
+from fxqat.config import HybridConfig, KVSpec, Override, QATConfig, QuantSpec
 from fxqat.export.torch_ao import to_qconfig_mapping
+from fxqat.granularity import per_channel, per_group, per_head, per_tensor, per_token
 from fxqat.graph.blocks import Block
 from fxqat.layer_registry import register_weight_layer
 from fxqat.mixed import Allocation, SensitivityTable, allocate_bits, running_sensitivity, sensitivity
@@ -41,7 +42,8 @@ __all__ = [
     "prepare_qat", "convert", "named_quantizers", "quantizers", "set_quantization", "calibrate",
     "trainable_parameters", "find_blocks",
     "Block", "HybridOutput", "hybrid_loss", "distillation_loss", "kd_loss",
-    "QATConfig", "HybridConfig", "QuantSpec", "Override", "Quantizer", "NotAffineError", "available_methods",
+    "QATConfig", "HybridConfig", "QuantSpec", "KVSpec", "Override",
+    "per_tensor", "per_channel", "per_group", "per_token", "per_head", "Quantizer", "NotAffineError", "available_methods",
     "trace", "TraceFailure", "to_qconfig_mapping", "capture_report", "CaptureReport", "register_weight_layer",
     "sensitivity", "running_sensitivity", "allocate_bits", "SensitivityTable", "Allocation",
     "merge_lora", "adopt_lora",

@@ -1,6 +1,6 @@
 """Fuzzing the configuration and the inputs of ``prepare_qat`` (hypothesis, fixed profile below).
 
-Every QATConfig / HybridConfig field gets valid, out-of-range, wrong-type, NaN/inf and empty values. The contract:
+Every QATConfig / HybridConfig field (and short-form keyword) gets valid, out-of-range, wrong-type, NaN/inf and empty values. The contract:
 
 * a config either builds into a *working* one (``prepare_qat`` succeeds and a train step runs, finite) or construction
   raises ``ValueError``/``TypeError`` whose message names the field;
@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fxqat
-from fxqat.config import PRESETS, UnmatchedOverrideWarning
+from fxqat.config import PRESETS, SHORTHAND, UnmatchedOverrideWarning
 from fxqat.quantizers import available_methods, get_method
 
 # A fixed profile, whatever HYPOTHESIS_PROFILE says: same examples on every run, bounded time (the file < 60 s).
@@ -120,6 +120,12 @@ def junk() -> st.SearchStrategy:
 
 
 QAT_VALID = {
+    "weight": st.builds(fxqat.QuantSpec, bits=st.integers(2, 8), method=st.sampled_from(["lsq", "qil", "dorefa"]),
+                        granularity=st.sampled_from(["per_tensor", "per_channel", fxqat.per_channel()])),
+    "act": st.none() | st.builds(fxqat.QuantSpec, bits=st.integers(2, 8), method=st.sampled_from(["lsq", "pact"])),
+    "grad": st.none() | st.builds(fxqat.QuantSpec, bits=st.integers(4, 8)),
+    "kv": st.none() | st.builds(fxqat.KVSpec, bits=st.integers(2, 8), granularity=st.sampled_from(["per_token",
+                                                                                                   "per_head"])),
     "w_bits": st.integers(2, 8), "a_bits": st.none() | st.integers(2, 8), "g_bits": st.none() | st.integers(4, 8),
     "method": st.sampled_from(STATIC), "w_method": st.none() | st.sampled_from(STATIC),
     "a_method": st.none() | st.sampled_from(STATIC), "per_channel": st.booleans(),
@@ -143,13 +149,14 @@ HYBRID_VALID = {
 
 
 def test_every_field_has_a_strategy():
-    assert set(QAT_VALID) == {f.name for f in fields(fxqat.QATConfig)}
+    assert set(QAT_VALID) == {f.name for f in fields(fxqat.QATConfig)} | set(SHORTHAND)
     assert set(HYBRID_VALID) == {f.name for f in fields(fxqat.HybridConfig)}
 
 
 # one rejected value per field, so that the fuzzing above cannot pass by never reaching an error
 QAT_BAD = {
-    "w_bits": 0, "a_bits": 2.5, "g_bits": "8", "method": "lqs", "w_method": 3, "a_method": [], "per_channel": "yes",
+    "weight": fxqat.QuantSpec(bits=4, kind="act"), "act": 3, "grad": fxqat.QuantSpec(bits=4, method="lsq"),
+    "kv": "per_token", "w_bits": 0, "a_bits": 2.5, "g_bits": "8", "method": "lqs", "w_method": 3, "a_method": [], "per_channel": "yes",
     "first_last": 17, "act_signed": "no", "overrides": "fc", "hybrid": {}, "w_options": 5, "a_options": "init",
     "g_options": [1], "leaf_modules": [3], "w_granularity": "per_chanel", "group_size": 0, "a_granularity": "token",
     "first_last_layers": ("middle",), "quantize_matmuls": "yes", "quantize_router": "no", "quantize_embeddings": 1,
@@ -246,7 +253,7 @@ def test_mistyped_method_names_suggest_the_nearest(pair, field):
 def test_preset_names_give_a_config_or_name_the_preset(name):
     if isinstance(name, str) and name in PRESETS:
         cfg = fxqat.QATConfig.preset(name)
-        assert cfg.w_granularity == "per_group" and cfg.w_bits == PRESETS[name]["w_bits"]
+        assert cfg.weight.granularity == "per_group" and cfg.weight.bits == PRESETS[name]["weight"]["bits"]
         return
     with pytest.raises(ValueError, match="QATConfig.preset: unknown preset") as e:
         fxqat.QATConfig.preset(name)
@@ -257,7 +264,7 @@ def test_preset_names_give_a_config_or_name_the_preset(name):
 
 
 @FUZZ
-@given(typo([f.name for f in fields(fxqat.QATConfig) if len(f.name) > 4]))
+@given(typo([f.name for f in fields(fxqat.QATConfig) if len(f.name) > 4] + [k for k in SHORTHAND if len(k) > 4]))
 def test_mistyped_field_names_of_preset_and_with_are_named(pair):
     name, bad = pair
     for call in (lambda: fxqat.QATConfig.preset("8da4w", **{bad: 4}), lambda: fxqat.QATConfig().with_(**{bad: 4})):
