@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -30,15 +30,14 @@ from fxqat.capture.param_graph import finish_graph_params, plan_graph_params
 from fxqat.capture.param_quant import freeze_params
 from fxqat.capture.shapes import propagate_shapes
 from fxqat.config import HybridConfig, QATConfig, track_overrides, warn_unmatched_overrides
-from fxqat.graph.blocks import partition
+from fxqat.graph.blocks import Block, partition
 from fxqat.mixed.allocate import Allocation
 from fxqat.passes.annotate import annotate, is_weight_layer_node
 from fxqat.passes.build_hybrid import build_hybrid, mark_cuts
 from fxqat.passes.convert import convert_graph
-from fxqat.passes.insert_quant import CONTAINER, insert_quant
+from fxqat.passes.insert_quant import CONTAINER, QROLE, insert_quant
 from fxqat.passes.kv_cache import quantize_kv, warn_if_no_kv
 from fxqat.passes.normalize import normalize
-from fxqat.passes.shard_units import prepared_blocks
 from fxqat.quantizers.control import calibrate, named_quantizers, set_quantization, trainable_parameters
 from fxqat.trace import TraceFailure, trace
 
@@ -233,7 +232,7 @@ def find_blocks(
     if is_eager_model(model):
         return eager_blocks(model, h.cuts)
     if isinstance(model, fx.GraphModule) and named_quantizers(model):  # prepared already: the partition of its FP graph
-        return prepared_blocks(model)
+        return _prepared_blocks(model)
     try:
         gm = prepare_fp_graph(model, example_inputs, config, concrete_args=concrete_args)
     except TraceFailure:
@@ -241,6 +240,22 @@ def find_blocks(
     annotate(gm, config)
     return partition(gm, is_weight_layer_node, max_blocks=h.max_blocks, boundaries=h.boundaries,
                      cuts="layers" if h.cuts == "layers" else "residual")
+
+
+def _prepared_blocks(gm: fx.GraphModule) -> List[Block]:
+    """The blocks of a prepared graph model (those of the FP model it came from).
+
+    A hybrid model keeps the partition it was built with; for a plain one the graph is partitioned with every
+    quantizer node read as the identity (so the cuts fall where they fall in the FP graph).
+    """
+    if gm.meta.get("fxqat.blocks"):
+        return list(gm.meta["fxqat.blocks"])
+    graph = copy.deepcopy(gm.graph)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and QROLE in node.meta:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    return partition(fx.GraphModule(gm, graph), is_weight_layer_node)
 
 
 def convert(qm: fx.GraphModule) -> fx.GraphModule:

@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from fxqat.capture.record import Call
 
-__all__ = ["find_chain", "ChainCut", "chain_blocks", "first_tensor"]
+__all__ = ["find_chain", "ChainCut", "first_tensor"]
 
 
 def first_tensor(obj: Any) -> Optional[torch.Tensor]:
@@ -81,36 +81,3 @@ class ChainCut:
     layer: str
     kind: str
     node: str = ""
-
-
-def chain_blocks(
-    model: nn.Module, calls: Dict[str, Call], layers: Sequence[str], quantized: Callable[[str], bool],
-) -> Tuple[List[Tuple[str, Tuple[str, ...]]], List[ChainCut]]:
-    """Blocks ``[(name, module names)]`` and the cuts between them for the chain ``layers``.
-
-    Args:
-        model: the captured model.
-        calls: its recorded calls.
-        layers: the chain's layer names, in order.
-        quantized: whether a qualified module name holds a quantized weight layer.
-    """
-    first, last = calls[layers[0]].seq, calls[layers[-1]].seq
-    inside = tuple(n for n in calls if any(n == x or n.startswith(x + ".") for x in layers))
-    before = tuple(n for n, c in sorted(calls.items(), key=lambda kv: kv[1].seq)
-                   if c.seq < first and n not in inside and not any(n2.startswith(n + ".") for n2 in layers))
-    after = tuple(n for n, c in sorted(calls.items(), key=lambda kv: kv[1].seq)
-                  if c.seq > last and n not in inside)
-    groups: List[Tuple[str, List[str]]] = [(x, [m for m in calls if m == x or m.startswith(x + ".")]) for x in layers]
-    cuts: List[Tuple[str, str]] = [(x, "out") for x in layers[:-1]]
-    if any(quantized(n) for n in before):
-        groups.insert(0, ("prefix", list(before)))
-        cuts.insert(0, (layers[0], "in"))
-    else:
-        groups[0][1][:0] = list(before)
-    if any(quantized(n) for n in after):
-        groups.append(("suffix", list(after)))
-        cuts.append((layers[-1], "out"))
-    else:
-        groups[-1][1].extend(after)
-    blocks = [(name, tuple(mods)) for name, mods in groups]
-    return blocks, [ChainCut(i, layer, kind) for i, (layer, kind) in enumerate(cuts)]

@@ -21,12 +21,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from fxqat.capture.chain import chain_blocks, find_chain
+from fxqat.capture.chain import ChainCut, find_chain
 from fxqat.capture.eager_hybrid import make_eager_hybrid, remove_hybrid
 from fxqat.capture.hierarchy import CAPTURE_ATTR, CaptureReport, Region, capture_eager
 from fxqat.capture.inner_cuts import refine
@@ -40,7 +40,7 @@ from fxqat.capture.param_quant import (
     plan_params,
 )
 from fxqat.capture.param_report import NOT_USED, fp_params, quantized_param_ids, unquantized_params, warn_unexpected
-from fxqat.capture.record import record_calls
+from fxqat.capture.record import Call, record_calls
 from fxqat.capture.region import GraphRegion
 from fxqat.config import QATConfig
 from fxqat.graph.blocks import Block
@@ -132,6 +132,39 @@ def _quantized_names(model: nn.Module) -> set:
     return names
 
 
+def _chain_groups(
+    model: nn.Module, calls: Dict[str, Call], layers: Sequence[str], quantized: Callable[[str], bool],
+) -> Tuple[List[Tuple[str, Tuple[str, ...]]], List[ChainCut]]:
+    """Blocks ``[(name, module names)]`` and the cuts between them for the chain ``layers``.
+
+    Args:
+        model: the captured model.
+        calls: its recorded calls.
+        layers: the chain's layer names, in order.
+        quantized: whether a qualified module name holds a quantized weight layer.
+    """
+    first, last = calls[layers[0]].seq, calls[layers[-1]].seq
+    inside = tuple(n for n in calls if any(n == x or n.startswith(x + ".") for x in layers))
+    before = tuple(n for n, c in sorted(calls.items(), key=lambda kv: kv[1].seq)
+                   if c.seq < first and n not in inside and not any(n2.startswith(n + ".") for n2 in layers))
+    after = tuple(n for n, c in sorted(calls.items(), key=lambda kv: kv[1].seq)
+                  if c.seq > last and n not in inside)
+    groups: List[Tuple[str, List[str]]] = [(x, [m for m in calls if m == x or m.startswith(x + ".")]) for x in layers]
+    cuts: List[Tuple[str, str]] = [(x, "out") for x in layers[:-1]]
+    if any(quantized(n) for n in before):
+        groups.insert(0, ("prefix", list(before)))
+        cuts.insert(0, (layers[0], "in"))
+    else:
+        groups[0][1][:0] = list(before)
+    if any(quantized(n) for n in after):
+        groups.append(("suffix", list(after)))
+        cuts.append((layers[-1], "out"))
+    else:
+        groups[-1][1].extend(after)
+    blocks = [(name, tuple(mods)) for name, mods in groups]
+    return blocks, [ChainCut(i, layer, kind) for i, (layer, kind) in enumerate(cuts)]
+
+
 def _partition(model: nn.Module, calls: Dict[str, Any], chain: Optional[Tuple[str, Tuple[str, ...]]]):
     if chain is None:
         return [], []
@@ -140,7 +173,7 @@ def _partition(model: nn.Module, calls: Dict[str, Any], chain: Optional[Tuple[st
     def holds_quant(n: str) -> bool:
         return any(q == n or q.startswith(n + ".") for q in quantized)
 
-    groups, cuts = chain_blocks(model, calls, chain[1], holds_quant)
+    groups, cuts = _chain_groups(model, calls, chain[1], holds_quant)
     blocks = []
     for i, (name, mods) in enumerate(groups):
         entry = "input" if i == 0 else f"{cuts[i - 1].layer}:{cuts[i - 1].kind}"

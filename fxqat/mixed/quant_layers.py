@@ -12,7 +12,7 @@ Example:
     >>> qm = fxqat.prepare_qat(net, (torch.randn(2, 4),), fxqat.QATConfig(hybrid=fxqat.HybridConfig()))
     >>> [(l.name, l.weight_count, l.fixed, l.acts) for l in quant_layers(qm).values()][1]
     ('2', 64, False, ('fxqat_quant.a__1',))
-    >>> [[(l.name, l.fixed) for l in ls] for ls in block_layers(qm, model_blocks(qm)).values()]
+    >>> [[(l.name, l.fixed) for l in ls] for ls in block_layers(qm, fxqat.find_blocks(qm, None)).values()]
     [[('0', True)], [('2', False)], [('4', True)]]
 """
 
@@ -24,14 +24,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch.fx as fx
 from torch import nn
 
-from fxqat.capture.eager_model import eager_blocks, is_eager_model
 from fxqat.capture.layer_quant import ACT_QUANT, FIRST_LAST, WEIGHT_QUANT, is_quantized_layer
 from fxqat.graph.blocks import META_KEY, Block
 from fxqat.passes.annotate import QMETA
 from fxqat.passes.insert_quant import CONTAINER, QROLE, OpaqueWeightQuant
 from fxqat.quantizers.base import Quantizer
 
-__all__ = ["QuantLayer", "quant_layers", "model_blocks", "block_layers", "split_fixed", "PARTNER"]
+__all__ = ["QuantLayer", "quant_layers", "block_layers", "split_fixed", "PARTNER"]
 
 PARTNER = "fxqat_partner"  # the frozen FP partner of a hybrid model: never part of the LP network
 
@@ -127,22 +126,6 @@ def quant_layers(qm: nn.Module) -> Dict[str, QuantLayer]:
         layers[layer.name] = QuantLayer(layer.name, layer.weights, layer.acts, layer.params,
                                         layer.weight_count + count, layer.fixed, layer.block)
     return layers
-
-
-def model_blocks(qm: nn.Module) -> List[Block]:
-    """The block partition a prepared model carries: a hybrid graph root's, or an eager root's chain blocks.
-
-    Raises:
-        ValueError: ``qm`` carries none (a plain graph-root QAT model): pass blocks explicitly.
-    """
-    blocks = list(eager_blocks(qm)) if is_eager_model(qm) else list((getattr(qm, "meta", None) or {}).get(
-        "fxqat.blocks", ()))
-    if not blocks:
-        raise ValueError(
-            f"{type(qm).__name__} carries no block partition (it was prepared without block replacement): prepare it "
-            "with QATConfig(hybrid=fxqat.HybridConfig()), or pass blocks=fxqat.find_blocks(fp_model, (x,), config)."
-        )
-    return blocks
 
 
 def _block_of(name: str, blocks: Sequence[Block]) -> Optional[int]:

@@ -42,9 +42,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fxqat.capture.eager_model import eager_blocks, is_eager_model
 from fxqat.graph.blocks import Block
 from fxqat.hybrid_output import HybridOutput
-from fxqat.mixed.quant_layers import QuantLayer, model_blocks, split_fixed
+from fxqat.mixed.quant_layers import QuantLayer, split_fixed
 from fxqat.mixed.second_order import math_attention, second_order_per_batch, weight_errors, weight_pairs
 from fxqat.mixed.state import hybrid_of, path_mode, preserved
 from fxqat.mixed.table import METHODS, BlockSensitivity, SensitivityTable
@@ -134,6 +135,22 @@ def _second_order_per_batch(qm, batches, loss_fn, layers: Sequence[List[QuantLay
         qm.zero_grad(set_to_none=True)
 
 
+def _own_blocks(qm: nn.Module) -> List[Block]:
+    """The block partition a prepared model carries: a hybrid graph root's, or an eager root's chain blocks.
+
+    Raises:
+        ValueError: ``qm`` carries none (a plain graph-root QAT model): pass blocks explicitly.
+    """
+    blocks = list(eager_blocks(qm)) if is_eager_model(qm) else list((getattr(qm, "meta", None) or {}).get(
+        "fxqat.blocks", ()))
+    if not blocks:
+        raise ValueError(
+            f"{type(qm).__name__} carries no block partition (it was prepared without block replacement): prepare it "
+            "with QATConfig(hybrid=fxqat.HybridConfig()), or pass blocks=fxqat.find_blocks(fp_model, (x,), config)."
+        )
+    return blocks
+
+
 def sensitivity(
     qm: nn.Module,
     batches: Iterable[Any],
@@ -187,11 +204,11 @@ def sensitivity(
     if method == "paths":
         hybrid_of(qm)  # raises for a model without paths
     if method == "paths" and blocks is not None:
-        own = model_blocks(qm)
+        own = _own_blocks(qm)
         if [b.name for b in blocks] != [b.name for b in own]:
             raise ValueError("sensitivity: method='paths' measures the model's own blocks (its paths); leave blocks "
                              f"unset (the model has {[b.name for b in own]}).")
-    blocks = list(model_blocks(qm) if blocks is None else blocks)
+    blocks = list(_own_blocks(qm) if blocks is None else blocks)
     layout = split_fixed(qm, blocks, include_first_last)
     dev = next((p.device for p in qm.parameters()), torch.device("cpu"))
     data = _batches(batches, dev)
@@ -259,7 +276,7 @@ def running_sensitivity(qm: nn.Module, include_first_last: bool = False) -> Sens
         raise ValueError("running_sensitivity: no training step has run yet: train with fxqat.hybrid_loss first, or "
                          "measure with fxqat.sensitivity(qm, batches).")
     mean, spread, paired = (t.numpy() for t in stats.block_differences())
-    blocks = list(model_blocks(qm))
+    blocks = list(_own_blocks(qm))
     layout = split_fixed(qm, blocks, include_first_last)
     qs = named_quantizers(qm)
     widths = [qs[n].bits for alloc, _ in layout for la in alloc for n in la.weights]

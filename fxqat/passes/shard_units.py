@@ -9,15 +9,14 @@ to just after its enter gate. ``fully_shard([enter_k, exit_k])`` then unshards t
 read and frees them after its exit; the backward hooks sit on the exit gate's output (every gradient of the block
 flows through it) and on the enter gate's input. Gates hold no state, so ``state_dict`` keys do not change.
 
-:func:`prepared_blocks` gives the blocks of a prepared (plain or hybrid) graph model, the same partition as
-``fxqat.find_blocks`` on the FP model: the quantizer nodes are read as identities.
+The blocks come from ``fxqat.find_blocks`` of the prepared model (the same partition as on the FP model).
 
 Example:
     >>> import torch, torch.nn as nn, fxqat
     >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     >>> qm = fxqat.prepare_qat(net, (torch.randn(2, 4),))
     >>> x = torch.randn(2, 4); ref = qm(x)
-    >>> blocks = prepared_blocks(qm)
+    >>> blocks = fxqat.find_blocks(qm, None)
     >>> units = insert_gates(qm, qm.graph, [b.exit for b in blocks[:-1]], [b.name for b in blocks])
     >>> _ = qm.recompile()
     >>> [(u.name, u.enter, u.exit) for u in units][1]
@@ -30,19 +29,15 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch.fx as fx
 from torch import nn
 
-from fxqat.graph.blocks import Block, partition
-from fxqat.passes.annotate import is_weight_layer_node
 from fxqat.passes.build_hybrid import CUT
-from fxqat.passes.insert_quant import QROLE
 
-__all__ = ["BlockGate", "GateUnit", "GATES", "prepared_blocks", "insert_gates"]
+__all__ = ["BlockGate", "GateUnit", "GATES", "insert_gates"]
 
 GATES = "fxqat_fsdp"  # name of the container module holding the gates
 
@@ -63,22 +58,6 @@ class GateUnit:
     enter: str
     exit: str
     params: Tuple[str, ...]
-
-
-def prepared_blocks(gm: fx.GraphModule) -> List[Block]:
-    """The blocks of a prepared graph model (``fxqat.find_blocks`` of the FP model it came from).
-
-    A hybrid model keeps the partition it was built with; for a plain one the graph is partitioned with every
-    quantizer node read as the identity (so the cuts fall where they fall in the FP graph).
-    """
-    if gm.meta.get("fxqat.blocks"):
-        return list(gm.meta["fxqat.blocks"])
-    graph = copy.deepcopy(gm.graph)
-    for node in list(graph.nodes):
-        if node.op == "call_module" and QROLE in node.meta:
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-    return partition(fx.GraphModule(gm, graph), is_weight_layer_node)
 
 
 def _block_of_nodes(graph: fx.Graph, cut_nodes: Sequence[fx.Node]) -> Tuple[Dict[fx.Node, int], Set[fx.Node]]:

@@ -48,9 +48,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from fxqat.capture.eager_model import eager_blocks, is_eager_model
+from fxqat.api import find_blocks
+from fxqat.capture.eager_model import is_eager_model
 from fxqat.passes.build_hybrid import HybridGraphModule
-from fxqat.passes.shard_units import GateUnit, insert_gates, prepared_blocks
+from fxqat.passes.shard_units import GateUnit, insert_gates
 from fxqat.quantizers.base import Quantizer, all_reduce_, is_narrow_float
 from fxqat.quantizers.control import named_quantizers
 
@@ -130,7 +131,7 @@ def _mp(mp_policy: Optional[MixedPrecisionPolicy]) -> Dict[str, MixedPrecisionPo
 
 
 def _shard_graph(qm: fx.GraphModule, mesh, reshard: bool, mp_policy=None, keep=None) -> List[str]:
-    blocks = prepared_blocks(qm)
+    blocks = find_blocks(qm, None)
     cuts, names = [b.exit for b in blocks[:-1]], [b.name for b in blocks]
     done = []
     units = insert_gates(qm, qm.graph, cuts, names)
@@ -151,7 +152,7 @@ def _shard_graph(qm: fx.GraphModule, mesh, reshard: bool, mp_policy=None, keep=N
 
 def _shard_eager(qm: nn.Module, mesh, reshard: bool, mp_policy=None, keep=None) -> List[str]:
     done = []
-    for b in eager_blocks(qm):
+    for b in find_blocks(qm, None):
         try:
             mod = qm.get_submodule(b.name)
         except AttributeError:
