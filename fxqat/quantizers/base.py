@@ -229,7 +229,7 @@ class Quantizer(FakeQuantizeBase):
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
         """Initialise parameters from ``x`` (called automatically on the first forward)."""
-        if not bool(torch.isfinite(x).all()):
+        if not _all_finite(x):
             raise ValueError(
                 f"{type(self).__name__} ({self.kind}, method {self.method!r}): the first tensor seen, used to "
                 "initialise the range, holds NaN or inf values; check the model/data or initialise on a finite batch."
@@ -277,9 +277,15 @@ class Quantizer(FakeQuantizeBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fq_on:
             return x
-        if is_narrow_float(x.dtype):  # bf16 / fp16: quantize in float32, hand back the input's dtype
+        if is_narrow_float(x.dtype) and not self.takes_narrow():  # quantize in float32, hand back the input's dtype
             return self._fake_quant(x.to(compute_dtype(x.dtype))).to(x.dtype)
         return self._fake_quant(x)
+
+    def takes_narrow(self) -> bool:
+        """Whether :meth:`quantize` takes a bf16/fp16 tensor itself (computing in float32 inside and returning the
+        input's dtype), so that ``forward`` needs no float32 copy of it; default False (``forward`` makes the copy,
+        whose autograd saves are the copy's, not the weight's)."""
+        return False
 
     def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         """Initialise on the first call, then :meth:`quantize` (on the grouped view for per-group quantizers)."""
@@ -389,6 +395,14 @@ def grad_inside(g: torch.Tensor, v: torch.Tensor, lo: float, hi: float, lo_close
     a = _next_float(float(lo), False, v.dtype) if lo_closed else float(lo)
     b = _next_float(float(hi), True, v.dtype) if hi_closed else float(hi)
     return torch.ops.aten.hardtanh_backward(g, v, a, b)
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """``torch.isfinite(x).all()``: the sum of ``x`` first (one pass, no mask: a NaN or inf element makes it
+    non-finite), the element test only when the sum is not finite (a non-finite element, or an overflowing sum)."""
+    if x.is_floating_point() and bool(torch.isfinite(x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())
 
 
 def use_function() -> bool:

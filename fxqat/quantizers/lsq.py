@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from fxqat.method_registry import register
-from fxqat.quantizers.base import Quantizer, grad_inside, use_function
+from fxqat.quantizers.base import Quantizer, compute_dtype, grad_inside, use_function
 from fxqat.quantizers.layout import channel_rows, channel_view
 from fxqat.quantizers.scale_init import INITS, init_scale
 from fxqat.quantizers.ste import round_ste, scale_grad
@@ -64,22 +64,29 @@ class LSQFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, s, grad_factor: float, qmin: int, qmax: int, ch_axis: Optional[int]):
         sv = s if ch_axis is None else channel_view(s, x, ch_axis)
-        v = x / sv
-        q = torch.clamp(v, qmin, qmax).round_()  # one temporary fewer than clamp then round
+        v = x.to(compute_dtype(x.dtype)) / sv  # a bf16/fp16 input: x/s and its code in float32 (compute_dtype)
         # a weight (a leaf, or a view of one: the per-group view) is alive anyway: save it and s, and recompute
         # x/s and the codes in backward (the same values, bit for bit), so that a quantized weight holds no extra
-        # memory between forward and backward (8 bytes per element otherwise); activations save x/s and the codes
+        # memory between forward and backward (8 bytes per element otherwise, 8 more than the weight's own 2 for a
+        # bf16 weight); activations save x/s and the codes
         ctx.recompute = x.is_leaf or (x._base is not None and x._base.is_leaf)
-        ctx.save_for_backward(*((x, s) if ctx.recompute else (v, q)))
         ctx.grad_factor, ctx.ch_axis, ctx.qrange = grad_factor, ch_axis, (qmin, qmax)
-        return q * sv
+        if ctx.recompute:  # nothing kept: clamp, round and scale x/s in place (one weight-sized tensor, not three)
+            ctx.save_for_backward(x, s)
+            return v.clamp_(qmin, qmax).round_().mul_(sv).to(x.dtype)
+        q = torch.clamp(v, qmin, qmax).round_()  # one temporary fewer than clamp then round
+        ctx.save_for_backward(v, q)
+        return (q * sv).to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
         v, q = ctx.saved_tensors
+        dtype = g.dtype
+        g = g.to(compute_dtype(dtype))  # a narrow output's gradient: the float32 gradient it was rounded from
         if ctx.recompute:
             x, s = v, q
-            v = x / (s if ctx.ch_axis is None else channel_view(s, x, ctx.ch_axis))
+            dtype = x.dtype
+            v = x.to(g.dtype) / (s if ctx.ch_axis is None else channel_view(s, x, ctx.ch_axis))
             q = torch.clamp(v, *ctx.qrange).round_()
         gx = grad_inside(g, v, *ctx.qrange)  # STE inside (qmin, qmax), 0 where clipped (the paper's ends)
         if ctx.ch_axis is None:
@@ -87,7 +94,7 @@ class LSQFunction(torch.autograd.Function):
             gs = gs.reshape(1)
         else:  # Σ g·q − Σ g_x·v per channel (group): one temporary, two passes
             gs = _sum_except(torch.mul(g, q).addcmul_(gx, v, value=-1), ctx.ch_axis)
-        return gx, gs * ctx.grad_factor, None, None, None, None
+        return gx.to(dtype), gs * ctx.grad_factor, None, None, None, None
 
 
 @register("lsq")
@@ -112,6 +119,10 @@ class LSQQuantizer(Quantizer):
         self.register_buffer("zero_point", torch.zeros(1))
         self.register_buffer("grad_factor", torch.ones(1))
         self._gf = 1.0  # Python mirror of grad_factor: no tensor read in forward (no graph break under compile)
+
+    def takes_narrow(self) -> bool:
+        """The hand-written function takes a bf16/fp16 tensor (float32 inside, the weight itself saved)."""
+        return type(self).quantize is LSQQuantizer.quantize and self.opts["impl"] == "function" and use_function()
 
     @torch.no_grad()
     def _init_from(self, x: torch.Tensor) -> None:

@@ -32,12 +32,15 @@ import torch
 
 from fxqat.quantizers.layout import channel_rows
 
-__all__ = ["INITS", "CHUNK_ELEMENTS", "init_scale", "mse_scale", "lowest_needed_ratio"]
+__all__ = ["INITS", "CHUNK_ELEMENTS", "COMPACT_SHARE", "init_scale", "mse_scale", "lowest_needed_ratio"]
 
 INITS = ("lsq", "absmax", "mse")
 
 #: elements per chunk of the ``"mse"`` search (about 1 MiB of float32: the chunk and its temporary stay in cache)
 CHUNK_ELEMENTS = 1 << 18
+#: the search goes on with the rows that still need a smaller ratio copied together when they are at most this
+#: share of the rows searched so far (copying fewer rows costs more than it saves)
+COMPACT_SHARE = 0.5
 
 
 @torch.no_grad()
@@ -59,7 +62,7 @@ def init_scale(x: torch.Tensor, axis: Optional[int], qrange: Tuple[int, int], ho
     if how == "lsq":
         return 2 * rows.abs().mean(dim=1) / math.sqrt(max(qmax, 1))
     half = (qmax - qmin) / 2 if qmin < 0 else max(qmax, 1)
-    absmax = rows.abs().amax(dim=1) / half
+    absmax = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg()).abs() / half  # max |x|, no |x| copy
     if how == "absmax":
         return absmax
     return mse_scale(rows, absmax, qrange, grid)
@@ -95,41 +98,40 @@ def mse_scale(rows: torch.Tensor, absmax: torch.Tensor, qrange: Tuple[int, int],
 def _search_chunk(x: torch.Tensor, absmax: torch.Tensor, qrange: Tuple[int, int], grid: int) -> torch.Tensor:
     """:func:`mse_scale` on one chunk of rows: ratios from ``grid`` down to 1 on the rows that still need them.
 
-    The rows are kept sorted by the smallest ratio they still need (a lower bound, see the module docstring), so that
-    the rows of each step are a prefix of the chunk (a view, no copy); the plan is refreshed at a few steps, as the best
-    errors found shrink.
+    After each ratio the bound of the module docstring marks the rows that still need a smaller one; when they are
+    at most :data:`COMPACT_SHARE` of the rows being searched, those rows are copied together (one ``index_select``)
+    and the next ratios run on them alone. Best step sizes and errors stay in the chunk's row order.
     """
     qmin, qmax = qrange
-    n = x.shape[0]
     pmax = x.amax(dim=1).clamp_min(0)  # the largest positive element (0 if none) ...
     nmax = x.amin(dim=1).neg().clamp_min(0)  # ... and the largest negative one's magnitude
-    order = torch.arange(n)  # chunk row of each working row
-    xa, am, pm, nm = x, absmax, pmax, nmax
     bst = absmax.clone()
     err_a = torch.full_like(absmax, float("inf"))
+    live: Optional[torch.Tensor] = None  # chunk rows still searched (None: all), and their data
+    xa, am, pm, nm = x, absmax, pmax, nmax
     buf = torch.empty_like(x)
-    replan = {grid - 2, grid - 4, grid - 8, grid - 16}
     for i in range(grid, 0, -1):
-        if i in replan:  # rows whose every smaller ratio is ruled out by the bound stop here
-            need = lowest_needed_ratio(pm[:n], nm[:n], am[:n], err_a[:n], qrange, grid)
-            perm = torch.argsort(need, stable=True)
-            n = int((need[perm] <= i).sum())
-            if n == 0:
+        if i < grid:  # rows whose every ratio from i down is ruled out by the bound are done
+            err_live = err_a if live is None else err_a[live]
+            keep = (lowest_needed_ratio(pm, nm, am, err_live, qrange, grid) <= i).nonzero()[:, 0]
+            if keep.numel() == 0:
                 break
-            order[: perm.numel()] = order[perm]
-            xa, am, pm, nm = xa[perm[:n]], am[perm[:n]], pm[perm[:n]], nm[perm[:n]]
-            bst[: perm.numel()] = bst[perm]
-            err_a[: perm.numel()] = err_a[perm]
-            buf = buf[:n]
-            # rows beyond n are finished; keep them after the live prefix
-        s = (am[:n] * i / grid).clamp_min(1e-12)[:, None]
-        err = torch.div(xa[:n], s, out=buf[:n]).round_().clamp_(qmin, qmax).mul_(s).sub_(xa[:n]).square_().sum(dim=1)
-        better = err <= err_a[:n]  # descending ratios: a tie goes to the smaller one; NaN never wins
-        bst[:n] = torch.where(better, s[:, 0], bst[:n])
-        err_a[:n] = torch.where(better, err, err_a[:n])
-    out = torch.empty_like(absmax)
-    out[order] = torch.where(torch.isfinite(err_a), bst, absmax[order])  # no finite error: keep absmax
-    return out
+            if keep.numel() <= COMPACT_SHARE * am.numel():
+                live = keep if live is None else live[keep]
+                xa, am, pm, nm = xa.index_select(0, keep), am[keep], pm[keep], nm[keep]
+                buf = buf[: keep.numel()]
+        s = (am * i / grid).clamp_min(1e-12)[:, None]
+        err = torch.div(xa, s, out=buf).round_().clamp_(qmin, qmax).mul_(s).sub_(xa).square_().sum(dim=1)
+        if live is None:
+            better = err <= err_a  # descending ratios: a tie goes to the smaller one; NaN never wins
+            bst = torch.where(better, s[:, 0], bst)
+            err_a = torch.where(better, err, err_a)
+        else:
+            cur = err_a[live]
+            better = err <= cur
+            bst[live] = torch.where(better, s[:, 0], bst[live])
+            err_a[live] = torch.where(better, err, cur)
+    return torch.where(torch.isfinite(err_a), bst, absmax)  # no finite error: keep absmax
 
 
 def lowest_needed_ratio(pmax: torch.Tensor, nmax: torch.Tensor, absmax: torch.Tensor, err: torch.Tensor,

@@ -40,3 +40,23 @@ def test_per_tensor_weight_recompute_matches():
     w.grad = s.grad = None
     LSQFunction.apply(w + 0.0, s, 1.0, -4, 3, None).backward(grad)
     assert torch.equal(w.grad, gw) and torch.equal(s.grad, gs)
+
+
+def test_bf16_weight_saves_itself_and_matches_the_float32_copy_path():
+    """A bf16 weight goes into LSQFunction as it is (no float32 copy whose x/s and codes autograd would keep): the
+    saved tensor is the weight's own storage, and output and gradients equal the float32-copy path bit for bit."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.nn.Parameter(torch.randn(64, 96, generator=g).to(torch.bfloat16))
+    s = (torch.rand(64 * 3, generator=g) * 0.1 + 0.01).requires_grad_()
+    y = LSQFunction.apply(w.reshape(-1, 32), s, 0.1, -8, 7, 0)
+    assert y.dtype == torch.bfloat16
+    saved = y.grad_fn.saved_tensors
+    assert saved[0].data_ptr() == w.data_ptr() and saved[0].dtype == torch.bfloat16
+    grad = torch.randn(y.shape, generator=g).to(torch.bfloat16)
+    y.backward(grad)
+    gw, gs = w.grad.clone(), s.grad.clone()
+    w.grad = s.grad = None
+    y32 = LSQFunction.apply(w.float().reshape(-1, 32), s, 0.1, -8, 7, 0).to(torch.bfloat16)  # the old path
+    assert torch.equal(y32, y)
+    y32.backward(grad)
+    assert w.grad.dtype == torch.bfloat16 and torch.equal(w.grad, gw) and torch.equal(s.grad, gs)

@@ -104,3 +104,20 @@ def test_mse_never_worse_than_absmax_and_checks_shapes():
         assert "mse_scale" in str(e)
     else:
         raise AssertionError("mse_scale accepted mismatched shapes")
+
+
+def test_compacting_the_live_rows_changes_no_step_size():
+    """The rows still searched are copied together at any share (never, at half, always): same scales bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(3000, 32, generator=g) * torch.rand(3000, 1, generator=g)
+    rows[::7, 0] *= 9.0  # an outlier now and then: rows that stop early beside rows that go deep
+    old = scale_init.COMPACT_SHARE
+    for qrange in ((-8, 7), (-2, 1)):
+        want, _ = every_ratio(rows, qrange)
+        for share in (0.0, 0.5, 1.0):
+            scale_init.COMPACT_SHARE = share
+            try:
+                got = with_chunk(1 << 12, lambda: init_scale(rows, 0, qrange, "mse"))
+            finally:
+                scale_init.COMPACT_SHARE = old
+            assert torch.equal(got, want), (qrange, share)
