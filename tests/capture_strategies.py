@@ -21,7 +21,7 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
-__all__ = ["eager_tree_st", "D", "KINDS"]
+__all__ = ["eager_tree_st", "region_calls_st", "D", "KINDS"]
 
 D = 8
 KINDS = ("Plain", "DataDep", "Kwargs", "ProxyIter", "PyScalar", "Twice")
@@ -147,3 +147,15 @@ def eager_tree_st(draw: st.DrawFn, max_depth: int = 2) -> Tuple[nn.Module, torch
         model = Root(layers)
         x = torch.randn(2, D)
     return model.eval(), x
+
+
+@st.composite
+def region_calls_st(draw: st.DrawFn, max_calls: int = 5) -> List[Tuple[int, int, int, bool, bool]]:
+    """A sequence of calls of an attention layer as a decoder makes them: ``(batch, new tokens, cached tokens,
+    masked, cached)`` (one-token decoding steps, prompts, a mask tensor or ``None``, a cache or none)."""
+    calls = []
+    for _ in range(draw(st.integers(1, max_calls))):
+        cached = draw(st.booleans())
+        calls.append((draw(st.integers(1, 2)), draw(st.integers(1, 4)), draw(st.integers(0, 3)) if cached else 0,
+                      draw(st.booleans()), cached))
+    return calls

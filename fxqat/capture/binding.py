@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import inspect
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -73,10 +73,18 @@ class Binding:
 
     def flatten(self, args: Tuple, kwargs: Dict[str, Any], where: str) -> List[Any]:
         """The flat inputs of one call; ``ValueError`` naming ``where`` when the call does not match."""
+        flat, why = self.match(args, kwargs, where)
+        if flat is None:
+            raise ValueError(why)
+        return flat
+
+    def match(self, args: Tuple, kwargs: Dict[str, Any], where: str) -> Tuple[Optional[List[Any]], str]:
+        """``(flat inputs, "")`` of one call, or ``(None, why it does not match)`` (:meth:`flatten` without raising:
+        a region with several captured call structures tries each)."""
         args, kwargs = canonical_call(self.positional, args, kwargs)
         leaves, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
         if spec != self.spec:
-            raise ValueError(
+            return None, (
                 f"module {where!r} was captured as a graph for calls shaped like the example inputs, but it is now "
                 f"called with a different argument structure ({_describe(spec)} instead of {_describe(self.spec)}). "
                 "Prepare the model with example inputs called the way you train it (e.g. the same use_cache and "
@@ -84,17 +92,21 @@ class Binding:
             )
         for i, value in self.constants:
             if not _same_constant(leaves[i], value):
-                raise ValueError(
+                return None, (
                     f"module {where!r} was captured with an argument fixed to {value!r}, but it is now called with "
-                    f"{leaves[i]!r}. Prepare the model with example inputs that use the same setting."
+                    f"{_short(leaves[i])} there. Prepare the model with example inputs that use the same setting."
                 )
+        for i in self.tensors:
+            if not isinstance(leaves[i], torch.Tensor):
+                return None, (f"module {where!r} was captured with a tensor at an argument, but it is now called "
+                              f"with {_short(leaves[i])} there.")
         for i in self.optional:
             if i in self.flags:
                 if type(leaves[i]) is not bool:
-                    raise ValueError(f"module {where!r} was captured with a bool at an argument it passes on, but it "
-                                     f"is now called with {type(leaves[i]).__name__} there.")
+                    return None, (f"module {where!r} was captured with a bool at an argument it passes on, but it "
+                                  f"is now called with {type(leaves[i]).__name__} there.")
             elif leaves[i] is not None and not isinstance(leaves[i], torch.Tensor):
-                raise ValueError(
+                return None, (
                     f"module {where!r} was captured with None or a tensor at an argument it passes on, but it is now "
                     f"called with {type(leaves[i]).__name__} there. Prepare the model with example inputs that use "
                     "the same setting."
@@ -103,12 +115,18 @@ class Binding:
             if leaves[i] is None and i in self.nullable:
                 leaves[i] = NO_CACHE
             elif type(leaves[i]) is not cls:
-                raise ValueError(
+                return None, (
                     f"module {where!r} was captured with a {cls.__name__} argument, but it is now called with "
                     f"{type(leaves[i]).__name__} there. Prepare the model with example inputs that use the same "
                     "setting (e.g. the same use_cache)."
                 )
-        return [leaves[i] for i in self.inputs]
+        return [leaves[i] for i in self.inputs], ""
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return repr(value)
 
 
 def _describe(spec: Any) -> str:

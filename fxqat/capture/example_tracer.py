@@ -62,7 +62,15 @@ TRAINING_GUARD = "fxqat.training_guard"  # node.meta key: the guard's condition 
 
 
 class GuardFailure(ValueError):
-    """A captured graph region is called with inputs for which a branch of its code goes the other way."""
+    """A captured graph region is called with inputs for which a branch of its code goes the other way.
+
+    ``retryable`` is False when the guard runs after the region's graph has changed an object handed to it (a cache
+    ``update``): the call cannot be run again with another captured graph (:mod:`fxqat.capture.guards`).
+    """
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class _Unknown:
@@ -74,15 +82,14 @@ _UNKNOWN = _Unknown()
 
 
 @fx.node.has_side_effect
-def shape_guard(value: Any, expected: bool, where: str) -> None:
+def shape_guard(value: Any, expected: bool, where: str, retryable: bool = True) -> None:
     """Raise :class:`GuardFailure` unless ``bool(value) == expected`` (a guard node of a captured region)."""
     if bool(value) != expected:
         raise GuardFailure(
             f"fxqat captured this code for inputs where the condition in {where} was {expected}, but this call makes it "
             f"{not expected}, so the captured graph does not hold for it. Prepare the model with example inputs "
             "shaped like this call (e.g. the same sequence length regime), or keep the module eager with "
-            "QATConfig(leaf_modules=[...])."
-        )
+            "QATConfig(leaf_modules=[...]).", retryable)
 
 
 def is_guard(node: fx.Node) -> bool:

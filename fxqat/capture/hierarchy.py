@@ -35,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -46,14 +45,12 @@ from fxqat.capture.inner_cuts import FP_GRAPH
 from fxqat.capture.layer_quant import WEIGHT_QUANT, quantize_layer
 from fxqat.capture.lora import is_lora_layer, lora_parts, pin_deepcopy, wrap_lora_layer
 from fxqat.capture.param_quant import ParamPlan, quantize_params
+from fxqat.capture.recapture import Recapture, Recipe, quantize_region
 from fxqat.capture.record import Call, record_calls
 from fxqat.capture.region import GraphRegion, check_calls, trace_region
 from fxqat.capture.shapes import propagate_shapes
 from fxqat.config import QATConfig
 from fxqat.layer_registry import holds_weight_layer, is_weight_layer, registered_types, weight_layer_entry
-from fxqat.passes.annotate import annotate
-from fxqat.passes.insert_quant import CONTAINER, insert_quant
-from fxqat.passes.kv_cache import quantize_kv
 from fxqat.passes.normalize import normalize
 from fxqat.quantizers.base import Quantizer
 
@@ -222,16 +219,10 @@ class _Capturer:
                     inner.append(full)
         if any(isinstance(region.get_submodule(n[len(name) + 1:]), GraphRegion) for n in inner):
             check_calls(region, call.args, call.kwargs)  # its graph calls those regions the way they were captured
-        annotate(region, self.config, prefix=name + ".", first_last_names=self.first_last,
-                 fp_weights=self.plan.fp_layer_weights)
-        if name in self.force_leaves:  # a chain layer: its FP graph gives cuts inside it (HybridConfig.cuts)
-            region.meta[FP_GRAPH] = copy.deepcopy(region.graph)
-        insert_quant(region, self.config, prefix=name + ".")
-        if self.config.kv_bits is not None:
-            quantize_kv(region, self.config.kv_bits, self.config.kv_granularity)
-        for q in getattr(region, CONTAINER).modules() if hasattr(region, CONTAINER) else ():
-            if isinstance(q, Quantizer) and getattr(q, "weight_target", None):  # region-relative -> from the root
-                q.weight_target = _join(name, q.weight_target)
+        recipe = Recipe(self.config, name, leaves, frozenset(self.first_last), frozenset(self.plan.fp_layer_weights))
+        # a chain layer: its FP graph gives cuts inside it (HybridConfig.cuts)
+        quantize_region(region, recipe, FP_GRAPH if name in self.force_leaves else "")
+        region.fxqat_recapture = Recapture(recipe)  # a call of another structure: another graph, same quantizers
         region.train(child.training)
         return region, tuple(inner)
 

@@ -51,6 +51,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxqat.capture.chain import ChainCut
+from fxqat.capture.dispatch import disable_variants
 from fxqat.capture.region import GraphRegion
 from fxqat.graph.blocks import Block, partition
 from fxqat.graph.modinfo import layer_owners, node_stack
@@ -229,6 +230,7 @@ def insert_tap(region: GraphRegion, node_name: str, ctrl: Any, key: str) -> None
     node.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
     region.graph.lint()
     region.recompile()
+    disable_variants(region)  # another graph of the region would not record at the cut
 
 
 def remove_taps(model: nn.Module) -> None:

@@ -20,7 +20,7 @@ from torch.utils import _pytree as pytree
 
 from fxqat.capture.binding import CONSTANT_TYPES, Binding, Unbindable, bind_call, positional_names
 
-__all__ = ["Call", "record_calls", "snapshot_objects"]
+__all__ = ["Call", "record_calls", "snapshot_objects", "detach_call"]
 
 
 @dataclass
@@ -63,6 +63,46 @@ def snapshot_objects(args: Tuple, kwargs: Dict[str, Any]) -> Tuple[Tuple, Dict[s
 
     leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     new_args, new_kwargs = pytree.tree_unflatten([copy_object(x) for x in leaves], spec)
+    return tuple(new_args), dict(new_kwargs)
+
+
+def _tensors_in(obj: Any, memo: Dict[int, Any], depth: int = 6) -> None:
+    """Map every tensor reachable from ``obj`` (attributes, lists, tuples, dicts) to a detached alias in ``memo``."""
+    if isinstance(obj, torch.Tensor):
+        memo.setdefault(id(obj), obj.detach())
+        return
+    if depth == 0 or isinstance(obj, CONSTANT_TYPES) or isinstance(obj, nn.Module) or id(obj) in memo:
+        return
+    items = (obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple))
+             else vars(obj).values() if hasattr(obj, "__dict__") else ())
+    for item in list(items):
+        _tensors_in(item, memo, depth - 1)
+
+
+def detach_call(args: Tuple, kwargs: Dict[str, Any]) -> Tuple[Tuple, Dict[str, Any]]:
+    """``(args, kwargs)`` with tensors detached and every other object (a cache holding tensors of an autograd graph,
+    which ``copy.deepcopy`` refuses) replaced by a copy holding detached tensors: a call to trace, not to run.
+
+    Example:
+        >>> a, k = detach_call((torch.ones(1, requires_grad=True) * 2,), {"n": 3})
+        >>> a[0].requires_grad, k
+        (False, {'n': 3})
+    """
+    memo: Dict[int, Any] = {}
+
+    def copy_leaf(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor):
+            return leaf.detach()
+        if isinstance(leaf, nn.Module) or isinstance(leaf, CONSTANT_TYPES) or callable(leaf):
+            return leaf
+        _tensors_in(leaf, memo)
+        try:
+            return copy.deepcopy(leaf, dict(memo))
+        except Exception:  # noqa: BLE001 - not copyable: keep the object itself
+            return leaf
+
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    new_args, new_kwargs = pytree.tree_unflatten([copy_leaf(x) for x in leaves], spec)
     return tuple(new_args), dict(new_kwargs)
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -38,7 +38,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from fxqat.capture.binding import Binding, Unbindable, bind_call, canonical_call, positional_names
+from fxqat.capture.dispatch import Variant, run_variants
 from fxqat.capture.example_tracer import GUARD, TRAINING_GUARD, ExampleTracer, is_guard
+from fxqat.capture.guards import hoist_guards
 from fxqat.capture.modes import drop_training_guards, merge_modes, program_key, same_program, training_flags
 from fxqat.capture.no_cache import nullable_slots
 from fxqat.trace import TraceFailure, adopt_hierarchy, trace
@@ -109,7 +111,10 @@ class _RegionTracer(ExampleTracer):
 class GraphRegion(fx.GraphModule):
     """A traced submodule called like the original (see the module docstring).
 
-    ``graph`` takes the flat tensors of the call; ``forward(*args, **kwargs)`` binds a call to them.
+    ``graph`` takes the flat tensors of the call; ``forward(*args, **kwargs)`` binds a call to them. A region made
+    by :mod:`fxqat.capture.hierarchy` also holds ``fxqat_recapture``: a call that matches none of its graphs (another
+    argument structure, or a guard that goes the other way) is captured again as a :class:`Variant` over the same
+    modules and quantizers (:mod:`fxqat.capture.recapture`).
     """
 
     def __init__(self, root: nn.Module, graph: fx.Graph, binding: Binding, name: str, class_name: str) -> None:
@@ -118,6 +123,9 @@ class GraphRegion(fx.GraphModule):
         self.fxqat_binding = binding
         self.fxqat_region = name
         self.fxqat_output_type: Optional[type] = None
+        self.fxqat_recapture: Optional[Callable[..., Variant]] = None
+        self.fxqat_variants: List[Variant] = []
+        self.fxqat_last = -1  # the graph that ran the last call (-1: the region's own)
 
     def recompile(self):
         out = super().recompile()
@@ -131,6 +139,9 @@ class GraphRegion(fx.GraphModule):
         res = super().__deepcopy__(memo)
         res.fxqat_binding, res.fxqat_region = self.fxqat_binding, self.fxqat_region
         res.fxqat_output_type = self.fxqat_output_type
+        res.fxqat_recapture = self.__dict__.get("fxqat_recapture")
+        res.fxqat_variants = list(self.__dict__.get("fxqat_variants", ()))
+        res.fxqat_last = self.__dict__.get("fxqat_last", -1)
         origin = self.__dict__.get("fxqat_origin")
         if origin is not None:  # the module's plain attributes, which GraphModule's own copy drops
             res.fxqat_origin = origin
@@ -150,7 +161,10 @@ class GraphRegion(fx.GraphModule):
         return res
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.flat_forward(*self.fxqat_binding.flatten(args, kwargs, self.fxqat_region))
+        if self.__dict__.get("fxqat_recapture") is None and not self.__dict__.get("fxqat_variants"):
+            out = self.flat_forward(*self.fxqat_binding.flatten(args, kwargs, self.fxqat_region))
+        else:
+            out = run_variants(self, args, kwargs)
         if self.fxqat_output_type is not None and type(out) is dict:  # torch.fx returns dict subclasses as dicts
             return self.fxqat_output_type(**out)
         return out
@@ -305,7 +319,8 @@ def trace_region(
     _strip_inner(graph)
     for node in graph.nodes:  # guards name the region they belong to
         if is_guard(node):
-            node.args = (*node.args[:2], f"{node.meta[GUARD]} in module {name!r}")
+            node.args = (*node.args[:2], f"{node.meta[GUARD]} in module {name!r}", *node.args[3:])
+    hoist_guards(graph, len(binding.opaque))
     region = _region_class(type(module))(module, graph, binding, name, type(module).__name__)
     attrs = []
     for key, value in module.__dict__.items():  # plain attributes (config, layer_idx, ...) for the class's methods
@@ -326,14 +341,24 @@ def check_calls(region: GraphRegion, args: Tuple, kwargs: Dict[str, Any]) -> Non
     that refuses the call its graph makes (traced code may build an argument another way than the eager code did,
     e.g. a mask tensor where the eager call passed ``None``) fails here, at capture, and not at the first forward.
 
+    The regions inside do not capture other graphs meanwhile (:mod:`fxqat.capture.dispatch`): a parent whose traced
+    code calls them otherwise than its eager code stays eager, so that they keep receiving the calls they were
+    captured for (``None`` masks and sdpa's ``is_causal``, not masks built by traced code), at no capture cost.
+
     Raises:
         ValueError: a region inside ``region`` refuses its call.
     """
     saved = {k: b.clone() for k, b in region.named_buffers()}
+    inner = [(m, m.__dict__.get("fxqat_recapture")) for m in region.modules()
+             if isinstance(m, GraphRegion) and m is not region]
     try:
+        for m, _ in inner:
+            m.fxqat_recapture = None
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             region(*copy.deepcopy(args), **copy.deepcopy(kwargs))
     finally:
+        for m, recapture in inner:
+            m.fxqat_recapture = recapture
         for k, b in region.named_buffers():
             b.copy_(saved[k])
 

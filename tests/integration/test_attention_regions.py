@@ -1,8 +1,9 @@
 """Attention as graph regions (issue 24, item 3): on every decoder LM of the Hugging Face zoo, with ``use_cache``
 True and False, every decoder layer's attention and MLP sit in graph regions; quantization off reproduces the original
 logits exactly in eval and train mode and keeps the output structure (``past_key_values``); a new batch size and
-sequence length run through the same graph, a call that flips a shape branch is refused; ``cuts="residual"`` gives
-two blocks per decoder layer with ``use_cache=True``; ``QATConfig(kv_bits=...)`` puts keys and values on the grid.
+sequence length run through the same graph; a padding mask, a one-token decoding step and ``generate`` get other
+graphs over the same quantizers (the original logits and tokens); ``cuts="residual"`` gives two blocks per decoder
+layer with ``use_cache=True``; ``QATConfig(kv_bits=...)`` puts keys and values on the grid.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn as nn
 
 import fxqat
 from fxqat.capture.example_tracer import GuardFailure
+from fxqat.capture.recapture import Recapture, Recipe, quantize_region
 from fxqat.capture.region import GraphRegion, trace_region
 from fxqat.passes.kv_cache import KVQuantizer
 from fxqat.training.losses import logits_of
@@ -79,9 +81,62 @@ def test_one_region_serves_use_cache_true_and_false_and_new_shapes(name):
             ref, out = model(ids, use_cache=use_cache), qm(ids, use_cache=use_cache)
             assert torch.equal(out.logits, ref.logits)
             assert (out.past_key_values is None) == (not use_cache)
-    # one token: sdpa's `is_causal = q_length > 1 and ...` goes the other way, so the captured graph refuses it
-    with pytest.raises(GuardFailure, match=r"q_length > 1.*in module '(model\.layers|transformer\.h)\.0'"):
-        qm(torch.randint(0, 99, (2, 1)))
+    # one token: sdpa's `is_causal = q_length > 1 and ...` goes the other way: a second graph (gpt2's eager
+    # attention has no such branch: its one graph serves)
+    one = torch.randint(0, 99, (2, 1))
+    assert torch.equal(qm(one).logits, model(one).logits)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_padded_attention_mask_and_generation_match_the_original_model(name):
+    """A padding mask reaches the decoder layers as a tensor (sdpa: no is_causal, a masked product), a one-token
+    decoding step flips sdpa's `q_length > 1`: each layer captures another graph at the first such call, over its own
+    quantizers. Quantization off: the original logits (atol 0) and greedy tokens (atol 0)."""
+    model, qm, args, _ = _prepared(name, True, dropout=False)
+    quantizers, keys = fxqat.named_quantizers(qm), sorted(qm.state_dict())
+    fxqat.set_quantization(qm, False)
+    qm.eval(), model.eval()
+    ids = args[0]
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding of the first sequence
+    with torch.no_grad():
+        for m in (mask, mask.flip(0), None):
+            assert torch.equal(qm(ids, attention_mask=m).logits, model(ids, attention_mask=m).logits)
+        for m in (None, mask):
+            ref = model.generate(ids, attention_mask=m, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            out = qm.generate(ids, attention_mask=m, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            assert out.shape == (2, 16) and torch.equal(out, ref)
+    assert fxqat.named_quantizers(qm) == quantizers and sorted(qm.state_dict()) == keys  # no new quantizer
+    layers = [m for n, m in qm.named_modules() if LAYER.search(n)]
+    assert all(0 < len(m.fxqat_variants) <= 3 for m in layers) if name == "llama" else True
+    fxqat.set_quantization(qm, True)  # quantization on: the other graphs run the same quantizers
+    with torch.no_grad():
+        causal = torch.ones(1, 1, 12, 12, dtype=torch.bool).tril().expand(2, 1, 12, 12)  # taken as it is
+        a, b = qm(ids).logits, qm(ids, attention_mask=causal).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # is_causal vs the same mask written out
+
+
+class _Grow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, cache=None):
+        k, v = cache.update(self.fc(x), x, 0)
+        return k * 2 if k.shape[1] > 5 else k  # a branch on a size computed after the cache changed
+
+
+def test_a_guard_after_a_cache_update_refuses_instead_of_running_the_call_twice():
+    layer, x = _Grow(), torch.randn(2, 3, 8)
+    region = trace_region(layer, (x,), {"cache": _Cache()}, "grow")
+    recipe = Recipe(fxqat.QATConfig(), "grow", (), frozenset(), frozenset())
+    quantize_region(region, recipe)
+    region.fxqat_recapture = Recapture(recipe)
+    cache = _Cache()
+    region(x, cache=cache)
+    with pytest.raises(GuardFailure, match=r"k.shape\[1\] > 5"):
+        region(x, cache=cache)  # the cache now returns 6 positions: the guard fails after the update
+    assert len(cache.store) == 2 and region.fxqat_variants == []  # updated once by this call, not re-run
 
 
 def test_residual_cuts_give_two_blocks_per_decoder_layer_with_use_cache():

@@ -79,13 +79,11 @@ def test_compiled_training_step_matches_eager():
 
 
 @pytest.mark.slow  # dynamo + AOTAutograd trace a 2-layer tiny Llama: ~6 s on 2 cores
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "regression of this round (issue 24 item 3): the decoder layers' regions now specialise attention_mask=None, "
-    "because a mask input changes sdpa's traced program (is_causal); torch.compile passes a tensor mask and the "
-    "region refuses it. Open in the notes of issue 24; strict, so the fix turns this red."))
 def test_prepared_hf_llama_runs_under_torch_compile():
-    """Transformers passes the attention mask as None in eager mode but as a tensor under torch.compile: the decoder
-    layers' graph regions take both (the mask is a passed-on input, not a constant) and agree with eager.
+    """Transformers passes the attention mask as None in eager mode but as a tensor under torch.compile, and sdpa runs
+    other code for each (``is_causal``): each decoder layer's graph region captures a second graph for the tensor
+    mask at the first compiled call, over the same quantizers (none added, the state_dict unchanged), and agrees
+    with eager.
 
     ``aot_eager`` (dynamo + AOTAutograd, no inductor): the mask is a tensor to dynamo whatever the backend, and
     inductor's own compile of this model took 20 s of the test's 28 s; inductor is covered by
@@ -97,8 +95,12 @@ def test_prepared_hf_llama_runs_under_torch_compile():
     qm = fxqat.prepare_qat(char_llama(num_hidden_layers=2), (x,), fxqat.QATConfig.preset("int4_weight_only"))
     fxqat.calibrate(qm, [x])
     qm.train()
+    quantizers, keys = fxqat.named_quantizers(qm), sorted(qm.state_dict())
     ref = qm(x).logits
     out = torch.compile(qm, backend="aot_eager")(x).logits
+    layers = qm.model.layers
+    assert [len(m.fxqat_variants) for m in layers] == [1] * len(layers)  # the tensor-mask graph
+    assert fxqat.named_quantizers(qm) == quantizers and sorted(qm.state_dict()) == keys
     # decomposed ops in another order (weight-only int4: the fake-quantized weights are bit-equal): 1e-5
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     out.float().pow(2).mean().backward()
