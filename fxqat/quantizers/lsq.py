@@ -92,8 +92,9 @@ class LSQFunction(torch.autograd.Function):
         if ctx.ch_axis is None:
             gs = torch.dot(g.reshape(-1), q.reshape(-1)) - torch.dot(gx.reshape(-1), v.reshape(-1))
             gs = gs.reshape(1)
-        else:  # Σ g·q − Σ g_x·v per channel (group): one temporary, two passes
-            gs = _sum_except(torch.mul(g, q).addcmul_(gx, v, value=-1), ctx.ch_axis)
+        else:  # Σ g·q − Σ g_x·v per channel (group): one temporary (the recomputed codes themselves), two passes
+            gq = q.mul_(g) if ctx.recompute else torch.mul(g, q)
+            gs = _sum_except(gq.addcmul_(gx, v, value=-1), ctx.ch_axis)
         return gx.to(dtype), gs * ctx.grad_factor, None, None, None, None
 
 
