@@ -8,8 +8,9 @@ and types added with :func:`register_lora_layer`) and, per ``QATConfig.lora``:
 
 * ``"merged"`` (default): the layer computes ``linear(x, Q(W + s·B·A), bias)``; merging (``fxqat.merge_lora``, or
   ``fxqat.convert`` which calls it, or PEFT's ``merge_and_unload``) gives exactly the integer codes training saw.
-  The effective weight and its quantization are recomputed in the backward pass (activation checkpointing of the
-  weight path), so no weight-sized tensor is kept between forward and backward.
+  The effective weight and its quantization are recomputed in the backward pass
+  (:func:`fxqat.capture.lora_linear.recomputed_weight_linear`), so no weight-sized tensor is kept between forward
+  and backward.
 * ``"base"``: only ``W`` is fake-quantized, the adapter runs in floating point (torchtune's QAT + LoRA recipe);
   merging re-quantizes ``W + s·B·A`` with the learned step sizes.
 
@@ -48,9 +49,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from fxqat.capture.layer_quant import ACT_QUANT, WEIGHT_QUANT, is_quantized_layer
+from fxqat.capture.lora_linear import recomputed_weight_linear
 
 __all__ = [
     "LoraParts", "LORA_MODES", "register_lora_layer", "lora_parts", "is_lora_layer", "lora_layer_types",
@@ -233,7 +234,9 @@ class _MergedLoraMixin:
         if aq is not None and x.is_floating_point():
             x = aq(x)
         if torch.is_grad_enabled() and self.training:  # recompute W + s·B·A and Q(·) in backward: no saved weight
-            return checkpoint(_merged_linear, x, parts, use_reentrant=False)
+            wq = getattr(base, WEIGHT_QUANT)
+            params = (parts.a, parts.b, base.weight, *wq.parameters())
+            return recomputed_weight_linear(x, lambda: wq(effective_weight(parts)), base.bias, params)
         return _merged_linear(x, parts)
 
 
