@@ -54,6 +54,7 @@ from fxqat import data as fdata  # noqa: E402
 from fxqat.models import get_model  # noqa: E402
 from fxqat.training.loop import TrainConfig  # noqa: E402
 from fxqat.training.recipes import train_fp, train_qat  # noqa: E402
+from fxqat.training.step import TrainStep  # noqa: E402
 
 log = logging.getLogger("autobits")
 ARMS = AUTOBITS_ARMS
@@ -85,14 +86,11 @@ PROFILES = {
 def _cpu_step_time(model, x, y, cfg: fxqat.QATConfig, rounds: int = 5) -> float:
     """Median CPU seconds of one QAT training step (the unit of an estimate's cost)."""
     qm = fxqat.prepare_qat(copy.deepcopy(model), (x[:2],), cfg).train()
-    opt = torch.optim.SGD(fxqat.trainable_parameters(qm), lr=1e-3, momentum=0.9)
+    run = TrainStep(torch.optim.SGD(fxqat.trainable_parameters(qm), lr=1e-3, momentum=0.9))
     times = []
     for i in range(rounds + 2):
         t = time.process_time()
-        loss = F.cross_entropy(qm(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        run(i + 1, lambda: (F.cross_entropy(qm(x), y), None))
         if i >= 2:
             times.append(time.process_time() - t)
     return statistics.median(times)

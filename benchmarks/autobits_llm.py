@@ -39,6 +39,7 @@ import fxqat  # noqa: E402
 from fxqat.text_data import tiny_shakespeare  # noqa: E402
 from fxqat.training.lm import FINETUNE_RECIPE, FP_RECIPE, evaluate_lm, lm_loss, train_lm  # noqa: E402
 from fxqat.training.recipes import pretrained_char_llama  # noqa: E402
+from fxqat.training.step import TrainStep  # noqa: E402
 
 log = logging.getLogger("autobits_llm")
 CHOICES = (2, 3, 4, 8)
@@ -50,14 +51,11 @@ def _step_cpu_s(fp, cfg: fxqat.QATConfig, x, y, rounds: int = 5) -> float:
     qm = fxqat.prepare_qat(fp, (x,), cfg)
     fxqat.calibrate(qm, [x])
     qm.train()
-    opt = torch.optim.AdamW(fxqat.trainable_parameters(qm), lr=1e-6)
+    run = TrainStep(torch.optim.AdamW(fxqat.trainable_parameters(qm), lr=1e-6))
     times = []
     for i in range(rounds + 2):
         t = time.process_time()
-        loss = lm_loss(qm, x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        run(i + 1, lambda: (lm_loss(qm, x, y), None))
         if i >= 2:
             times.append(time.process_time() - t)
     return statistics.median(times)

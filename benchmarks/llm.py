@@ -63,6 +63,7 @@ from fxqat.training.lm import (  # noqa: E402
     train_lm,
 )
 from fxqat.training.recipes import pretrained_char_llama  # noqa: E402
+from fxqat.training.step import TrainStep  # noqa: E402
 
 log = logging.getLogger("llm")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -181,16 +182,9 @@ def step_ratios(prof: Dict[str, Any], settings, rounds: int) -> Dict[str, Dict[s
         steps = {}
         for name, m in models.items():
             m.train()
-            opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-6)
+            run = TrainStep(torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-6))
             loss_fn = br_loss if name == "fxqat_br" else lm_loss
-
-            def step(m=m, opt=opt, loss_fn=loss_fn):
-                loss = loss_fn(m, x, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-            steps[name] = step
+            steps[name] = lambda m=m, run=run, loss_fn=loss_fn: run(0, lambda: (loss_fn(m, x, y), None))
         med = time_steps(steps, warmup=2, rounds=rounds)
         out[setting] = {k: v / med["fp"] for k, v in med.items()} | {"fp_step_s": med["fp"]}
         log.info("step ratios %s: %s", setting, out[setting])
