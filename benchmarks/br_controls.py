@@ -142,7 +142,7 @@ def kv4(cfg: fxqat.QATConfig) -> fxqat.QATConfig:
     """A 4-bit KV cache: ``QATConfig.kv_bits=4`` where this fxqat has it; otherwise the attention products'
     operands (query, key, value: ``quantize_matmuls``) at 4 bits through an override on the attention modules, a
     stricter setting than LLM-QAT's (the query is 4-bit too)."""
-    if "kv_bits" in fxqat.QATConfig.__dataclass_fields__:
+    if {"kv", "kv_bits"} & set(fxqat.QATConfig.__dataclass_fields__):  # the KV role, or its older field
         return cfg.with_(kv_bits=4)
     return cfg.with_(quantize_matmuls=True, overrides=(fxqat.Override("*.self_attn", a_bits=4),))
 
