@@ -48,7 +48,12 @@ _NULLABLE_BITS = ("a_bits", "g_bits", "kv_bits")
 
 
 def check_shorthand(short: Dict[str, Any]) -> Dict[str, Any]:
-    """The short-form keywords checked (errors name ``QATConfig.<keyword>``) and normalised."""
+    """The short-form keywords checked (errors name ``QATConfig.<keyword>``) and normalised.
+
+    Example:
+        >>> check_shorthand({"w_granularity": "per_group(32)", "w_options": {"init": "mse"}})
+        {'w_granularity': 'per_group', 'w_options': (('init', 'mse'),), 'group_size': 32}
+    """
     out = dict(short)
     for name in ("w_bits",) + _NULLABLE_BITS:
         if name in out:
