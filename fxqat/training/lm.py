@@ -3,6 +3,8 @@ seeded batches from a :class:`~fxqat.text_data.CharCorpus`, and a cached FP pre-
 
 The loop takes a ``loss_fn(model, x, y) -> loss`` so the same recipe trains the FP model, a prepared QAT model,
 a distillation arm and a block-replacement (hybrid) model; only ``params`` (what the optimiser updates) differ.
+:func:`train_lm` runs on the same step, loop, checkpointer and optimizer builder as :func:`fxqat.training.loop.fit`:
+it resumes exactly (``out_dir``, ``resume``) and skips non-finite steps (``nonfinite``).
 
 Example:
     >>> import torch.nn as nn
@@ -23,7 +25,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,10 +33,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fxqat.quantizers.control import quantizer_parameters
+from fxqat.training.checkpointer import Checkpointer
+from fxqat.training.health import NonFiniteGuard
 from fxqat.training.losses import distillation_loss, hybrid_loss, logits_of
+from fxqat.training.optimizer import OptimizerSpec, build_optimizer
+from fxqat.training.run_loop import Position, RunHooks, run_loop
+from fxqat.training.step import StepOutcome, TrainStep
 
-__all__ = ["LMRecipe", "FP_RECIPE", "FINETUNE_RECIPE", "lm_loss", "lm_optimizer", "warmup_cosine", "evaluate_lm",
-           "train_lm", "quantizer_parameter_ids", "kd_lm_loss", "hybrid_lm_loss", "model_device"]
+__all__ = ["LMRecipe", "FP_RECIPE", "FINETUNE_RECIPE", "lm_loss", "lm_optimizer", "lm_optimizer_spec", "warmup_cosine",
+           "evaluate_lm", "train_lm", "quantizer_parameter_ids", "kd_lm_loss", "hybrid_lm_loss", "model_device"]
 
 log = logging.getLogger(__name__)
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -107,15 +114,18 @@ def quantizer_parameter_ids(model: nn.Module) -> set:
     return {id(p) for p in quantizer_parameters(model).values()}
 
 
+def lm_optimizer_spec(recipe: LMRecipe) -> OptimizerSpec:
+    """The recipe's optimizer: AdamW, weight decay on weights of 2+ dimensions only, none on quantizer parameters."""
+    return OptimizerSpec("adamw", lr=recipe.lr, weight_decay=recipe.weight_decay, betas=recipe.betas,
+                         decay_vectors=False)
+
+
 def lm_optimizer(params: Iterable[nn.Parameter], recipe: LMRecipe, no_decay: Iterable[int] = ()) -> torch.optim.AdamW:
     """AdamW with weight decay on parameters of 2+ dimensions, none on vectors and scalars (norms) nor on the
-    parameters whose ``id`` is in ``no_decay`` (quantizer scales: per-group scales are matrices too)."""
-    params = [p for p in params if p.requires_grad]
-    skip = set(no_decay)
-    decay = [p for p in params if p.dim() >= 2 and id(p) not in skip]
-    groups = [{"params": decay, "weight_decay": recipe.weight_decay},
-              {"params": [p for p in params if not (p.dim() >= 2 and id(p) not in skip)], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.lr, betas=recipe.betas)
+    parameters whose ``id`` is in ``no_decay`` (quantizer scales: per-group scales are matrices too):
+    :func:`fxqat.training.optimizer.build_optimizer` of :func:`lm_optimizer_spec`."""
+    return build_optimizer(None, lm_optimizer_spec(recipe), [p for p in params if p.requires_grad],
+                           quantizer_ids=no_decay)
 
 
 def warmup_cosine(step: int, recipe: LMRecipe) -> float:
@@ -150,51 +160,147 @@ def evaluate_lm(model: nn.Module, batches: Sequence[Tuple[torch.Tensor, torch.Te
         model.train(was)
 
 
+class _LMBatches:
+    """The run's seeded batch stream as one epoch of ``recipe.steps`` batches, drawn on the CPU (the same on any
+    device) and moved to ``device``; a resumed run restores the generator's state instead of redrawing."""
+
+    def __init__(self, corpus, recipe: LMRecipe, seed: int, device: torch.device) -> None:
+        self.corpus, self.recipe, self.device = corpus, recipe, device
+        self.generator = torch.Generator().manual_seed(recipe.seed_offset + seed)
+        self.start = 0
+
+    def __len__(self) -> int:
+        return self.recipe.steps
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.start = start
+
+    def __iter__(self):
+        r = self.recipe
+        for _ in range(self.start, r.steps):
+            x, y = self.corpus.batch("train", r.batch_size, r.context, self.generator)
+            yield x.to(self.device), y.to(self.device)
+
+
+class _LMRun(RunHooks):
+    """The hooks of :func:`train_lm`: the loss function, per-step records, validation, time budget, checkpoints."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, hist: Dict[str, Any], ckpt: Checkpointer,
+                 guard: NonFiniteGuard, batches: _LMBatches, bar, stop_at: int, eval_batches, eval_every: int,
+                 max_time_s: Optional[float], checkpoint_every: Optional[int], desc: str, elapsed: float) -> None:
+        self.model, self.loss_fn, self.hist, self.ckpt, self.guard = model, loss_fn, hist, ckpt, guard
+        self.batches, self.bar, self.stop_at, self.desc = batches, bar, stop_at, desc
+        self.eval_batches, self.eval_every, self.max_time_s = eval_batches, eval_every, max_time_s
+        self.checkpoint_every, self.elapsed = checkpoint_every, elapsed
+        self.t0 = time.perf_counter()
+
+    def time_s(self) -> float:
+        return self.elapsed + time.perf_counter() - self.t0
+
+    def forward(self, batch):
+        x, y = batch
+        return self.loss_fn(self.model, x, y), None
+
+    def after_step(self, batch, outcome: StepOutcome, pos: Position) -> bool:
+        hist = self.hist
+        hist["step_s"].append(outcome.time_s)
+        hist["loss"].append(outcome.loss)
+        if outcome.verdict != "ok":
+            hist["nonfinite_steps"].append(pos.step)
+            if outcome.verdict == "stop":
+                hist["status"], hist["error"] = "diverged", self.guard.message + self.ckpt.kept()
+                return False
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{outcome.loss:.3f}")
+        last = pos.step == self.batches.recipe.steps
+        out_of_time = self.max_time_s is not None and time.perf_counter() - self.t0 >= self.max_time_s
+        if self.eval_batches is not None and self.eval_every and (pos.step % self.eval_every == 0 or last
+                                                                  or out_of_time):
+            hist["eval"].append((pos.step, evaluate_lm(self.model, self.eval_batches)))
+        if out_of_time:
+            log.info("fxqat: %s stopped after %d steps (time budget %.1f s)", self.desc, pos.step, self.max_time_s)
+            return False
+        every = self.checkpoint_every
+        return not (every and pos.step % every == 0 and pos.step < self.stop_at and not self.save(pos))
+
+    def after_epoch(self, pos: Position) -> bool:
+        return self.save(pos)
+
+    def save(self, pos: Position) -> bool:
+        """Checkpoint at ``pos`` with the batch generator's state; non-finite parameters end the run (diverged)."""
+        where = {**pos.to_dict(), "elapsed": self.time_s()}
+        if self.ckpt.save(where, self.hist, extra={"generator": self.batches.generator.get_state()}):
+            return True
+        self.hist["status"], self.hist["error"] = "diverged", (
+            f"train_lm({self.desc}): parameters are non-finite at step {pos.step}; stopped without saving them."
+            f"{self.ckpt.kept()}")
+        return False
+
+
 def train_lm(model: nn.Module, corpus, recipe: LMRecipe, seed: int = 0, *, loss_fn: LossFn = lm_loss,
              params: Optional[Iterable[nn.Parameter]] = None, eval_batches=None, eval_every: int = 0,
-             progress: bool = True, desc: str = "lm", max_time_s: Optional[float] = None) -> Dict[str, List]:
+             progress: bool = True, desc: str = "lm", max_time_s: Optional[float] = None, out_dir=None,
+             resume: bool = False, stop_after: Optional[int] = None, checkpoint_every: Optional[int] = None,
+             nonfinite: str = "skip", max_nonfinite: int = 5, trusted: bool = False) -> Dict[str, Any]:
     """Train ``model`` with ``recipe`` on ``corpus`` and return the history.
+
+    The same step (:class:`~fxqat.training.step.TrainStep`), loop (:func:`~fxqat.training.run_loop.run_loop`) and
+    checkpoints (:class:`~fxqat.training.checkpointer.Checkpointer`) as :func:`fxqat.training.loop.fit`.
 
     Args:
         loss_fn: ``(model, x, y) -> scalar loss``; default :func:`lm_loss`.
         params: what the optimiser updates (default: all trainable parameters of ``model``).
         eval_batches, eval_every: validation loss every ``eval_every`` steps (and after the last one).
         max_time_s: stop early after this much wall time (compute-matched arms); the schedule stays the same.
+        out_dir: where ``checkpoint.pt`` and ``metrics.json`` go (None: nothing written): at the end, at
+            ``stop_after`` and every ``checkpoint_every`` steps.
+        resume: continue from ``out_dir/checkpoint.pt`` when it exists (the batches, the schedule and the optimizer
+            state continue exactly: the final loss is the one of an uninterrupted run).
+        stop_after: stop (checkpoint written, status ``"interrupted"``) after this many steps of this call.
+        nonfinite, max_nonfinite: what a step with a non-finite loss or gradient does (``"skip"``: no update,
+            ``"stop"``, ``"raise"``), as ``TrainConfig``'s fields of the same names.
+        trusted: load the resume checkpoint with arbitrary unpickling (only for files you trust).
 
     Returns:
-        ``{"loss": [...], "eval": [(step, val_loss), ...], "step_s": [...], "steps": n_done, "time_s": total}``.
+        ``{"loss": [...], "eval": [(step, val_loss), ...], "step_s": [...], "steps": n_done, "time_s": total,
+        "status": ..., "nonfinite_steps": [...]}``; ``status`` is ``"complete"``, ``"interrupted"`` or
+        ``"diverged"`` (``"error"`` says where).
+
+    Raises:
+        FloatingPointError: a non-finite step with ``nonfinite="raise"``.
     """
     model.train()
-    opt = lm_optimizer(model.parameters() if params is None else params, recipe, quantizer_parameter_ids(model))
+    params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+    opt = build_optimizer(model, lm_optimizer_spec(recipe), params)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, recipe))
-    trained = [p for g in opt.param_groups for p in g["params"]]
-    gen = torch.Generator().manual_seed(recipe.seed_offset + seed)
-    dev = model_device(model)
-    hist: Dict[str, List] = {"loss": [], "eval": [], "step_s": []}
-    t_start = time.perf_counter()
-    bar = tqdm(range(recipe.steps), desc=desc, disable=not progress, leave=False)
-    for step in bar:
-        x, y = corpus.batch("train", recipe.batch_size, recipe.context, gen)  # drawn on the CPU: same on any device
-        x, y = x.to(dev), y.to(dev)
-        t0 = time.perf_counter()
-        loss = loss_fn(model, x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if recipe.clip is not None:
-            torch.nn.utils.clip_grad_norm_(trained, recipe.clip)
-        opt.step()
-        sched.step()
-        hist["step_s"].append(time.perf_counter() - t0)
-        hist["loss"].append(float(loss.detach()))
-        bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}")
-        last = step == recipe.steps - 1
-        out_of_time = max_time_s is not None and time.perf_counter() - t_start >= max_time_s
-        if eval_batches is not None and eval_every and ((step + 1) % eval_every == 0 or last or out_of_time):
-            hist["eval"].append((step + 1, evaluate_lm(model, eval_batches)))
-        if out_of_time:
-            log.info("fxqat: %s stopped after %d steps (time budget %.1f s)", desc, step + 1, max_time_s)
-            break
+    batches = _LMBatches(corpus, recipe, seed, model_device(model))
+    hist: Dict[str, Any] = {"loss": [], "eval": [], "step_s": [], "nonfinite_steps": [], "status": "running"}
+    pos, elapsed = Position(), 0.0
+    ckpt = Checkpointer(out_dir, model, opt, sched, trusted=trusted)
+    ck = ckpt.load() if resume else None
+    if ck is not None:
+        pos = Position(**{k: ck["pos"][k] for k in ("step", "epoch", "batch")})
+        elapsed, hist = ck["pos"]["elapsed"], ck["history"]
+        hist["status"] = "running"
+        batches.generator.set_state(ck["generator"])
+        log.info("fxqat: %s resumed %s at step %d", desc, ckpt.path, pos.step)
+    elif resume:
+        log.warning("fxqat: resume given but %s does not exist; starting a fresh run", ckpt.path)
+    stop_at = min(recipe.steps, pos.step + stop_after) if stop_after else recipe.steps
+    guard = NonFiniteGuard(model, nonfinite, max_nonfinite, desc)
+    bar = tqdm(total=recipe.steps, initial=pos.step, desc=desc, disable=not progress, leave=False)
+    run = _LMRun(model, loss_fn, hist, ckpt, guard, batches, bar, stop_at, eval_batches, eval_every, max_time_s,
+                 checkpoint_every, desc, elapsed)
+    run_loop(TrainStep(opt, sched, clip=recipe.clip, guard=guard), batches, pos, stop_at, run)
+    bar.close()
+    if hist["status"] == "diverged":
+        log.error("%s", hist["error"])
+    elif pos.step < stop_at or pos.step == recipe.steps:
+        hist["status"] = "complete"  # the last step, or the time budget
+    else:
+        hist["status"] = "interrupted"
     hist["steps"] = len(hist["loss"])
-    hist["time_s"] = time.perf_counter() - t_start
+    hist["time_s"] = run.time_s()
     hist["recipe"] = asdict(recipe)
+    ckpt.write_metrics(hist)
     return hist

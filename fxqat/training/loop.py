@@ -1,6 +1,10 @@
-"""The training loop: FP pre-training (cached), QAT (plain, distillation, hybrid outputs), evaluation.
+"""The training loop of image models: FP pre-training (cached), QAT (plain, distillation, hybrid outputs), evaluation.
 
-One :func:`fit` serves every case. The loss depends on what the model returns:
+One :func:`fit` serves every case. It is the thin loop :func:`~fxqat.training.run_loop.run_loop` with fit's hooks
+(loss, records, epoch ends) over the pieces :func:`fxqat.training.lm.train_lm` uses too: the step
+(:class:`~fxqat.training.step.TrainStep`: forward, loss, backward, non-finite guard, clipping, optimizer and
+scheduler step), the checkpointer (:class:`~fxqat.training.checkpointer.Checkpointer`) and the optimizer builder
+(:func:`~fxqat.training.optimizer.build_optimizer`). The loss depends on what the model returns:
 
 * a ``fxqat.HybridOutput`` (train mode of a block-replacement model): ``fxqat.hybrid_loss(out, y)``;
 * a tensor with a ``teacher``: ``CE + kd_weight * KD(out, teacher(x))`` where
@@ -37,36 +41,30 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
+from tqdm.auto import tqdm
 
 from fxqat.config import HybridConfig
 from fxqat.hybrid_output import HybridOutput
 from fxqat.quantizers.control import calibrate as calibrate_quantizers
-from fxqat.quantizers.control import quantizer_parameters
 from fxqat.training import distributed as ddp
-from fxqat.training.checkpoint import (
-    CheckpointError,
-    atomic_save,
-    atomic_write_text,
-    load_checkpoint,
-    rng_state,
-    seed_rng,
-    set_rng_state,
-    to_json,
-)
-from fxqat.training.dcp import latest_sharded, load_sharded, save_sharded
+from fxqat.training.checkpoint import seed_rng
+from fxqat.training.checkpointer import Checkpointer
 from fxqat.training.fsdp import shard_prepared
 from fxqat.training.health import NonFiniteGuard
 from fxqat.training.losses import distillation_loss, hybrid_loss, kd_loss
+from fxqat.training.optimizer import OptimizerSpec, build_optimizer
+from fxqat.training.optimizer import param_groups as build_groups
 from fxqat.training.report import plot_run
+from fxqat.training.run_loop import Position, RunHooks, run_loop
+from fxqat.training.step import StepOutcome, TrainStep
 
-__all__ = ["TrainConfig", "fit", "evaluate", "kd_loss", "compute_loss", "param_groups", "calibrate"]
+__all__ = ["TrainConfig", "fit", "evaluate", "kd_loss", "compute_loss", "param_groups", "optimizer_spec", "lr_schedule",
+           "calibrate"]
 
 log = logging.getLogger(__name__)
 NONFINITE_POLICIES = ("skip", "stop", "raise")
@@ -168,28 +166,27 @@ def calibrate(model: nn.Module, x: torch.Tensor) -> None:
     calibrate_quantizers(model, [x])
 
 
+def optimizer_spec(cfg: TrainConfig) -> OptimizerSpec:
+    """The :class:`~fxqat.training.optimizer.OptimizerSpec` of ``cfg`` (weight decay on every weight)."""
+    return OptimizerSpec(cfg.optimizer, lr=cfg.lr, quant_lr=cfg.quant_lr, weight_decay=cfg.weight_decay,
+                         quant_weight_decay=cfg.quant_weight_decay, momentum=cfg.momentum)
+
+
 def param_groups(model: nn.Module, cfg: TrainConfig, params: Optional[Iterable] = None) -> List[Dict[str, Any]]:
-    """Two groups: quantizer parameters (``quant_lr``, ``quant_weight_decay``) and all other trainable ones."""
-    if params is None:
-        params = [p for p in model.parameters() if p.requires_grad]
-    params = list(params)
-    if params and isinstance(params[0], dict):  # already param groups
-        return params
-    qids = {id(p) for p in quantizer_parameters(model).values()}
-    weights = [p for p in params if id(p) not in qids]
-    quant = [p for p in params if id(p) in qids]
-    groups = [{"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "weights"}]
-    if quant:
-        groups.append({"params": quant, "lr": cfg.quant_lr if cfg.quant_lr is not None else cfg.lr,
-                       "weight_decay": cfg.quant_weight_decay, "name": "quantizers"})
-    return groups
+    """Two groups: quantizer parameters (``quant_lr``, ``quant_weight_decay``) and all other trainable ones
+    (:func:`fxqat.training.optimizer.param_groups` of :func:`optimizer_spec`)."""
+    return build_groups(model, optimizer_spec(cfg), params)
 
 
-def _optimizer(groups, cfg: TrainConfig, total: int):
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    else:
-        opt = torch.optim.Adam(groups, lr=cfg.lr)
+def lr_schedule(optimizer, cfg: TrainConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``cfg.warmup_steps`` linear warm-up steps, then cosine to 0 at step ``total`` (or constant).
+
+    Example:
+        >>> p = nn.Parameter(torch.zeros(1)); opt = torch.optim.SGD([p], lr=0.1)
+        >>> s = lr_schedule(opt, TrainConfig(lr=0.1, warmup_steps=2), total=10)
+        >>> [round(s.lr_lambdas[0](t), 3) for t in (0, 1, 6, 10)]
+        [0.5, 1.0, 0.5, 0.0]
+    """
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -199,15 +196,96 @@ def _optimizer(groups, cfg: TrainConfig, total: int):
         t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _progress(cfg: TrainConfig, total: int, initial: int, desc: str):
-    from tqdm.auto import tqdm
-
     show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
     return tqdm(total=total, initial=initial, desc=desc, disable=not (show and ddp.is_main()), leave=False,
                 dynamic_ncols=True)
+
+
+def _fresh_acc() -> Dict[str, Any]:
+    return {"loss": 0.0, "correct": 0, "n": 0}
+
+
+class _FitRun(RunHooks):
+    """The hooks of :func:`fit`: CE / KD / hybrid loss, per-step records, epoch records and checkpoints."""
+
+    def __init__(self, net, model, cfg: TrainConfig, desc: str, teacher, test_loader, hist: Dict[str, Any],
+                 ckpt: Checkpointer, guard: NonFiniteGuard, bar, per_epoch: int, stop_at: int, fsdp: bool,
+                 acc: Dict[str, Any], elapsed: float) -> None:
+        self.net, self.model, self.cfg, self.desc, self.teacher = net, model, cfg, desc, teacher
+        self.test_loader, self.hist, self.ckpt, self.guard, self.bar = test_loader, hist, ckpt, guard, bar
+        self.per_epoch, self.stop_at, self.fsdp, self.acc, self.elapsed = per_epoch, stop_at, fsdp, acc, elapsed
+        self.t0 = time.perf_counter()
+
+    def time_s(self) -> float:
+        return self.elapsed + time.perf_counter() - self.t0
+
+    def forward(self, batch):
+        x, y = batch
+        t_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_logits = self.teacher(x)
+        o = self.net(x)
+        loss, parts, logits = compute_loss(o, y, t_logits, self.cfg.kd_weight, self.cfg.temperature)
+        return loss, (o, parts, logits)
+
+    def after_step(self, batch, outcome: StepOutcome, pos: Position) -> bool:
+        hist = self.hist
+        if outcome.verdict != "ok":
+            hist["nonfinite_steps"].append(pos.step)
+            if outcome.verdict == "stop":
+                hist["status"], hist["error"] = "diverged", self.guard.message + self.ckpt.kept()
+                return False
+            self.bar.update(1)
+            return True
+        _, y = batch
+        o, parts, logits = outcome.aux
+        lv = outcome.loss
+        self.acc["loss"] += lv * len(y)
+        self.acc["n"] += len(y)
+        self.acc["correct"] += int((logits.detach().argmax(1) == y).sum())
+        rec = {"step": pos.step, "loss": lv, **parts}
+        if isinstance(o, HybridOutput) or self.teacher is not None:
+            rec["ce"] = float(F.cross_entropy(logits.detach(), y))
+        hist["steps"].append(rec)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{lv:.3f}", epoch=pos.epoch)
+        if pos.step >= self.stop_at:
+            return True
+        every = self.cfg.checkpoint_every
+        return not (every and pos.step % every == 0 and pos.batch < self.per_epoch and not self.save(pos))
+
+    def end_epoch(self, partial: bool, pos: Position) -> None:
+        acc = self.acc
+        rec = {"epoch": pos.epoch, "step": pos.step, "partial": partial,
+               "lr": self.ckpt.optimizer.param_groups[0]["lr"], "train_loss": acc["loss"] / max(acc["n"], 1),
+               "train_top1": 100.0 * acc["correct"] / max(acc["n"], 1), "time_s": self.time_s()}
+        if self.test_loader is not None and (ddp.is_main() or self.fsdp):  # a sharded forward is a collective
+            rec["test_top1"] = evaluate(self.model, self.test_loader)
+        ddp.barrier()
+        self.hist["epochs"].append(rec)
+        log.info("fxqat %s: epoch %d step %d loss %.4f train %.2f%% test %s", self.desc, pos.epoch, pos.step,
+                 rec["train_loss"], rec["train_top1"], f"{rec['test_top1']:.2f}%" if "test_top1" in rec else "-")
+        if not partial:
+            self.acc = _fresh_acc()
+
+    def after_epoch(self, pos: Position) -> bool:
+        self.save(pos)
+        return self.hist["status"] == "running"
+
+    def save(self, pos: Position) -> bool:
+        """Checkpoint at ``pos``; a state with non-finite parameters is refused and ends the run (diverged)."""
+        where = {**pos.to_dict(), "acc": dict(self.acc), "elapsed": self.time_s()}
+        if self.ckpt.save(where, self.hist):
+            return True
+        self.hist["status"], self.hist["error"] = "diverged", (
+            f"fit({self.desc}): parameters are non-finite at step {pos.step}; stopped without saving them."
+            f"{self.ckpt.kept()}")
+        return False
 
 
 def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, out_dir=None, resume: bool = False,
@@ -248,189 +326,64 @@ def fit(model: nn.Module, train_loader, cfg: TrainConfig, *, test_loader=None, o
     if per_epoch == 0:
         raise ValueError("fit: the training loader yields no batch (dataset smaller than one batch?).")
     total = cfg.steps or cfg.epochs * per_epoch
-    out = Path(out_dir) if out_dir is not None else None
-    main = ddp.is_main()
     if fsdp:
         names = {id(p): n for n, p in model.named_parameters()}
         chosen = None if params is None else [names[id(p)] for p in params]
         with ddp.peer_guard(lambda: f"fit({desc}): shard_prepared", lambda: ""):
             shard_prepared(model)
         params = None if chosen is None else [model.get_parameter(n) for n in chosen]
-    opt, sched = _optimizer(param_groups(model, cfg, params), cfg, total)
+    opt = build_optimizer(model, optimizer_spec(cfg), params)
+    sched = lr_schedule(opt, cfg, total)
     hist: Dict[str, Any] = {"status": "running", "run": run_info or {}, "config": asdict(cfg), "epochs": [],
                             "steps": [], "nonfinite_steps": []}
-    step, epoch, batch, acc, elapsed = 0, 0, 0, {"loss": 0.0, "correct": 0, "n": 0}, 0.0
-    ckpt_path = (out / "dcp" if fsdp else out / "checkpoint.pt") if out is not None else None
-    if fsdp and resume and ckpt_path is not None and latest_sharded(ckpt_path) is not None:
-        ck = load_sharded(ckpt_path, model, opt)  # model, optimizer and RNG; the plain rest is ck
-        sched.load_state_dict(ck["scheduler"])
-    elif not fsdp and resume and ckpt_path is not None and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path, required=("model", "optimizer", "scheduler", "rng", "pos", "history"),
-                             trusted=trusted)
-        try:
-            ddp.unwrap(model).load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {ckpt_path} does not match this model/optimizer: {e}") from e
-        set_rng_state(ck["rng"])
-    else:
-        ck = None
+    pos, acc, elapsed = Position(), _fresh_acc(), 0.0
+    ckpt = Checkpointer(out_dir, model, opt, sched, fsdp=fsdp, trusted=trusted)
+    ck = ckpt.load() if resume else None
     if ck is not None:
-        step, epoch, batch, acc, elapsed = (ck["pos"][k] for k in ("step", "epoch", "batch", "acc", "elapsed"))
+        pos = Position(*(ck["pos"][k] for k in ("step", "epoch", "batch")))
+        acc, elapsed = ck["pos"]["acc"], ck["pos"]["elapsed"]
         hist = ck["history"]
         hist["status"] = "running"
         hist.setdefault("nonfinite_steps", [])
         hist["epochs"] = [e for e in hist["epochs"] if not e.get("partial")]
-        log.info("fxqat: resumed %s at step %d (epoch %d, batch %d)", ckpt_path, step, epoch, batch)
-    elif resume:
-        log.warning("fxqat: --resume given but %s does not exist; starting a fresh run", ckpt_path)
-        seed_rng(cfg.seed)
+        log.info("fxqat: resumed %s at step %d (epoch %d, batch %d)", ckpt.path, pos.step, pos.epoch, pos.batch)
     else:
+        if resume:
+            log.warning("fxqat: --resume given but %s does not exist; starting a fresh run", ckpt.path)
         seed_rng(cfg.seed)
     if find_unused_parameters is None:
         find_unused_parameters = getattr(model, "fxqat_hybrid", None) is not None
-    last_saved: Optional[int] = step if step else None  # the step of the newest complete checkpoint.pt
 
     def where() -> str:
-        return f"fit({desc}) at step {step + 1}"
+        return f"fit({desc}) at step {pos.step + 1}"
 
-    def advice() -> str:
-        """What is on disk after a lost peer, and how to continue (the end of the PeerLost message)."""
-        if out is None:
-            return ""
-        if not main:
-            saved = f"{'every' if fsdp else 'rank 0 writes each'} checkpoint atomically, so the newest one is complete"
-        elif last_saved is None:
-            saved = f"no checkpoint was completed yet ({ckpt_path} does not exist)"
-        else:
-            saved = f"{ckpt_path} (step {last_saved}) is complete"
-        return f"{saved}: relaunch the same command with --resume"
-
-    with ddp.peer_guard(where, advice):
+    with ddp.peer_guard(where, ckpt.advice):
         net = model if fsdp else ddp.wrap_ddp(model, find_unused_parameters=find_unused_parameters)
-    stop_at = min(total, step + stop_after) if stop_after else total
+    stop_at = min(total, pos.step + stop_after) if stop_after else total
     if teacher is not None:
         teacher.eval()
     model.train()
-    bar = _progress(cfg, total, step, desc)
-    t0 = time.perf_counter()
-
-    def end_epoch(partial: bool) -> None:
-        nonlocal acc
-        rec = {"epoch": epoch, "step": step, "partial": partial, "lr": opt.param_groups[0]["lr"],
-               "train_loss": acc["loss"] / max(acc["n"], 1), "train_top1": 100.0 * acc["correct"] / max(acc["n"], 1),
-               "time_s": elapsed + time.perf_counter() - t0}
-        if test_loader is not None and (main or fsdp):  # a sharded forward is a collective
-            rec["test_top1"] = evaluate(model, test_loader)
-        ddp.barrier()
-        hist["epochs"].append(rec)
-        log.info("fxqat %s: epoch %d step %d loss %.4f train %.2f%% test %s", desc, epoch, step, rec["train_loss"],
-                 rec["train_top1"], f"{rec['test_top1']:.2f}%" if "test_top1" in rec else "-")
-
-    trainable = [p for g in opt.param_groups for p in g["params"]]
+    bar = _progress(cfg, total, pos.step, desc)
     guard = NonFiniteGuard(model, cfg.nonfinite, cfg.max_nonfinite, desc)
-
-    def kept() -> str:
-        """What a diverged run leaves on disk (the end of its error message)."""
-        if out is None or not main:
-            return ""
-        if last_saved is None:
-            return f" No checkpoint was written before ({ckpt_path} does not exist)."
-        return f" The last good checkpoint, {ckpt_path} (step {last_saved}), is kept; --resume continues from it."
-
-    def save() -> bool:
-        """Write checkpoint.pt + metrics.json (rank 0); refuse a state with non-finite parameters."""
-        nonlocal last_saved
-        if out is None or not (main or fsdp):
-            return True
-        finite = all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()) for p in trainable)
-        if fsdp:
-            finite = ddp.all_ranks(finite)
-        if not finite:
-            hist["status"], hist["error"] = "diverged", (
-                f"fit({desc}): parameters are non-finite at step {step}; stopped without saving them.{kept()}")
-            return False
-        pos = {"step": step, "epoch": epoch, "batch": batch, "acc": dict(acc),
-               "elapsed": elapsed + time.perf_counter() - t0}
-        if fsdp:
-            save_sharded(ckpt_path, model, opt, step=step,
-                         extra={"scheduler": sched.state_dict(), "pos": pos, "history": hist})
-        else:
-            atomic_save({"model": ddp.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "rng": rng_state(), "pos": pos, "history": hist}, ckpt_path)
-        last_saved = step
-        if main:
-            atomic_write_text(to_json(hist), out / "metrics.json")
-        return True
-
-    with ddp.peer_guard(where, advice):
-        while step < stop_at and hist["status"] == "running":
-            train_loader.set_epoch(epoch, batch)
-            for x, y in train_loader:
-                t_logits = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits = teacher(x)
-                guard.before_step()
-                o = net(x)
-                loss, parts, logits = compute_loss(o, y, t_logits, cfg.kd_weight, cfg.temperature)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                lv = float(loss.detach())
-                verdict = guard.check(step + 1, lv, trainable)
-                if verdict == "ok":
-                    if cfg.grad_clip:
-                        nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-                    opt.step()
-                sched.step()
-                step, batch = step + 1, batch + 1
-                if verdict != "ok":
-                    hist["nonfinite_steps"].append(step)
-                    if verdict == "stop":
-                        hist["status"], hist["error"] = "diverged", guard.message + kept()
-                        break
-                    bar.update(1)
-                    if step >= stop_at:
-                        break
-                    continue
-                acc["loss"] += lv * len(y)
-                acc["n"] += len(y)
-                acc["correct"] += int((logits.detach().argmax(1) == y).sum())
-                rec = {"step": step, "loss": lv, **parts}
-                if isinstance(o, HybridOutput) or teacher is not None:
-                    rec["ce"] = float(F.cross_entropy(logits.detach(), y))
-                hist["steps"].append(rec)
-                bar.update(1)
-                bar.set_postfix(loss=f"{lv:.3f}", epoch=epoch)
-                if step >= stop_at:
-                    break
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batch < per_epoch and not save():
-                    break
-            if hist["status"] != "running":
-                break
-            finished_epoch = batch >= per_epoch
-            end_epoch(partial=not finished_epoch)
-            if finished_epoch:
-                epoch, batch, acc = epoch + 1, 0, {"loss": 0.0, "correct": 0, "n": 0}
-            save()
+    step = TrainStep(opt, sched, clip=cfg.grad_clip or None, guard=guard)
+    run = _FitRun(net, model, cfg, desc, teacher, test_loader, hist, ckpt, guard, bar, per_epoch, stop_at, fsdp,
+                  acc, elapsed)
+    with ddp.peer_guard(where, ckpt.advice):
+        run_loop(step, train_loader, pos, stop_at, run)
     bar.close()
     if hist["status"] == "diverged":
         log.error("%s", hist["error"])
-        if out is not None and main:
-            atomic_write_text(to_json(hist), out / "metrics.json")
+        ckpt.write_metrics(hist)
         return hist
-    if step < total:
+    if pos.step < total:
         hist["status"] = "interrupted"
-        if out is not None and main:
-            atomic_write_text(to_json(hist), out / "metrics.json")
+        ckpt.write_metrics(hist)
         return hist
     hist["status"] = "complete"
     last = hist["epochs"][-1] if hist["epochs"] else {}
-    hist["final"] = {"step": step, "test_top1": last.get("test_top1"), "train_loss": last.get("train_loss"),
-                     "time_s": elapsed + time.perf_counter() - t0}
-    if out is not None and main:
-        if cfg.plot:
-            plot_run(hist, out / "curves.png", title=desc)
-        atomic_write_text(to_json(hist), out / "metrics.json")
+    hist["final"] = {"step": pos.step, "test_top1": last.get("test_top1"), "train_loss": last.get("train_loss"),
+                     "time_s": run.time_s()}
+    if ckpt.out is not None and ddp.is_main() and cfg.plot:
+        plot_run(hist, ckpt.out / "curves.png", title=desc)
+    ckpt.write_metrics(hist)
     return hist

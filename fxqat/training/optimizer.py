@@ -11,7 +11,9 @@ Example:
     >>> qm = fxqat.prepare_qat(nn.Sequential(nn.Linear(4, 4)), (torch.randn(2, 4),), fxqat.QATConfig(w_bits=4))
     >>> spec = OptimizerSpec("adamw", lr=1e-3, weight_decay=0.1, decay_vectors=False)
     >>> [(g["name"], len(g["params"]), g["weight_decay"]) for g in param_groups(qm, spec)]
-    [('weights', 1, 0.1), ('no_decay', 1, 0.0), ('quantizers', 2, 0.0)]
+    [('weights', 1, 0.1), ('no_decay', 3, 0.0)]
+    >>> [(g["name"], len(g["params"])) for g in param_groups(qm, OptimizerSpec("sgd", weight_decay=5e-4))]
+    [('weights', 2), ('quantizers', 2)]
     >>> type(build_optimizer(qm, spec)).__name__
     'AdamW'
 """
@@ -63,8 +65,8 @@ def param_groups(model: Optional[nn.Module], spec: OptimizerSpec, params: Option
     """The parameter groups of ``params`` (default: every parameter of ``model`` that requires grad).
 
     ``weights`` (``lr``, ``weight_decay``; always present), ``no_decay`` (weights of fewer than 2 dimensions when
-    ``decay_vectors`` is False) and ``quantizers`` (``quant_lr``, ``quant_weight_decay``), each only when it holds a
-    parameter; ``params`` that are already groups (dicts) are returned as they are. The quantizer parameters are
+    ``decay_vectors`` is False, and the quantizer parameters too when their settings are the same: ``lr``, no
+    decay) and ``quantizers`` (``quant_lr``, ``quant_weight_decay``), each only when it holds a parameter; ``params`` that are already groups (dicts) are returned as they are. The quantizer parameters are
     ``model``'s :func:`~fxqat.quantizers.control.quantizer_parameters`, or the parameters whose ``id`` is in
     ``quantizer_ids`` when it is given.
     """
@@ -77,11 +79,14 @@ def param_groups(model: Optional[nn.Module], spec: OptimizerSpec, params: Option
     weights = [p for p in params if id(p) not in qids]
     decayed = weights if spec.decay_vectors else [p for p in weights if p.dim() >= 2]
     groups = [{"params": decayed, "lr": spec.lr, "weight_decay": spec.weight_decay, "name": "weights"}]
+    # quantizer parameters with the no-decay group's settings join it (in ``params`` order, as the recipe always had)
+    joins = not spec.decay_vectors and spec.quant_lr in (None, spec.lr) and spec.quant_weight_decay == 0.0
     if not spec.decay_vectors:
-        rest = [p for p in weights if p.dim() < 2]
+        done = {id(p) for p in decayed}
+        rest = [p for p in params if id(p) not in done and (joins or id(p) not in qids)]
         if rest:
             groups.append({"params": rest, "lr": spec.lr, "weight_decay": 0.0, "name": "no_decay"})
-    quant = [p for p in params if id(p) in qids]
+    quant = [p for p in params if id(p) in qids and not joins]
     if quant:
         groups.append({"params": quant, "lr": spec.quant_lr if spec.quant_lr is not None else spec.lr,
                        "weight_decay": spec.quant_weight_decay, "name": "quantizers"})

@@ -11,7 +11,7 @@ import fxqat
 from fxqat import data
 from fxqat.models import get_model
 from fxqat.training.checkpoint import CheckpointError, atomic_save, load_checkpoint
-from fxqat.training.loop import TrainConfig, _optimizer, compute_loss, evaluate, fit, kd_loss
+from fxqat.training.loop import TrainConfig, compute_loss, evaluate, fit, kd_loss, lr_schedule
 from fxqat.training.recipes import train_fp, train_qat
 
 
@@ -51,7 +51,8 @@ def test_kd_arm_loss_equals_the_hybrid_backbone_term():
 def test_cosine_schedule_with_warmup():
     p = nn.Parameter(torch.zeros(1))
     cfg = TrainConfig(lr=0.1, warmup_steps=2)
-    opt, sched = _optimizer([{"params": [p], "lr": 0.1}], cfg, total=10)
+    opt = torch.optim.SGD([{"params": [p], "lr": 0.1}], lr=0.1)
+    sched = lr_schedule(opt, cfg, total=10)
     lrs = []
     for _ in range(10):
         lrs.append(opt.param_groups[0]["lr"])
