@@ -217,6 +217,16 @@ def _merged_linear(x: torch.Tensor, parts: LoraParts) -> torch.Tensor:
     return F.linear(x, getattr(base, WEIGHT_QUANT)(effective_weight(parts)), base.bias)
 
 
+def _weight_params(parts: LoraParts, weight: Callable[[], torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """What the fake-quantized weight ``weight()`` reads that may need a gradient; the quantizer is initialised first
+    (its first call may replace its step-size Parameter with one of the data's shape)."""
+    wq = getattr(parts.base, WEIGHT_QUANT)
+    if not wq.is_initialized:
+        with torch.no_grad():
+            weight()
+    return (parts.a, parts.b, parts.base.weight, *wq.parameters())
+
+
 class _MergedLoraMixin:
     """``forward`` of a LoRA layer prepared with ``lora="merged"``: ``linear(x, Q(W + s·B·A), bias)``."""
 
@@ -235,20 +245,42 @@ class _MergedLoraMixin:
             x = aq(x)
         if torch.is_grad_enabled() and self.training:  # recompute W + s·B·A and Q(·) in backward: no saved weight
             wq = getattr(base, WEIGHT_QUANT)
-            params = (parts.a, parts.b, base.weight, *wq.parameters())
-            return recomputed_weight_linear(x, lambda: wq(effective_weight(parts)), base.bias, params)
+            weight = lambda: wq(effective_weight(parts))  # noqa: E731
+            return recomputed_weight_linear(x, weight, base.bias, _weight_params(parts, weight))
         return _merged_linear(x, parts)
 
 
-_SUBCLASSES: Dict[type, type] = {}
+class _BaseLoraMixin:
+    """``forward`` of a LoRA layer prepared with ``lora="base"``: ``linear(x, Q(W), bias) + s·B·A·x``; while
+    training, ``Q(W)`` is recomputed in backward instead of kept (no second copy of the base weight)."""
+
+    def forward(self, x, *args, **kwargs):  # noqa: D401 - nn.Module.forward
+        orig = type(self)._fxqat_orig_forward
+        if args or kwargs or not (torch.is_grad_enabled() and self.training) or getattr(self, "disable_adapters", False):
+            return orig(self, x, *args, **kwargs)
+        parts = lora_parts(self)
+        base = parts.base
+        xb = x
+        aq = getattr(base, ACT_QUANT, None)
+        if aq is not None and x.is_floating_point():
+            xb = aq(x)
+        wq = getattr(base, WEIGHT_QUANT)
+        weight = lambda: wq(base.weight)  # noqa: E731
+        out = recomputed_weight_linear(xb, weight, base.bias, _weight_params(parts, weight)[2:])
+        xa = parts.dropout(x) if parts.dropout is not None else x
+        return out + F.linear(F.linear(xa, parts.a), parts.b) * parts.scale
 
 
-def _merged_class(cls: type) -> type:
-    sub = _SUBCLASSES.get(cls)
+_SUBCLASSES: Dict[Tuple[type, str], type] = {}
+_MIXINS = {"merged": _MergedLoraMixin, "base": _BaseLoraMixin}
+
+
+def _mode_class(cls: type, mode: str) -> type:
+    sub = _SUBCLASSES.get((cls, mode))
     if sub is None:
-        sub = type(f"Merged{cls.__name__}", (_MergedLoraMixin, cls),
+        sub = type(f"{mode.capitalize()}{cls.__name__}", (_MIXINS[mode], cls),
                    {"_fxqat_orig_forward": cls.forward, "__module__": cls.__module__})
-        _SUBCLASSES[cls] = sub
+        _SUBCLASSES[(cls, mode)] = sub
     return sub
 
 
@@ -295,8 +327,8 @@ def wrap_lora_layer(module: nn.Module, mode: str, name: str) -> LoraParts:
     if parts.base.bias is not None:
         parts.base.bias.requires_grad_(False)
     wq = getattr(parts.base, WEIGHT_QUANT)
+    _check_formula(module, parts, name)  # both modes' training forward computes the formula itself
     if mode == "merged":
-        _check_formula(module, parts, name)
         if parts.dropout is not None and getattr(parts.dropout, "p", 0.0) > 0:
             warnings.warn(
                 f"fxqat: LoRA layer {name!r} has dropout p={parts.dropout.p} on the adapter input; with "
@@ -306,7 +338,7 @@ def wrap_lora_layer(module: nn.Module, mode: str, name: str) -> LoraParts:
         with torch.no_grad():
             if not wq.is_initialized:
                 wq(effective_weight(parts))
-        module.__class__ = _merged_class(type(module))
+    module.__class__ = _mode_class(type(module), mode)
     setattr(module, LORA_ATTR, mode)
     for p in wq.parameters():
         p.requires_grad_(True)
