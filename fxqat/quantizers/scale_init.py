@@ -103,35 +103,36 @@ def _search_chunk(x: torch.Tensor, absmax: torch.Tensor, qrange: Tuple[int, int]
     and the next ratios run on them alone. Best step sizes and errors stay in the chunk's row order.
     """
     qmin, qmax = qrange
-    pmax = x.amax(dim=1).clamp_min(0)  # the largest positive element (0 if none) ...
-    nmax = x.amin(dim=1).neg().clamp_min(0)  # ... and the largest negative one's magnitude
-    bst = absmax.clone()
-    err_a = torch.full_like(absmax, float("inf"))
-    live: Optional[torch.Tensor] = None  # chunk rows still searched (None: all), and their data
-    xa, am, pm, nm = x, absmax, pmax, nmax
+    pm = x.amax(dim=1).clamp_min(0)  # the largest positive element (0 if none) ...
+    nm = x.amin(dim=1).neg().clamp_min(0)  # ... and the largest negative one's magnitude
+    bst, err_a = absmax.clone(), torch.full_like(absmax, float("inf"))  # best step and error, chunk row order
+    live: Optional[torch.Tensor] = None  # the chunk rows searched (None: all) ...
+    xa, am, bl, el = x, absmax, bst, err_a  # ... their data, absmax, best step and best error
     buf = torch.empty_like(x)
     for i in range(grid, 0, -1):
         if i < grid:  # rows whose every ratio from i down is ruled out by the bound are done
-            err_live = err_a if live is None else err_a[live]
-            keep = (lowest_needed_ratio(pm, nm, am, err_live, qrange, grid) <= i).nonzero()[:, 0]
+            keep = (lowest_needed_ratio(pm, nm, am, el, qrange, grid) <= i).nonzero()[:, 0]
             if keep.numel() == 0:
                 break
             if keep.numel() <= COMPACT_SHARE * am.numel():
+                bst, err_a = _put(bst, live, bl), _put(err_a, live, el)
                 live = keep if live is None else live[keep]
-                xa, am, pm, nm = xa.index_select(0, keep), am[keep], pm[keep], nm[keep]
+                xa, am, pm, nm, bl, el = xa.index_select(0, keep), am[keep], pm[keep], nm[keep], bl[keep], el[keep]
                 buf = buf[: keep.numel()]
         s = (am * i / grid).clamp_min(1e-12)[:, None]
         err = torch.div(xa, s, out=buf).round_().clamp_(qmin, qmax).mul_(s).sub_(xa).square_().sum(dim=1)
-        if live is None:
-            better = err <= err_a  # descending ratios: a tie goes to the smaller one; NaN never wins
-            bst = torch.where(better, s[:, 0], bst)
-            err_a = torch.where(better, err, err_a)
-        else:
-            cur = err_a[live]
-            better = err <= cur
-            bst[live] = torch.where(better, s[:, 0], bst[live])
-            err_a[live] = torch.where(better, err, cur)
+        better = err <= el  # descending ratios: a tie goes to the smaller one; NaN never wins
+        bl, el = torch.where(better, s[:, 0], bl), torch.where(better, err, el)
+    bst, err_a = _put(bst, live, bl), _put(err_a, live, el)
     return torch.where(torch.isfinite(err_a), bst, absmax)  # no finite error: keep absmax
+
+
+def _put(full: torch.Tensor, rows: Optional[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+    """``values`` written into ``full`` at ``rows`` (``values`` itself when ``rows`` is None: all rows)."""
+    if rows is None:
+        return values
+    full[rows] = values
+    return full
 
 
 def lowest_needed_ratio(pmax: torch.Tensor, nmax: torch.Tensor, absmax: torch.Tensor, err: torch.Tensor,
