@@ -36,8 +36,9 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from torch import nn
 
@@ -136,6 +137,7 @@ class _Capturer:
         self.force_leaves: Tuple[str, ...] = ()
         self.plan = ParamPlan({}, {}, frozenset(), {})  # parameters quantized where used (MoE experts, ...)
         self.param_weights: List[str] = []
+        self.shared: Set[int] = set()  # ids of weights that more than one quantized layer or parameter owner reads
 
     def holds_params(self, name: str) -> bool:
         """Whether the module ``name`` or a descendant owns parameters of the plan."""
@@ -195,7 +197,28 @@ class _Capturer:
         return (base_name,)
 
     # ---------------------------------------------------------------- graph regions
-    def try_region(self, child: nn.Module, name: str) -> Tuple[GraphRegion, Tuple[str, ...]]:
+    def head_region(self, parent: nn.Module, cname: str, child: nn.Module, name: str) -> bool:
+        """A torch.nn weight layer called by the eager root (an LM's ``lm_head``) captured as a one-layer graph region
+        (its input quantizer and weight in a graph, like every other layer); False where it stays a layer quantized in
+        place: called by a nested eager module, a foreign or LoRA layer, a chain layer, a router, a weight it shares
+        with another quantized layer, or a call that does not trace."""
+        weight = weight_layer_entry(child).weight
+        if ("." in name or isinstance(child, _foreign_layer_types()) or not type(child).__module__.startswith("torch.nn")
+                or name in self.force_leaves or self.calls[name].unbindable_reason
+                or _join(name, weight) in self.plan.fp_layer_weights or id(getattr(child, weight)) in self.shared):
+            return False
+        index = len(self.regions)
+        try:
+            region, _ = self.try_region(child, name, one_layer=True)
+        except Exception as exc:  # noqa: BLE001 - any failure: quantized in place
+            log.debug("fxqat: %s stays a layer quantized in place (%s)", name, _first_reason(exc), exc_info=True)
+            del self.regions[index:]
+            return False
+        setattr(parent, cname, region)
+        self.regions.insert(index, Region(name, "graph", "", (name,)))
+        return True
+
+    def try_region(self, child: nn.Module, name: str, one_layer: bool = False) -> Tuple[GraphRegion, Tuple[str, ...]]:
         """``child`` traced as a graph region, and the names of its leaves captured on their own."""
         call = self.calls[name]
         leaves = tuple(x for x in self.config.leaf_modules if isinstance(x, type)) + _foreign_layer_types()
@@ -219,7 +242,8 @@ class _Capturer:
                     inner.append(full)
         if any(isinstance(region.get_submodule(n[len(name) + 1:]), GraphRegion) for n in inner):
             check_calls(region, call.args, call.kwargs)  # its graph calls those regions the way they were captured
-        recipe = Recipe(self.config, name, leaves, frozenset(self.first_last), frozenset(self.plan.fp_layer_weights))
+        recipe = Recipe(self.config, name, leaves, frozenset(self.first_last), frozenset(self.plan.fp_layer_weights),
+                        one_layer)
         # a chain layer: its FP graph gives cuts inside it (HybridConfig.cuts)
         quantize_region(region, recipe, FP_GRAPH if name in self.force_leaves else "")
         region.fxqat_recapture = Recapture(recipe)  # a call of another structure: another graph, same quantizers
@@ -244,6 +268,8 @@ class _Capturer:
         if is_weight_layer(child):
             if name not in self.calls:
                 self.uncalled.append(name)
+                return ()
+            if self.head_region(parent, cname, child, name):
                 return ()
             return (name,) if self.quantize_eager_layer(child, name) else ()
         if name not in self.calls:  # a container (ModuleList, ModuleDict) whose children are called directly
@@ -281,6 +307,16 @@ def _holds_quantizer(m: nn.Module) -> bool:
     return any(isinstance(s, Quantizer) for s in m.modules())
 
 
+def _shared_weights(model: nn.Module, plan: ParamPlan) -> Set[int]:
+    """Ids of the weights read by more than one weight layer, or by a weight layer and a parameter owner of ``plan``
+    (a tied embedding quantized where it is used)."""
+    seen = Counter(id(getattr(m, weight_layer_entry(m).weight)) for m in model.modules() if is_weight_layer(m))
+    for owner, layouts in plan.owners.items():
+        module = model.get_submodule(owner) if owner else model
+        seen.update(id(getattr(module, k)) for k in layouts if isinstance(getattr(module, k, None), nn.Parameter))
+    return {k for k, n in seen.items() if n > 1}
+
+
 def _foreign_layer_types() -> Tuple[type, ...]:
     """Registered weight layers outside torch.nn (transformers' Conv1D): the tracer keeps them as leaves so that they
     are quantized in place, in their own weight layout."""
@@ -311,6 +347,7 @@ def capture_eager(
     cap.force_leaves = tuple(force_leaves)
     if plan is not None:
         cap.plan = plan
+    cap.shared = _shared_weights(model, cap.plan)
     cap.regions.append(Region("", "eager", root_reason, ()))
     own = cap.capture_children(model, "")
     cap.quantize_own_params(model, "")

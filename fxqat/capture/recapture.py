@@ -77,6 +77,8 @@ class Recipe:
         leaves: the module types and region-relative names traced as leaves.
         first_last: qualified names of the model's first and last weight layer.
         fp_weights: qualified names of the weights kept FP (routers).
+        one_layer: the region is one weight layer (an LM head): the layer's qualified name is the region's own
+            (``lm_head``, not ``lm_head.<owner>``) for overrides, the first/last policy and quantizer names.
     """
 
     config: QATConfig
@@ -84,6 +86,7 @@ class Recipe:
     leaves: Tuple[Any, ...]
     first_last: FrozenSet[str]
     fp_weights: FrozenSet[str]
+    one_layer: bool = False
 
 
 def quantize_region(region: GraphRegion, recipe: Recipe, fp_graph_key: str = "") -> None:
@@ -91,10 +94,11 @@ def quantize_region(region: GraphRegion, recipe: Recipe, fp_graph_key: str = "")
     ``weight_target`` made relative to the model's root. With ``fp_graph_key``, a copy of the annotated graph before
     insert_quant is kept in ``region.meta[fp_graph_key]``."""
     name, config = recipe.name, recipe.config
-    annotate(region, config, prefix=name + ".", first_last_names=set(recipe.first_last), fp_weights=recipe.fp_weights)
+    prefix = name if recipe.one_layer else name + "."  # a one-layer region's layer has no owner below it
+    annotate(region, config, prefix=prefix, first_last_names=set(recipe.first_last), fp_weights=recipe.fp_weights)
     if fp_graph_key:
         region.meta[fp_graph_key] = copy.deepcopy(region.graph)
-    insert_quant(region, config, prefix=name + ".")
+    insert_quant(region, config, prefix=prefix)
     if config.kv_bits is not None:
         quantize_kv(region, config.kv_bits, config.kv_granularity)
     for q in getattr(region, CONTAINER).modules() if hasattr(region, CONTAINER) else ():

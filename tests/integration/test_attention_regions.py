@@ -27,7 +27,7 @@ from hf_zoo import MOE, build  # noqa: E402
 
 DECODERS = ("llama", "llama_tied", "mistral", "qwen2", "gpt2", "gpt_neox", "opt", "phi3") + tuple(MOE)
 FAST = ("llama", "gpt2")  # the others are slow-marked (2-20 s each to prepare)
-HEADS = ("lm_head", "embed_out")  # called by the eager root: quantized in place, not in a graph region
+HEADS = ("lm_head", "embed_out")  # called by the eager root: one-layer graph regions
 LAYER = re.compile(r"(layers|h)\.\d+$")
 
 
@@ -49,9 +49,11 @@ def test_decoder_attention_and_mlp_are_graph_regions_and_exact_with_quantization
     eager = [r for r in report.regions if r.kind == "eager"]
     # no decoder layer, attention or MLP runs eagerly (MoE expert tensors are counted separately: `mlp.experts`)
     assert not [r.name for r in eager if LAYER.search(r.name) or r.name.endswith(("attn", "attention", ".mlp"))]
-    outside = [w for r in eager for w in r.weight_layers]
-    assert set(outside) <= set(HEADS) and len(outside) == 1  # every weight layer but the LM head is in a graph
-    assert report.graph_share == (len(report.weight_layers) - 1) / len(report.weight_layers)
+    assert not [w for r in eager for w in r.weight_layers]  # the LM head too: every weight layer is in a graph
+    # issue 24's targets: 100% for Llama/Qwen2/Mistral, >= 90% elsewhere; every decoder of the zoo reaches 100%
+    assert report.graph_share == 1.0
+    heads = [r.name for r in report.regions if r.name in HEADS]
+    assert len(heads) == 1 and isinstance(qm.get_submodule(heads[0]), GraphRegion)
     layers = [m for n, m in qm.named_modules() if LAYER.search(n)]
     assert len(layers) == model.config.num_hidden_layers and all(isinstance(m, GraphRegion) for m in layers)
     fxqat.set_quantization(qm, False)

@@ -81,7 +81,8 @@ def test_eager_root_outputs_tuple_structure_and_report():
     kinds = {r.name: r.kind for r in report.regions}
     assert kinds[""] == "eager" and kinds["layers.0"] == "graph"
     assert "TraceError" in report.regions[0].reason or "control flow" in report.regions[0].reason
-    assert report.graph_share == pytest.approx(3 / 4)  # 3 of 4 weight layers in graph regions, the head eager
+    assert report.graph_share == 1.0  # the head, called by the eager root, is a one-layer graph region
+    assert [r.name for r in report.regions if r.kind == "graph"][-1] == "head" and not report.regions[0].weight_layers
     assert "| `layers.0` | graph | 1 |" in report.to_markdown()
 
 

@@ -223,7 +223,7 @@ def test_trainer_load_checkpoint_rejects_another_preparation(corpus, tmp_path):
     fxqat.calibrate(qm, [{"input_ids": _data(corpus, 1)[0]["input_ids"][None]}])
     qm.save_pretrained(tmp_path)  # what Trainer's checkpoint save calls for a PreTrainedModel
     _, other = _prepared(corpus, INT4.with_(first_last_layers=()))  # lm_head quantized too: one quantizer more
-    with pytest.raises(ValueError, match=r"does not match this model: missing \['lm_head.fxqat_wq"):
+    with pytest.raises(ValueError, match=r"does not match this model: missing \['lm_head\.fxqat_quant\."):
         load_checkpoint(other, str(tmp_path))
     _, same = _prepared(corpus)
     want = _quant_state(qm)
