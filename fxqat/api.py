@@ -176,8 +176,8 @@ def _prepare(model: nn.Module, example_inputs: Any, config: QATConfig, inplace: 
     if config.hybrid is not None:
         fp_graph = mark_cuts(gm, config)
     insert_quant(gm, config)
-    if config.kv_bits is not None:
-        quantize_kv(gm, config.kv_bits, config.kv_granularity)
+    if config.kv is not None:
+        quantize_kv(gm, config.kv.bits, config.kv.granularity)
     finish_graph_params(gm, plan, uses, config)
     if config.hybrid is not None:
         gm = build_hybrid(gm, fp_graph, config.hybrid)

@@ -19,7 +19,7 @@ counted by the block partition).
 The weights of each layer and the activation it reads (its first argument) get :class:`~fxqat.config.QuantSpec`s.
 First/last policy: the first and last quantized layer in topological order (those named by
 ``config.first_last_layers``) use ``config.first_last`` bits (or stay FP when it is None). With
-``config.a_bits=None`` no activation is quantized (weight-only). Per-group weights are checked here: a weight
+``config.act=None`` no activation is quantized (weight-only). Per-group weights are checked here: a weight
 whose input size is not a multiple of ``group_size`` raises a ValueError naming the layer. Overrides match the layer's owning module name. The signedness of an activation comes from
 its producer: outputs of ReLU-like functions (through pooling, reshapes and dropout) are unsigned, others are
 decided from the first batch (``config.act_signed="auto"``).
@@ -242,11 +242,11 @@ def annotate(
         weights = tuple((w, wspec) for w in where)
         act = None
         x = node.args[0] if node.args else None
-        if config.a_bits is not None and isinstance(x, fx.Node) and is_float_tensor(x):
+        if config.act is not None and isinstance(x, fx.Node) and is_float_tensor(x):
             act = _act_spec(gm, x, config, ov, owner or node.name, a_bits)
         node.meta[QMETA] = LayerQuant(style=style, owner=owner, weights=weights, act=act, first_last=by_policy)
     _one_spec_per_weight(gm, layers, prefix)
-    if config.quantize_matmuls and config.a_bits is not None:
+    if config.quantize_matmuls and config.act is not None:
         _annotate_matmuls(gm, config, prefix)
     return gm
 

@@ -9,7 +9,7 @@
   through :class:`OpaqueWeightQuant`, which substitutes quantized weights with ``torch.func.functional_call`` and
   otherwise runs the module's own ``forward``.
 * **Activations.** One quantizer per distinct (tensor, spec), shared by every consumer that reads it.
-* **Gradients.** With ``config.g_bits``, an identity-forward gradient quantizer on each quantized layer's output;
+* **Gradients.** With ``config.grad``, an identity-forward gradient quantizer on each quantized layer's output;
   layers under the ``first_last`` policy get ``config.first_last`` bits there (and none when they stay FP).
 
 Quantizers live under ``gm.fxqat_quant`` (``w_*``, ``a_*``, ``g_*``, ``o_*`` for opaque wrappers).
@@ -232,7 +232,7 @@ def insert_quant(gm: fx.GraphModule, config: QATConfig, prefix: str = "") -> fx.
             node.target = namer.add(f"o_{_safe(node.target)}", OpaqueWeightQuant(mod, qs, str(node.target)))
             node.meta["fxqat.module"] = lq.owner
         outputs.append((node, lq))
-    if config.g_bits is not None:
+    if config.grad is not None:
         for node, lq in outputs:
             spec = config.spec_for("grad", bits=config.first_last if lq.first_last else None)
             users = list(node.users)
