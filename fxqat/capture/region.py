@@ -57,7 +57,8 @@ class Origin:
     Attributes:
         cls: the module's class.
         attrs: its plain (public, non-module) attributes, copied onto the region (``config``, ``layer_idx``, ...).
-        children, params, buffers: the names of its own children, parameters and buffers (adopted by the region).
+        children, params, buffers: the names of its own children, parameters (also those registered as ``None``)
+            and buffers (adopted by the region).
     """
 
     cls: type
@@ -327,7 +328,7 @@ def trace_region(
         if not key.startswith("_") and key not in region.__dict__ and key != "training":
             region.__dict__[key] = value
             attrs.append(key)
-    region.fxqat_origin = Origin(type(module), tuple(attrs), _names(module._modules), _names(module._parameters),
+    region.fxqat_origin = Origin(type(module), tuple(attrs), _names(module._modules), tuple(module._parameters),
                                  _names(module._buffers))
     region.meta["fxqat.opaque"] = tuple(x[len(_INNER) + 1:] for x in gm.meta.get("fxqat.opaque", ()))
     if isinstance(example_output, dict) and type(example_output) is not dict:
@@ -390,8 +391,8 @@ def restore_module(region: GraphRegion) -> nn.Module:
             module.__dict__[key] = region.__dict__[key]
     for name in origin.children:
         module._modules[name] = region._modules[name]
-    for name in origin.params:
-        module._parameters[name] = region._parameters[name]
+    for name in origin.params:  # a parameter registered as None (nn.Linear(bias=False)) stays None
+        module._parameters[name] = region._parameters.get(name)
     for name in origin.buffers:
         module.register_buffer(name, region._buffers[name], persistent=name not in region._non_persistent_buffers_set)
     return module.train(region.training)
