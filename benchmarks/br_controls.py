@@ -345,7 +345,7 @@ def cifar_main(args) -> None:
         t = teacher()
         for name in ("br", "kd"):
             m = prepare(name == "br")
-            fxqat.calibrate(m, x)
+            fxqat.calibrate(m, [x])
             m.train()
             opt = torch.optim.SGD(list(fxqat.trainable_parameters(m)), lr=lr * 1e-3, momentum=0.9, nesterov=True)
 
@@ -389,7 +389,7 @@ def cifar_main(args) -> None:
         if kind == "kd_blocklr":  # KD with each block's lr scaled by BR's measured gradient ratio (4 batches)
             brm = prepare(True)
             batches = list(zip(range(4), fdata.BatchLoader(tr, 128, train=True, seed=99, rank=0, world_size=1)))
-            fxqat.calibrate(brm, batches[0][1][0])
+            fxqat.calibrate(brm, [batches[0][1][0]])
             loader.set_epoch(0)
             calibrate(qm, next(iter(loader))[0])  # as train_qat does
             blocks = fxqat.find_blocks(fp, (x0,))
