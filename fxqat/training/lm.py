@@ -115,7 +115,13 @@ def quantizer_parameter_ids(model: nn.Module) -> set:
 
 
 def lm_optimizer_spec(recipe: LMRecipe) -> OptimizerSpec:
-    """The recipe's optimizer: AdamW, weight decay on weights of 2+ dimensions only, none on quantizer parameters."""
+    """The recipe's optimizer: AdamW, weight decay on weights of 2+ dimensions only, none on quantizer parameters.
+
+    Example:
+        >>> s = lm_optimizer_spec(FINETUNE_RECIPE)
+        >>> s.kind, s.lr, s.weight_decay, s.decay_vectors
+        ('adamw', 0.0001, 0.1, False)
+    """
     return OptimizerSpec("adamw", lr=recipe.lr, weight_decay=recipe.weight_decay, betas=recipe.betas,
                          decay_vectors=False)
 

@@ -167,7 +167,12 @@ def calibrate(model: nn.Module, x: torch.Tensor) -> None:
 
 
 def optimizer_spec(cfg: TrainConfig) -> OptimizerSpec:
-    """The :class:`~fxqat.training.optimizer.OptimizerSpec` of ``cfg`` (weight decay on every weight)."""
+    """The :class:`~fxqat.training.optimizer.OptimizerSpec` of ``cfg`` (weight decay on every weight).
+
+    Example:
+        >>> optimizer_spec(TrainConfig(optimizer="adam", lr=0.01)).kind
+        'adam'
+    """
     return OptimizerSpec(cfg.optimizer, lr=cfg.lr, quant_lr=cfg.quant_lr, weight_decay=cfg.weight_decay,
                          quant_weight_decay=cfg.quant_weight_decay, momentum=cfg.momentum)
 
