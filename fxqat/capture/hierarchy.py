@@ -7,7 +7,8 @@ on its own, from the call it received on the example inputs (recorded with forwa
    bound to its signature; the region goes through the usual passes (normalize, annotate, insert_quant), so its
    activations, functional layers and residual structure are seen;
 2. otherwise it stays eager and its own children are captured the same way, recursively;
-3. a weight layer reached in an eager region is quantized in place (:func:`fxqat.capture.layer_quant.quantize_layer`).
+3. a weight layer reached in an eager region is quantized in place (:func:`fxqat.capture.layer_quant.quantize_layer`),
+   except a torch.nn layer the root calls itself (an LM's ``lm_head``): a one-layer graph region.
 
 The first and last weight layer (in call order) follow ``QATConfig.first_last`` and overrides match qualified names
 in the user's model, exactly as in a whole-model graph. What was captured how is returned as a
@@ -28,9 +29,9 @@ Example:
     >>> net = Net()
     >>> report = capture_eager(net, (torch.randn(2, 4),), {}, QATConfig(), "data-dependent control flow")
     >>> [(r.name, r.kind) for r in report.regions]
-    [('', 'eager'), ('body', 'graph')]
+    [('', 'eager'), ('body', 'graph'), ('head', 'graph')]
     >>> report.regions[0].weight_layers, report.graph_share
-    (('head',), 0.6666666666666666)
+    ((), 1.0)
 """
 
 from __future__ import annotations
