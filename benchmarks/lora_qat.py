@@ -47,6 +47,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = Path(__file__).resolve().parent.parent / "runs" / "lora_qat"
 ARMS = ("fp_lora", "lora_base", "lora_merged", "full_qat")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+#: glibc malloc without mmap for large blocks and without trimming: a freed weight-sized temporary is reused instead of
+#: handed back to the kernel, whose fresh pages are zeroed and faulted in again on the next allocation
+HEAP_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK, ALPHA = 8, 16
 LORA_LR = 1e-3  # LoRA factors (and, in the QAT arms, step sizes); full QAT keeps the benchmark's 1e-4
@@ -163,7 +166,8 @@ def run_memory(args) -> Dict[str, Any]:
     for size in args.sizes:
         for dtype in args.dtypes:
             for arm in args.arms:
-                key = f"{size}/{dtype}/{arm}"
+                key = f"{size}/{dtype}/{arm}" + (f"@{args.seq}" if size != "llm" and args.seq != 256 else "") + \
+                    ("+heap" if args.malloc == "heap" else "")
                 need, avail = needed_gb(size, dtype, arm), mem_available_gb()
                 if avail < need:
                     rows[key] = {"skipped": f"needs ~{need:.1f} GB available, {avail:.1f} GB were"}
@@ -172,11 +176,52 @@ def run_memory(args) -> Dict[str, Any]:
                 seq, batch = (128, 8) if size == "llm" else (args.seq, 1)
                 cmd = [sys.executable, __file__, "_arm", size, dtype, arm, str(seq), str(batch)]
                 t = time.time()
-                res = subprocess.run(cmd, capture_output=True, text=True)
+                env = {**os.environ, **(HEAP_MALLOC if args.malloc == "heap" else {})}
+                res = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 line = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
                 rows[key] = json.loads(line[-1]) if res.returncode == 0 and line else {
                     "failed": (res.stderr.strip().splitlines() or ["?"])[-1][:300]}
-                rows[key].update(seq=seq, batch=batch, wall_s=round(time.time() - t, 1))
+                rows[key].update(seq=seq, batch=batch, wall_s=round(time.time() - t, 1), malloc=args.malloc)
+                print(key, rows[key], flush=True)
+                out_path.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def layer_arm(arm: str, tokens: int, reps: int = 4) -> Dict[str, Any]:
+    """One 2048 -> 8192 linear layer (0.4B/1.1B's gate/up shape) with rank-8 LoRA, fp32, one thread: CPU seconds of
+    forward + backward (the input needs its gradient, as inside a model), median of all but the first."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    base, head = nn.Linear(2048, 8192, bias=False), nn.Linear(8192, 8, bias=False)
+    for p in (*base.parameters(), *head.parameters()):
+        p.requires_grad_(False)
+    model = nn.Sequential(LoRALinear(base), head)
+    x = torch.randn(1, tokens, 2048, requires_grad=True)
+    if arm != "fp_lora":  # the last layer stays FP (first/last policy of the presets); only the LoRA layer is quantized
+        model = fxqat.prepare_qat(model, (x,), fxqat.QATConfig.preset("int4_weight_only").with_(lora=arm.split("_")[1]),
+                                  inplace=True)
+    model.train()
+    times = []
+    for _ in range(reps):
+        c = time.process_time()
+        model(x).square().mean().backward()
+        times.append(time.process_time() - c)
+    return {"cpu_s": statistics.median(times[1:]), "all_cpu_s": times}
+
+
+def run_layer(args) -> Dict[str, Any]:
+    out_path = RESULTS / "lora_qat_layer.json"
+    rows = json.loads(out_path.read_text()) if out_path.exists() else {}
+    for malloc in args.malloc:
+        for tokens in args.tokens:
+            for arm in ("fp_lora", "lora_base", "lora_merged"):
+                env = {**os.environ, **(HEAP_MALLOC if malloc == "heap" else {})}
+                res = subprocess.run([sys.executable, __file__, "_layer", arm, str(tokens)], capture_output=True,
+                                     text=True, env=env)
+                line = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+                key = f"{malloc}/{tokens}/{arm}"
+                rows[key] = json.loads(line[-1]) if res.returncode == 0 and line else {
+                    "failed": (res.stderr.strip().splitlines() or ["?"])[-1][:300]}
                 print(key, rows[key], flush=True)
                 out_path.write_text(json.dumps(rows, indent=2))
     return rows
@@ -297,10 +342,18 @@ def fmt(v: Optional[float], spec: str = ".2f") -> str:
 SIZE_ORDER, DTYPE_ORDER = ("llm", "0.4B", "1.1B"), ("fp32", "bf16")
 
 
-def _row_order(key: str):
+def _parse_key(key: str):
+    """``size/dtype/arm[@seq][+heap]`` -> (size, dtype, arm, '@seq' or '', '+heap' or '')."""
     size, dtype, arm = key.split("/")
-    return (SIZE_ORDER.index(size) if size in SIZE_ORDER else 9, DTYPE_ORDER.index(dtype) if dtype in DTYPE_ORDER
-            else 9, ARMS.index(arm) if arm in ARMS else 9)
+    arm, plus, variant = arm.partition("+")
+    arm, at, seq = arm.partition("@")
+    return size, dtype, arm, at + seq, plus + variant
+
+
+def _row_order(key: str):
+    size, dtype, arm, seq, variant = _parse_key(key)
+    return (SIZE_ORDER.index(size) if size in SIZE_ORDER else 9, variant, seq, DTYPE_ORDER.index(dtype)
+            if dtype in DTYPE_ORDER else 9, ARMS.index(arm) if arm in ARMS else 9)
 
 
 def scale_full_qat_reference() -> Optional[Dict[str, Any]]:
@@ -327,9 +380,13 @@ def memory_lines(mem: Dict[str, Any]) -> List[str]:
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for key in sorted(mem, key=_row_order):
         r = mem[key]
-        size, dtype, arm = key.split("/")
-        full = mem.get(f"{size}/{dtype}/full_qat", {})
-        fpl = mem.get(f"{size}/{dtype}/fp_lora", {})
+        size, dtype, arm, seq, variant = _parse_key(key)
+        full = mem.get(f"{size}/{dtype}/full_qat{seq}{variant}", {})
+        fpl = mem.get(f"{size}/{dtype}/fp_lora{seq}{variant}", {})
+        if seq:
+            size = f"{size} (1 x {seq[1:]})"
+        if variant:
+            size = f"{size} heap malloc"
         if "peak_rss_gb" not in r:
             lines.append(f"| {size} | {dtype} | {arm} | | {r.get('skipped') or r.get('failed')} | | | | |")
             continue
@@ -339,6 +396,8 @@ def memory_lines(mem: Dict[str, Any]) -> List[str]:
         rf = step / full["step_cpu_s"] if "step_cpu_s" in full else None
         lines.append(f"| {size} | {dtype} | {arm} | {r['trainable']:,} | {r['peak_rss_gb']:.2f} | {fmt(rm)} | "
                      f"{step:.2f} | {fmt(rs)} | {fmt(rf)} |")
+    notes = [f"* `{k}`: {r['note']}" for k, r in sorted(mem.items(), key=lambda kv: _row_order(kv[0])) if r.get("note")]
+    lines += ["", "Notes:", "", *notes] if notes else []
     lines += ["", "### Targets at 1.1B", ""]
     ref = scale_full_qat_reference()
     for dtype in DTYPE_ORDER:
@@ -363,6 +422,28 @@ def memory_lines(mem: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def layer_lines(rows: Dict[str, Any]) -> List[str]:
+    """The one-layer step-time table (``layer``): where the merged mode's time goes."""
+    if not rows:
+        return []
+    lines = ["", "### One layer: where the step time goes (`python benchmarks/lora_qat.py layer`)", "",
+             "A 2048 -> 8192 linear layer (the 0.4B/1.1B gate/up shape) with rank-8 LoRA, fp32, one thread, forward + "
+             "backward (input gradient included, as inside a model), CPU seconds, median of 3 after a warm-up. "
+             "`heap`: glibc keeps freed memory for reuse (`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1e11`) instead of "
+             "handing each freed weight-sized temporary back to the kernel, which zeroes and faults in fresh pages on "
+             "the next allocation.", "",
+             "| malloc | tokens | FP LoRA | base | merged | base x FP LoRA | merged x FP LoRA |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    combos = sorted({tuple(k.split("/")[:2]) for k in rows}, key=lambda c: (c[0] != "default", int(c[1])))
+    for malloc, tokens in combos:
+        got = [rows.get(f"{malloc}/{tokens}/{arm}", {}).get("cpu_s") for arm in ("fp_lora", "lora_base", "lora_merged")]
+        if got[0] is None:
+            continue
+        lines.append(f"| {malloc} | {tokens} | {fmt(got[0], '.3f')} | {fmt(got[1], '.3f')} | {fmt(got[2], '.3f')} | "
+                     f"{fmt(got[1] and got[1] / got[0])} | {fmt(got[2] and got[2] / got[0])} |")
+    return lines
+
+
 def report(args) -> int:
     mem = json.loads((RESULTS / "lora_qat_memory.json").read_text()) if (RESULTS / "lora_qat_memory.json").exists() \
         else {}
@@ -373,6 +454,8 @@ def report(args) -> int:
              f"Machine: {machine()['cpu']}, {machine()['cores']} cores, torch {torch.__version__}, CPU only; other "
              "jobs were running on the machine at the same time (timings are indicative, memory is per process).", ""]
     lines += memory_lines(mem)
+    layer_path = RESULTS / "lora_qat_layer.json"
+    lines += layer_lines(json.loads(layer_path.read_text()) if layer_path.exists() else {})
     lines += ["", "## Accuracy (validation loss of the deployed model, mean over seeds)", ""]
     if quick and parts:
         lines += ["**Reduced proxy, not the LLM benchmark's protocol**: the benchmark's FP pre-training did not finish "
@@ -406,7 +489,8 @@ def report(args) -> int:
                   "`fxqat.merge_lora`, then each export path; compared with `fxqat.convert(qm)`'s logits.", "",
                   "| path | result |", "|---|---|"]
         lines += [f"| {k} | {json.dumps(v)} |" for k, v in exports.items()]
-    payload = {"machine": machine(), "memory": mem, "exports": exports, "accuracy": {str(k): v for k, v in parts.items()},
+    payload = {"machine": machine(), "memory": mem, "layer": json.loads(layer_path.read_text()) if layer_path.exists()
+               else {}, "exports": exports, "accuracy": {str(k): v for k, v in parts.items()},
                "rank": RANK, "alpha": ALPHA, "targets": TARGETS, "lora_lr": LORA_LR}
     (RESULTS / "lora_qat.json").write_text(json.dumps(payload, indent=2))
     (RESULTS / "lora_qat.md").write_text("\n".join(lines) + "\n")
@@ -416,6 +500,9 @@ def report(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_layer":
+        print(json.dumps(layer_arm(argv[1], int(argv[2]))), flush=True)
+        return 0
     if argv and argv[0] == "_arm":
         size, dtype, arm, seq, batch = argv[1:6]
         print(json.dumps(memory_arm(size, dtype, arm, int(seq), int(batch))), flush=True)
@@ -427,6 +514,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     m.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     m.add_argument("--arms", nargs="+", default=list(ARMS))
     m.add_argument("--seq", type=int, default=256)
+    m.add_argument("--malloc", choices=["default", "heap"], default="default",
+                   help="heap: glibc keeps freed memory for reuse (HEAP_MALLOC), rows keyed '+heap'")
     a = sub.add_parser("accuracy")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--steps", type=int, default=250)
@@ -435,6 +524,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     a.add_argument("--arms", nargs="+", default=list(ARMS))
     a.add_argument("--kd", nargs="+", type=int, default=[0, 1])
     a.add_argument("--quick", action="store_true", help="llm.py's smoke-profile model instead of the benchmark's")
+    lay = sub.add_parser("layer")
+    lay.add_argument("--tokens", nargs="+", type=int, default=[256, 2048])
+    lay.add_argument("--malloc", nargs="+", choices=["default", "heap"], default=["default", "heap"])
     sub.add_parser("report")
     sub.add_parser("exports")
     args = ap.parse_args(argv)
@@ -444,6 +536,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         run_accuracy(args)
     elif args.cmd == "exports":
         run_exports(args)
+    elif args.cmd == "layer":
+        run_layer(args)
     return report(args)
 
 
