@@ -64,7 +64,7 @@ class LSQFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, s, grad_factor: float, qmin: int, qmax: int, ch_axis: Optional[int]):
         sv = s if ch_axis is None else channel_view(s, x, ch_axis)
-        v = x.to(compute_dtype(x.dtype)) / sv  # a bf16/fp16 input: x/s and its code in float32 (compute_dtype)
+        v = x / sv  # a bf16/fp16 x is promoted to s's float32 element by element: x/s and its code in float32
         # a weight (a leaf, or a view of one: the per-group view) is alive anyway: save it and s, and recompute
         # x/s and the codes in backward (the same values, bit for bit), so that a quantized weight holds no extra
         # memory between forward and backward (8 bytes per element otherwise, 8 more than the weight's own 2 for a
@@ -86,7 +86,7 @@ class LSQFunction(torch.autograd.Function):
         if ctx.recompute:
             x, s = v, q
             dtype = x.dtype
-            v = x.to(g.dtype) / (s if ctx.ch_axis is None else channel_view(s, x, ctx.ch_axis))
+            v = x / (s if ctx.ch_axis is None else channel_view(s, x, ctx.ch_axis))  # float32 (promoted), as forward
             q = torch.clamp(v, *ctx.qrange).round_()
         gx = grad_inside(g, v, *ctx.qrange)  # STE inside (qmin, qmax), 0 where clipped (the paper's ends)
         if ctx.ch_axis is None:
