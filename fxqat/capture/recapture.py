@@ -90,7 +90,7 @@ class Recipe:
 
 
 def quantize_region(region: GraphRegion, recipe: Recipe, fp_graph_key: str = "") -> None:
-    """annotate, insert_quant and (with ``kv_bits``) quantize_kv on a traced region, in place; weight quantizers'
+    """annotate, insert_quant and (with a ``kv`` role) quantize_kv on a traced region, in place; weight quantizers'
     ``weight_target`` made relative to the model's root. With ``fp_graph_key``, a copy of the annotated graph before
     insert_quant is kept in ``region.meta[fp_graph_key]``."""
     name, config = recipe.name, recipe.config
@@ -99,8 +99,8 @@ def quantize_region(region: GraphRegion, recipe: Recipe, fp_graph_key: str = "")
     if fp_graph_key:
         region.meta[fp_graph_key] = copy.deepcopy(region.graph)
     insert_quant(region, config, prefix=prefix)
-    if config.kv_bits is not None:
-        quantize_kv(region, config.kv_bits, config.kv_granularity)
+    if config.kv is not None:
+        quantize_kv(region, config.kv.bits, config.kv.granularity)
     for q in getattr(region, CONTAINER).modules() if hasattr(region, CONTAINER) else ():
         if isinstance(q, Quantizer) and getattr(q, "weight_target", None):  # region-relative -> from the root
             q.weight_target = f"{name}.{q.weight_target}" if name else q.weight_target
