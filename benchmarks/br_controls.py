@@ -433,17 +433,18 @@ def arm_table(arms: Dict[str, Dict[int, Dict[str, Any]]], metric: str, lower_bet
     that set its step count."""
     seeds = sorted({s for a in arms.values() for s in a})
     sign = "lower is better" if lower_better else "higher is better"
+    f = ".4f" if lower_better else ".2f"  # nats / top-1 points
     head = ["| arm | " + " | ".join(f"seed {s}" for s in seeds) + f" | mean ± sd ({sign}) | steps | BR step / KD step |",
             "|---|" + "---|" * (len(seeds) + 3)]
     rows = []
     for arm in sorted(arms, key=lambda a: (a.split("@")[0] != "br", a)):
         per = arms[arm]
         vals = [per[s][metric] for s in seeds if s in per]
-        cells = [f"{per[s][metric]:.4f}" if s in per else "" for s in seeds]
-        sd = f"{statistics.stdev(vals):.4f}" if len(vals) > 1 else "n/a"
+        cells = [f"{per[s][metric]:{f}}" if s in per else "" for s in seeds]
+        sd = f"{statistics.stdev(vals):{f}}" if len(vals) > 1 else "n/a"
         steps = "/".join(sorted({str(per[s].get("steps", "")) for s in per}))
         ratio = ", ".join(f"{per[s]['step_ratio']['ratio']:.2f}" for s in seeds if s in per and "step_ratio" in per[s])
-        rows.append(f"| {arm} | " + " | ".join(cells) + f" | {statistics.fmean(vals):.4f} ± {sd} | {steps} | {ratio} |")
+        rows.append(f"| {arm} | " + " | ".join(cells) + f" | {statistics.fmean(vals):{f}} ± {sd} | {steps} | {ratio} |")
     return head + rows
 
 
@@ -474,7 +475,8 @@ def comparison_data(arms: Dict[str, Dict[int, Dict[str, Any]]], metric: str,
 
 def comparisons(arms: Dict[str, Dict[int, Dict[str, Any]]], metric: str, lower_better: bool) -> List[str]:
     """Markdown lines of :func:`comparison_data`."""
-    return [f"- `{br}` vs `{kd}` ({why}): " + ", ".join(f"{v:+.4f} (seed {s})" for s, v in d)
+    f = "+.4f" if lower_better else "+.2f"
+    return [f"- `{br}` vs `{kd}` ({why}): " + ", ".join(f"{v:{f}} (seed {s})" for s, v in d)
             for br, kd, why, d in comparison_data(arms, metric, lower_better)]
 
 
@@ -511,7 +513,7 @@ def report() -> None:
     sections: Dict[str, List[str]] = {"controls": [], "act": []}
     panels: Dict[str, list] = {"controls": [], "act": []}
     names = {"llm": "LLM benchmark char Llama, AdamW", "llmmini": "mini char Llama (MINI_MODEL), AdamW",
-             "cifar": "CIFAR-10 ResNet-20, SGD"}
+             "cifar": "CIFAR-10 ResNet-20 (sgd: SGD + Nesterov momentum; adam: Adam, L2 5e-4)"}
     for task, metric, lower in (("llm", "val_loss", True), ("llmmini", "val_loss", True), ("cifar", "top1", False)):
         for setting in sorted({r["setting"] for r in records if r["task"] == task}):
             arms = _by(records, task, setting)
