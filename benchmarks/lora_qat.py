@@ -373,9 +373,10 @@ def memory_lines(mem: Dict[str, Any]) -> List[str]:
              "layer (q/k/v/o/gate/up/down; `lm_head` FP in every arm, as in the presets). `llm` is the LLM benchmark's "
              "0.8M char-Llama (batch 8 x 128); 0.4B and 1.1B are benchmarks/scale.py's Llama shapes with random "
              "weights (batch 1 x 256 tokens, as scale.py), built directly in their dtype.", "",
-             "Step time is the process's CPU seconds (one thread): the machine was shared (load average 5-10 on 2 "
+             "Step time is the process's CPU seconds (one thread): the machine was shared (load average 5-12 on 2 "
              "cores), so wall time (`step_s` in the JSON) is not comparable between arms; CPU seconds still carry the "
-             "memory-bandwidth contention of the other jobs (+-20 % between repeats of one arm).", "",
+             "memory-bandwidth contention of the other jobs (+-20 % between repeats of one arm). `heap malloc` rows: "
+             "see the one-layer table below.", "",
              "| size | dtype | arm | trainable | peak RSS GB | x full QAT | step CPU s | x FP LoRA | x full QAT |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for key in sorted(mem, key=_row_order):
