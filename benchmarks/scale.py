@@ -237,14 +237,15 @@ def markdown(payload: Dict[str, Any]) -> str:
         "`conv` = convert; wall seconds, CPU seconds in brackets; `peak` = the subprocess's ru_maxrss; `×ao` = ratio "
         "to torchao's QAT of the same size and dtype (same run). fxqat and torchao prepare in place; the 8da4w "
         "preset keeps lm_head in FP and torchao's filter does too.", "",
-        "| size | dtype | arm | params | prep s | prep s/100M | step s | step ×ao | conv s | peak GB | peak ×ao | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| size | dtype | arm | params | prep s | prep s/100M | step s | step ×ao | conv s | peak GB | peak ×ao | run (UTC) "
+        "| note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in rows.items():
         size, dtype, arm = key.split("/")
         ao = rows.get(f"{size}/{dtype}/torchao", {})
         if "error" in r:
-            lines.append(f"| {size} | {dtype} | {arm} | | | | | | | | | {r['error'][:160]} |")
+            lines.append(f"| {size} | {dtype} | {arm} | | | | | | | | | {r.get('when', '')[11:16]} | {r['error'][:160]} |")
             continue
         per100 = r.get("prepare_cpu_s", None)
         per100 = None if per100 is None else per100 / (r["params"] / 1e8)
@@ -255,7 +256,7 @@ def markdown(payload: Dict[str, Any]) -> str:
         note = f"partner={r['partner']}" if "partner" in r else ""
         lines.append(f"| {size} | {dtype} | {arm} | {r['params'] / 1e6:.0f}M | {prep} | {fmt(per100, '.2f')} | "
                      f"{fmt(r['step_s'])} ({fmt(r['step_cpu_s'])}) | {fmt(step_x, '.2f')} | {conv} | "
-                     f"{r['rss_peak_gb']:.2f} | {fmt(peak_x, '.2f')} | {note} |")
+                     f"{r['rss_peak_gb']:.2f} | {fmt(peak_x, '.2f')} | {r.get('when', '')[11:16]} | {note} |")
     lines += ["", "`step ×ao` compares CPU seconds; `prep s/100M` is CPU seconds per 100M parameters.", ""]
     lines += targets(rows)
     return "\n".join(lines)
