@@ -200,8 +200,8 @@ def test_demo_quick_table_is_finite_and_above_chance(tmp_path):
     r = _run("demo", "--quick", "--out", str(tmp_path / "demo"), timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = {m.group(1): float(m.group(2)) for m in _ROW.finditer(r.stdout)}
-    assert len(rows) == 4, r.stdout
-    assert {"FP (32-bit)", "LSQ W2A2", "LSQ + KD W2A2", "LSQ + block repl. W2A2"} == set(rows)
+    assert len(rows) == 5, r.stdout
+    assert {"FP (32-bit)", "LSQ W2A2", "LSQ + KD W2A2", "LSQ + block repl. W2A2", "LSQ + KD, BR's time W2A2"} == set(rows)
     for name, top1 in rows.items():
         assert math.isfinite(top1) and top1 > 10.0 + 2.0, (name, top1)  # 10 classes: chance is 10 %
     res = json.loads((tmp_path / "demo" / "demo.json").read_text())
@@ -241,6 +241,6 @@ def test_demo_falls_back_to_digits_without_cifar(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "cnn on digits" in out
     rows = {m.group(1): float(m.group(2)) for m in _ROW.finditer(out)}
-    assert len(rows) == 4 and all(math.isfinite(v) and v > 50.0 for v in rows.values()), out  # chance: 10 %
+    assert len(rows) == 5 and all(math.isfinite(v) and v > 50.0 for v in rows.values()), out  # chance: 10 %
     res = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert res["config"]["data"] == "digits" and set(res["arms"]) == set(rows)
