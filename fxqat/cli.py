@@ -96,12 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    d = sub.add_parser("demo", help="FP model, then W2A2 QAT: plain LSQ vs LSQ+KD vs LSQ+block replacement")
+    d = sub.add_parser("demo", help="FP model, then W2A2 QAT: plain LSQ vs LSQ+KD vs LSQ+block "
+                       "replacement vs LSQ+KD given block replacement's time")
     d.add_argument("--quick", action="store_true", help="small budget for CI (about 1-2 minutes)")
     d.add_argument("--data-dir", default=None, help="folder with cifar10_jpeg.npz or cifar-10-batches-py")
     d.add_argument("--data", choices=["auto", "cifar10", "digits"], default="auto")
-    d.add_argument("--bits", type=parse_bits, default=(2, 2), help="W/A bits of the three arms (default 2/2)")
-    d.add_argument("--steps", type=int, default=None, help="QAT steps per arm")
+    d.add_argument("--bits", type=parse_bits, default=(2, 2), help="W/A bits of the arms (default 2/2)")
+    d.add_argument("--steps", type=int, default=None,
+                   help="QAT steps per arm (the compute-matched KD arm: scaled by the time ratio)")
     d.add_argument("--fp-steps", type=int, default=None, help="FP pre-training steps (cached)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="runs/demo", help="folder for demo.json and demo.png")
