@@ -514,6 +514,7 @@ def report() -> None:
     panels: Dict[str, list] = {"controls": [], "act": []}
     names = {"llm": "LLM benchmark char Llama, AdamW", "llmmini": "mini char Llama (MINI_MODEL), AdamW",
              "cifar": "CIFAR-10 ResNet-20 (sgd: SGD + Nesterov momentum; adam: Adam, L2 5e-4)"}
+    short = {"llm": "char Llama", "llmmini": "mini char Llama", "cifar": "ResNet-20 CIFAR-10"}
     for task, metric, lower in (("llm", "val_loss", True), ("llmmini", "val_loss", True), ("cifar", "top1", False)):
         for setting in sorted({r["setting"] for r in records if r["task"] == task}):
             arms = _by(records, task, setting)
@@ -527,7 +528,7 @@ def report() -> None:
             lines += arm_table(arms, metric, lower) + [""]
             comp = comparisons(arms, metric, lower)
             panels["act" if setting in ACT_SETTINGS else "controls"].append(
-                (f"{names[task]}: {setting}", "nats" if lower else "top-1 points", comparison_data(arms, metric, lower)))
+                (f"{short[task]}: {setting}", "nats" if lower else "top-1 points", comparison_data(arms, metric, lower)))
             if comp:
                 lines += ["Block replacement minus KD per seed (positive: block replacement better):", ""] + comp + [""]
             sections["act" if setting in ACT_SETTINGS else "controls"] += lines
