@@ -12,6 +12,8 @@ Arms are written ``kind@lr`` (``lr`` omitted: the recipe's):
 * ``br``          LSQ + block replacement (``HybridConfig(**--hybrid)``);
 * ``kd_matched``  ``kd`` given block replacement's compute: its step count is the recipe's times the ratio of a BR
   step to a KD step, measured *interleaved in the same process* (BR, KD, BR, KD, ...: machine load hits both alike);
+* ``kd_blocklr``  CIFAR only: ``kd`` with each block's learning rate multiplied by block replacement's measured
+  gradient-norm ratio on that block (‖∇ BR loss‖ / ‖∇ KD loss‖, 4 batches, :func:`block_grad_ratios`);
 * ``lsq``         plain QAT (cross-entropy); LLM only: ``control`` (FP fine-tune), ``ptq`` (fxqat's calibrated
   quantizers, no training), ``rtn`` (torchao round-to-nearest, weight-only/8da4w settings), ``torchao_qat``,
   ``torchao_kd`` (torchao's fake quantizers trained with the same KD loss as ``kd``).
@@ -22,12 +24,16 @@ Usage::
     python benchmarks/br_controls.py llm --setting int2 --seed 0 --arms kd_matched@2e-4   # ratio measured here
     python benchmarks/br_controls.py llm --setting int2 --seed 0 --arms br --hybrid paths=1 --tag p1
     python benchmarks/br_controls.py llm --setting int2 --ratios --hybrid paths=1   # interleaved step times only
-    python benchmarks/br_controls.py cifar --seed 0 --epochs 2 --arms br@0.01 kd@0.01 kd@0.016 kd_matched@0.01
+    python benchmarks/br_controls.py cifar --seed 0 --steps 60 --arms br@0.01 kd@0.01 kd@0.016 kd_matched@0.01
+    python benchmarks/br_controls.py cifar --seed 0 --steps 60 --arms kd_blocklr@0.01 kd@0.025
+    python benchmarks/br_controls.py cifar --seed 0 --steps 60 --optimizer adam --arms br@0.001 kd@0.001
+    python benchmarks/br_controls.py cifar --arms            # only train (and cache) the FP ResNet-20
     python benchmarks/br_controls.py llm --model mini --setting w4a4 --seed 0 --arms kd@0.001 br@0.001 kd_matched@0.001
     python benchmarks/br_controls.py report
 
-The committed records were made with ``--model mini`` (``MINI_MODEL``: the benchmark model's FP pre-training did not
-fit the shared machine in that session); every record holds its exact command.
+The committed LLM records were made with ``--model mini`` (``MINI_MODEL``: the benchmark model's FP pre-training did
+not fit the shared machine in those sessions); the CIFAR ones with ``--steps 60`` (4 epochs did not fit); every
+record holds its exact command.
 """
 
 from __future__ import annotations
