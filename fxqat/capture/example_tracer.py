@@ -53,6 +53,7 @@ from torch import nn
 from torch._subclasses import FakeTensorMode
 from torch.fx.proxy import Attribute
 
+from fxqat.graph.modinfo import resolve_attr
 from fxqat.trace import FxqatTracer
 
 __all__ = ["ExampleTracer", "GuardFailure", "shape_guard", "GUARD", "TRAINING_GUARD", "is_guard"]
@@ -240,7 +241,7 @@ class ExampleTracer(FxqatTracer):
         if kind == "get_attr":
             self._evaluating = True
             try:
-                return self._fake(_get_attr(self.root, str(target)))
+                return self._fake(resolve_attr(self.root, str(target)))
             except AttributeError:
                 return _UNKNOWN
             finally:
@@ -333,8 +334,3 @@ def _proxies(tree: Any) -> List[fx.Proxy]:
     return found
 
 
-def _get_attr(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

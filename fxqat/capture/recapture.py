@@ -58,6 +58,7 @@ from fxqat.capture.record import detach_call
 from fxqat.capture.region import GraphRegion, restore_module, trace_region
 from fxqat.capture.shapes import propagate_shapes
 from fxqat.config import QATConfig
+from fxqat.graph.modinfo import resolve_attr
 from fxqat.passes.annotate import annotate
 from fxqat.passes.insert_quant import CONTAINER, QROLE, OpaqueWeightQuant, insert_quant
 from fxqat.passes.kv_cache import KV_CONTAINER, quantize_kv
@@ -154,13 +155,6 @@ def _leaves(tree: Any) -> list:
     return out
 
 
-def _resolve(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _adopt(region: GraphRegion, temp: GraphRegion) -> fx.Graph:
     """``temp``'s graph made to run on ``region``: its quantizer nodes call ``region``'s quantizers, anything else
     only ``temp`` holds (a stateless module copy, a tensor constant) is given to ``region`` under a new name."""
@@ -183,9 +177,9 @@ def _adopt(region: GraphRegion, temp: GraphRegion) -> fx.Graph:
             node.target = targets[node]
         elif node.op in ("get_attr", "call_module") and not str(node.target).endswith("training"):
             target = str(node.target)
-            obj = _resolve(temp, target)
+            obj = resolve_attr(temp, target)
             try:
-                same = _resolve(region, target) is obj
+                same = resolve_attr(region, target) is obj
             except AttributeError:
                 same = False
             if same:

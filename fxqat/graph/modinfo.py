@@ -27,7 +27,7 @@ from fxqat.graph.merge import StackEntry
 from fxqat.layer_registry import is_weight_layer
 
 __all__ = ["default_is_quantized", "node_stack", "module_class", "block_params", "parameter_sources", "layer_owners",
-           "input_free_nodes"]
+           "input_free_nodes", "resolve_attr"]
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def block_params(gm: fx.GraphModule, node_names: Iterable[str]) -> int:
             if n.op == "call_module":
                 params = list(gm.get_submodule(n.target).parameters())
             elif n.op == "get_attr":
-                obj = _getattr(gm, str(n.target))
+                obj = resolve_attr(gm, str(n.target), strict=False)
                 params = [obj] if isinstance(obj, nn.Parameter) else []
             else:
                 params = []
@@ -198,7 +198,7 @@ def parameter_sources(
             continue
         seen.add(n)
         if n.op == "get_attr":
-            if isinstance(_getattr(gm, str(n.target)), nn.Parameter):
+            if isinstance(resolve_attr(gm, str(n.target), strict=False), nn.Parameter):
                 found[str(n.target)] = None
         elif n.op != "call_module":  # a module's own parameters are its own, not a source of this value
             stack.extend(a for a in reversed(n.all_input_nodes) if a in free)
@@ -242,8 +242,21 @@ def layer_owners(
     return tuple(dict.fromkeys(o for o in owners if o))
 
 
-def _getattr(gm: nn.Module, target: str) -> object:
-    obj: object = gm
+def resolve_attr(root: nn.Module, target: str, strict: bool = True) -> object:
+    """The object at the dotted path ``target`` below ``root`` (a ``get_attr`` node's target).
+
+    Args:
+        root: the module the path starts from.
+        target: a dotted attribute path such as ``"layers.0.weight"``.
+        strict: raise ``AttributeError`` on a missing part; otherwise return ``None``.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> m = nn.Sequential(nn.Linear(2, 3))
+        >>> tuple(resolve_attr(m, "0.weight").shape), resolve_attr(m, "0.nope", strict=False)
+        ((3, 2), None)
+    """
+    obj: object = root
     for part in target.split("."):
-        obj = getattr(obj, part, None)
+        obj = getattr(obj, part) if strict else getattr(obj, part, None)
     return obj
