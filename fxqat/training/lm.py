@@ -37,7 +37,7 @@ from fxqat.training.checkpointer import Checkpointer
 from fxqat.training.health import NonFiniteGuard
 from fxqat.training.losses import distillation_loss, hybrid_loss, logits_of
 from fxqat.training.optimizer import OptimizerSpec, build_optimizer
-from fxqat.training.run_loop import Position, RunHooks, run_loop
+from fxqat.training.run_loop import Position, RunHooks, record_nonfinite, run_loop
 from fxqat.training.step import StepOutcome, TrainStep
 
 __all__ = ["LMRecipe", "FP_RECIPE", "FINETUNE_RECIPE", "lm_loss", "lm_optimizer", "lm_optimizer_spec", "warmup_cosine",
@@ -211,11 +211,8 @@ class _LMRun(RunHooks):
         hist = self.hist
         hist["step_s"].append(outcome.time_s)
         hist["loss"].append(outcome.loss)
-        if outcome.verdict != "ok":
-            hist["nonfinite_steps"].append(pos.step)
-            if outcome.verdict == "stop":
-                hist["status"], hist["error"] = "diverged", self.guard.message + self.ckpt.kept()
-                return False
+        if not record_nonfinite(hist, outcome, pos, self.guard.message + self.ckpt.kept()):
+            return False
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{outcome.loss:.3f}")
         last = pos.step == self.batches.recipe.steps

@@ -60,7 +60,7 @@ from fxqat.training.losses import distillation_loss, hybrid_loss, kd_loss
 from fxqat.training.optimizer import OptimizerSpec, build_optimizer
 from fxqat.training.optimizer import param_groups as build_groups
 from fxqat.training.report import plot_run
-from fxqat.training.run_loop import Position, RunHooks, run_loop
+from fxqat.training.run_loop import Position, RunHooks, record_nonfinite, run_loop
 from fxqat.training.step import StepOutcome, TrainStep
 
 __all__ = ["TrainConfig", "fit", "evaluate", "kd_loss", "compute_loss", "param_groups", "optimizer_spec", "lr_schedule",
@@ -241,9 +241,7 @@ class _FitRun(RunHooks):
     def after_step(self, batch, outcome: StepOutcome, pos: Position) -> bool:
         hist = self.hist
         if outcome.verdict != "ok":
-            hist["nonfinite_steps"].append(pos.step)
-            if outcome.verdict == "stop":
-                hist["status"], hist["error"] = "diverged", self.guard.message + self.ckpt.kept()
+            if not record_nonfinite(hist, outcome, pos, self.guard.message + self.ckpt.kept()):
                 return False
             self.bar.update(1)
             return True

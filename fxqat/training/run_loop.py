@@ -31,7 +31,7 @@ import torch
 
 from fxqat.training.step import StepOutcome, TrainStep
 
-__all__ = ["Position", "RunHooks", "run_loop"]
+__all__ = ["Position", "RunHooks", "run_loop", "record_nonfinite"]
 
 
 @dataclass
@@ -65,6 +65,32 @@ class RunHooks:
         """After :meth:`end_epoch` and the position's move to the next epoch (a checkpoint goes here); False ends
         the run."""
         return True
+
+
+def record_nonfinite(hist: Dict[str, Any], outcome: StepOutcome, pos: Position, why: str) -> bool:
+    """Note a step the non-finite guard skipped or stopped in ``hist``; False when the run must end.
+
+    Args:
+        hist: the run's history (``nonfinite_steps`` gets the step; ``status``/``error`` are set on a stop).
+        outcome: the step's outcome (its ``verdict`` is ``"ok"``, ``"skip"`` or ``"stop"``).
+        pos: the position, already counting the step.
+        why: the error text recorded when the run stops.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> hist = {"nonfinite_steps": []}
+        >>> record_nonfinite(hist, SimpleNamespace(verdict="stop"), SimpleNamespace(step=3), "loss is nan")
+        False
+        >>> hist
+        {'nonfinite_steps': [3], 'status': 'diverged', 'error': 'loss is nan'}
+    """
+    if outcome.verdict == "ok":
+        return True
+    hist["nonfinite_steps"].append(pos.step)
+    if outcome.verdict == "stop":
+        hist["status"], hist["error"] = "diverged", why
+        return False
+    return True
 
 
 def run_loop(step: TrainStep, batches, pos: Position, stop_at: int, hooks: RunHooks) -> Position:
