@@ -445,12 +445,39 @@ def layer_lines(rows: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def accuracy_lines(parts: Dict[int, Dict[str, Any]]) -> List[str]:
+    """The accuracy table of one protocol's per-seed parts (rows present in any seed; each row lists its seeds)."""
+    seeds = sorted(parts)
+    settings = sorted({k.split("/")[0] for p in parts.values() for k in p if "/" in k} |
+                      {k.rsplit("_", 1)[1] for p in parts.values() for k in p.get("fp_lora", {})
+                       if k.startswith("val_loss_rtn_")}, reverse=True)
+    lines = [f"Seeds {seeds}; FP model val loss {statistics.mean(p['fp_val_loss'] for p in parts.values()):.4f}. "
+             "Every arm trains the same number of steps from the cached FP checkpoint and is evaluated after "
+             "merging and converting (what is deployed); `fp_lora` is merged in FP and then quantized by torchao "
+             "RTN. A row with fewer seeds than the header was still running when this report was written.", "",
+             "| setting | arm | KD | val loss | per seed |", "|---|---|---|---:|---|"]
+    for setting in settings:
+        got = [(sd, p["fp_lora"][f"val_loss_rtn_{setting}"]) for sd, p in sorted(parts.items())
+               if f"val_loss_rtn_{setting}" in p.get("fp_lora", {})]
+        rows = [("fp_lora + RTN", "no", got)]
+        for arm in ARMS[1:]:
+            for kd in ("", "_kd"):
+                got = [(sd, p[f"{setting}/{arm}{kd}"]["val_loss"]) for sd, p in sorted(parts.items())
+                       if f"{setting}/{arm}{kd}" in p]
+                rows.append((arm, "yes" if kd else "no", got))
+        for arm, kd, got in rows:
+            if got:
+                lines.append(f"| {setting} | {arm} | {kd} | {statistics.mean(v for _, v in got):.4f} | "
+                             f"{', '.join(f's{sd} {v:.4f}' for sd, v in got)} |")
+    return lines
+
+
 def report(args) -> int:
     mem = json.loads((RESULTS / "lora_qat_memory.json").read_text()) if (RESULTS / "lora_qat_memory.json").exists() \
         else {}
-    quick = not list(RESULTS.glob("lora_qat_acc_s*.json"))
-    pattern = "lora_qat_acc_quick_s*.json" if quick else "lora_qat_acc_s*.json"
-    parts = {int(p.stem.split("_s")[-1]): json.loads(p.read_text()) for p in sorted(RESULTS.glob(pattern))}
+    acc = {kind: {int(p.stem.split("_s")[-1]): json.loads(p.read_text())
+                  for p in sorted(RESULTS.glob(f"lora_qat_acc{kind}_s*.json"))} for kind in ("", "_quick")}
+    parts = acc[""] or acc["_quick"]
     lines = ["# QAT + LoRA (issue 27)", "",
              f"Machine: {machine()['cpu']}, {machine()['cores']} cores, torch {torch.__version__}, CPU only; other "
              "jobs were running on the machine at the same time (timings are indicative, memory is per process).", ""]
@@ -458,32 +485,15 @@ def report(args) -> int:
     layer_path = RESULTS / "lora_qat_layer.json"
     lines += layer_lines(json.loads(layer_path.read_text()) if layer_path.exists() else {})
     lines += ["", "## Accuracy (validation loss of the deployed model, mean over seeds)", ""]
-    if quick and parts:
-        lines += ["**Reduced proxy, not the LLM benchmark's protocol** (the issue's accuracy item is still open): the "
-                  "benchmark's FP checkpoint (FP_RECIPE, 1500 steps, ~15 CPU-minutes) could not be trained in either "
-                  "session that ran this benchmark on the shared 2-core machine (load average 10-15, a process got "
-                  "0.1-0.3 of a core), so these rows use llm.py's smoke-profile char-Llama "
-                  "(2 layers, hidden 32; FP pre-trained 300 steps, batch 8 x 32), 100 fine-tuning steps per arm "
-                  "(`accuracy --quick --steps 100 --n-val 8`), 8 validation batches of 8 x 32.",
-                  ""]
-    if parts:
-        seeds = sorted(parts)
-        settings = sorted({k.split("/")[0] for p in parts.values() for k in p if "/" in k}, reverse=True)
-        lines += [f"Seeds {seeds}; FP model val loss {statistics.mean(p['fp_val_loss'] for p in parts.values()):.4f}. "
-                  "Every arm trains the same number of steps from the cached FP checkpoint and is evaluated after "
-                  "merging and converting (what is deployed); `fp_lora` is merged in FP and then quantized by torchao "
-                  "RTN.", "", "| setting | arm | KD | val loss | per seed |", "|---|---|---|---:|---|"]
-        for setting in settings:
-            vals = [p["fp_lora"][f"val_loss_rtn_{setting}"] for p in parts.values() if "fp_lora" in p]
-            if vals:
-                lines.append(f"| {setting} | fp_lora + RTN | no | {statistics.mean(vals):.4f} | "
-                             f"{', '.join(f'{v:.4f}' for v in vals)} |")
-            for arm in ARMS[1:]:
-                for kd in ("", "_kd"):
-                    vals = [p[f"{setting}/{arm}{kd}"]["val_loss"] for p in parts.values() if f"{setting}/{arm}{kd}" in p]
-                    if vals:
-                        lines.append(f"| {setting} | {arm} | {'yes' if kd else 'no'} | {statistics.mean(vals):.4f} | "
-                                     f"{', '.join(f'{v:.4f}' for v in vals)} |")
+    if acc[""]:
+        lines += ["### The LLM benchmark's protocol (`accuracy --seed 0|1`: 250 steps, 16 validation batches of "
+                  "32 x 128)", ""] + accuracy_lines(acc[""])
+    if acc["_quick"]:
+        lines += ["", "### Reduced proxy (`accuracy --quick --steps 100 --n-val 8`)", "",
+                  "llm.py's smoke-profile char-Llama (2 layers, hidden 32; FP pre-trained 300 steps, batch 8 x 32), "
+                  "100 fine-tuning steps per arm, 8 validation batches of 8 x 32: run while the benchmark's FP "
+                  "checkpoint (FP_RECIPE, 1500 steps, ~15 CPU-minutes) could not be trained on the shared machine.",
+                  ""] + accuracy_lines(acc["_quick"])
     exp_path = RESULTS / "lora_qat_exports.json"
     exports = json.loads(exp_path.read_text()) if exp_path.exists() else {}
     if exports:
